@@ -1,0 +1,12 @@
+"""Sites: uniform names (names), hook context managers (hooks), batched capture (capture)."""
+from mechdiff.sites.capture import Captured, capture, capture_logits, validated
+from mechdiff.sites.hooks import (Recording, StopForward, add_at, hooked, intervene, project_out_at,
+                                  record, replace_at, validate_sites)
+from mechdiff.sites.names import (READ_ONLY, SITE_NAMES, SiteMap, parse_site, resolve, site_str)
+
+__all__ = [
+    "SITE_NAMES", "READ_ONLY", "SiteMap", "parse_site", "resolve", "site_str",
+    "Recording", "StopForward", "hooked", "record", "intervene", "replace_at", "add_at",
+    "project_out_at", "validate_sites",
+    "Captured", "capture", "capture_logits", "validated",
+]
