@@ -1,0 +1,480 @@
+"""The one patching engine: activation patching, mapped patching, alpha-sweeps and steering.
+
+Everything that writes a value into a model at a site and reads the next-token distribution goes
+through :class:`PatchEngine`::
+
+    eng = PatchEngine(model, batch, measure="last", record_sites=["resid_post.3"])
+    eng.clean_logits                                  # [B, V] float32
+    h = eng.clean_states(["resid_post.3"])            # {"resid_post.3": [B, d]} at the decision token
+    logits = eng.run([Patch("resid_post.3", h_src),   # [n_variants, B, V] float32
+                      Patch("mlp_out.1", v, mode="add", alpha=2.0),
+                      [Patch("attn_out.2", a), Patch("mlp_out.2", m)]])   # several sites at once
+    kl = patch_kl(eng, variants)                      # [n_variants, B] KL(clean || patched)
+
+**What a patch does** (at the decision position ``p`` = ``batch.decision``, the last content token;
+``h`` is the site's clean-run value there, ``v`` the patch value, ``U`` an orthonormal basis):
+
+- ``replace``:     ``h + alpha * (v - h)``  (alpha=1: ``v`` exactly; mapped patching's alpha-sweep)
+- ``add``:         ``h + alpha * v``        (steering)
+- ``project_out``: ``h - alpha * (h U) U^T`` (ablation of a subspace)
+
+**Measured position.** ``measure="last"`` reads the logits at the final position ``T-1`` (the next
+token of the response, after the chat-template tail); ``measure="decision"`` reads them at ``p``
+itself (what the seeds' journal measured).
+
+**Why it is fast (cache reuse).** A patch at position ``p`` changes nothing at positions ``< p``, at
+any layer. Rows are grouped by ``p`` (with left padding, rows whose template tail has the same
+length share it). For each group the *prefix* (positions ``< p``) runs once with a KV cache; the
+clean run is that cache plus the *suffix* (``p`` .. measured position: 1 token for
+``measure="decision"``, the template tail for ``"last"``). A patched variant re-runs only the suffix
+tokens against the prefix cache, and many variants (layers x alphas x sites ...) are stacked along
+the batch dimension of one pass (``max_rows`` bounds rows per pass). Layers below the shallowest
+patched layer of a pass are not recomputed either: they are swapped for an identity for the
+duration of the pass and the clean suffix residual is written back at the first computed layer
+(``skip_layers=True``). The prefix cache is copied per pass (shallow copies of HF's cache layers
+whose tensors are replaced, never mutated), so repeated calls give identical results.
+
+``run_naive`` is the reference: one full forward per variant with hooks at ``p``. ``run(...,
+positions="all")`` patches every position (values ``[B, T, d]`` or ``[B, d]``/``[d]`` broadcast over
+positions); that changes the prefix, so it cannot reuse the cache and goes through ``run_naive``.
+
+Shapes: ``d`` is the site width: ``d_model`` for resid/attn/mlp sites, ``H * head_dim`` for
+``head_z`` (values may also be given as ``[B, H, head_dim]``; ``clean_states`` returns
+``[B, H, head_dim]`` for ``head_z``).
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from mechdiff.errors import ConfigError, NumericsError, SiteError
+from mechdiff.sites.hooks import hooked
+from mechdiff.sites.names import READ_ONLY, parse_site, resolve, site_str
+
+MODES = ("replace", "add", "project_out")
+MEASURES = ("last", "decision")
+
+
+@dataclass(frozen=True, eq=False)
+class Patch:
+    """One edit at one site, applied at the decision position.
+
+    site: ``"resid_post.12"`` or ``("resid_post", 12)``. value: ``[B, d]`` (per prompt) or ``[d]``
+    (same for every prompt); required for replace/add. basis: ``[d, k]`` orthonormal columns for
+    project_out. alpha: scale (see the module docstring).
+    """
+
+    site: object
+    value: torch.Tensor | None = None
+    mode: str = "replace"
+    basis: torch.Tensor | None = None
+    alpha: float = 1.0
+
+
+Variant = "Patch | Sequence[Patch]"
+
+
+# ---- math on one site's vectors ------------------------------------------------------------
+
+def _apply(h: torch.Tensor, p: Patch, value: torch.Tensor | None, basis: torch.Tensor | None) -> torch.Tensor:
+    """New value of ``h`` ``[..., w]``; value broadcasts against ``h``. Math in float32."""
+    a = float(p.alpha)
+    if p.mode == "replace":
+        if a == 1.0:
+            return value.to(h.dtype).expand_as(h)
+        hf = h.float()
+        return (hf + a * (value.float() - hf)).to(h.dtype)
+    if p.mode == "add":
+        return (h.float() + a * value.float()).to(h.dtype)
+    hf = h.float()
+    u = basis.float()
+    return (hf - a * ((hf @ u) @ u.T)).to(h.dtype)
+
+
+def _width(sm, name: str) -> int:
+    return sm.n_heads * sm.head_dim if name == "head_z" else sm.d_model
+
+
+def _prepare(sm, variants, B: int, device, positions: str = "decision"):
+    """Normalise variants to ``[[(name, layer, patch, value, basis), ...], ...]`` and validate."""
+    if isinstance(variants, Patch):
+        variants = [variants]
+    out = []
+    for var in variants:
+        patches = [var] if isinstance(var, Patch) else list(var)
+        norm = []
+        for p in patches:
+            if not isinstance(p, Patch):
+                raise ConfigError(f"a variant must be a Patch or a list of Patch, got {type(p).__name__}")
+            name, layer = parse_site(p.site)
+            sm.check(name, layer)
+            if name in READ_ONLY:
+                raise SiteError(f"site {name!r} is read-only; to patch single heads edit 'head_z'")
+            if p.mode not in MODES:
+                raise ConfigError(f"unknown patch mode {p.mode!r}; use one of {', '.join(MODES)}")
+            if not torch.isfinite(torch.as_tensor(float(p.alpha))):
+                raise NumericsError(f"patch alpha for {name}.{layer} is not finite ({p.alpha})")
+            w = _width(sm, name)
+            value = basis = None
+            if p.mode in ("replace", "add"):
+                if p.value is None:
+                    raise ConfigError(f"a {p.mode!r} patch at {name}.{layer} needs a value")
+                value = p.value.detach()
+                if name == "head_z" and value.dim() >= 2 and value.shape[-2:] == (sm.n_heads, sm.head_dim):
+                    value = value.reshape(*value.shape[:-2], w)
+                if value.shape[-1] != w:
+                    raise SiteError(
+                        f"patch value width {value.shape[-1]} does not match site {name}.{layer} of this "
+                        f"{sm.family} model (width {w}): the two models' widths differ, so states cannot be "
+                        "patched across directly; use mapped patching (`mechdiff mapped-patch`) with a map "
+                        "between the widths")
+                ok_dims = (1, 2, 3) if positions == "all" else (1, 2)
+                if value.dim() not in ok_dims or (value.dim() >= 2 and value.shape[0] != B):
+                    raise SiteError(f"patch value for {name}.{layer} has shape {tuple(value.shape)}; expected "
+                                    f"[{B}, {w}] or [{w}]" + (f" or [{B}, T, {w}]" if positions == "all" else ""))
+                if not torch.isfinite(value).all():
+                    raise NumericsError(f"patch value for {name}.{layer} contains NaN/Inf; check the source "
+                                        "states or the map that produced them")
+                value = value.to(device)
+            else:
+                if p.basis is None or p.basis.dim() != 2 or p.basis.shape[0] != w:
+                    raise SiteError(f"project_out at {name}.{layer} needs a basis of shape [{w}, k], got "
+                                    f"{None if p.basis is None else tuple(p.basis.shape)}")
+                if not torch.isfinite(p.basis).all():
+                    raise NumericsError(f"project_out basis for {name}.{layer} contains NaN/Inf")
+                basis = p.basis.detach().to(device)
+            norm.append((name, layer, p, value, basis))
+        out.append(norm)
+    return out
+
+
+# ---- cache and layer plumbing --------------------------------------------------------------
+
+def _copy_cache(cache, n: int, start: int):
+    """A shallow copy of an HF cache whose layers >= start hold their keys/values repeated ``n``
+    times along the batch (variant-major). HF's dynamic layers replace (never mutate) their tensors
+    on ``update``, so the original cache stays intact. Layers < start are not run, keep them as is."""
+    new = copy.copy(cache)
+    new.layers = []
+    for i, layer in enumerate(cache.layers):
+        lay = copy.copy(layer)
+        if n > 1 and i >= start and getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+            lay.keys = layer.keys.repeat(n, *([1] * (layer.keys.dim() - 1)))
+            lay.values = layer.values.repeat(n, *([1] * (layer.values.dim() - 1)))
+        new.layers.append(lay)
+    return new
+
+
+class _Skip(nn.Module):
+    """Stands in for a block that need not run: returns its input hidden states unchanged."""
+
+    def __init__(self, block: nn.Module, tuple_len: int):
+        super().__init__()
+        self.__dict__["_inner"] = block  # not registered: parameters are not duplicated
+        self._tuple_len = tuple_len
+
+    def forward(self, *args, **kwargs):
+        h = args[0] if args else kwargs.get("hidden_states")
+        return (h,) + (None,) * (self._tuple_len - 1) if self._tuple_len else h
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_inner"], name)
+
+
+def _block_list(model, sm) -> nn.ModuleList | None:
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) == sm.n_layers and m[0] is sm.blocks[0]:
+            return m
+    return None
+
+
+@contextmanager
+def _skipping(blocks: nn.ModuleList | None, start: int, tuple_len: int):
+    """Swap blocks [0, start) for identities inside the ``with`` block; always restore them."""
+    saved = []
+    try:
+        if blocks is not None:
+            for i in range(start):
+                saved.append((i, blocks[i]))
+                blocks[i] = _Skip(blocks[i], tuple_len)
+        yield
+    finally:
+        for i, b in saved:
+            blocks[i] = b
+
+
+def _accepts(model, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+_ORDER = {"resid_pre": 0, "head_z": 1, "attn_out": 2, "mlp_out": 3, "resid_post": 4}
+
+
+@dataclass
+class _Group:
+    rows: torch.Tensor       # [Bg] indices into the batch
+    lead: int                # first column with any content in these rows
+    p: int                   # decision column, shared by the rows
+    e: int                   # end (exclusive) of the suffix
+    cache: object            # prefix KV cache (None when the prefix is empty)
+    resid_pre: dict          # layer -> clean suffix residual entering the block, [Bg, s, d]
+
+
+class PatchEngine:
+    """Clean run plus batched patched runs of one model on one batch (see module docstring).
+
+    model: HF causal LM (eval mode). batch: ``mechdiff.data.prompts.Batch`` (left padded).
+    measure: "last" | "decision". record_sites: sites whose clean value at the decision position
+    :meth:`clean_states` returns. max_rows: most rows (variants x prompts) in one suffix pass; also
+    the most prompts that share one prefix pass. skip_layers: do not recompute layers below a
+    pass's shallowest patched layer (exact; off only for debugging).
+    """
+
+    def __init__(self, model: nn.Module, batch, *, measure: str = "last", record_sites: Iterable = (),
+                 max_rows: int = 256, skip_layers: bool = True):
+        if measure not in MEASURES:
+            raise ConfigError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
+        if max_rows < 1:
+            raise ConfigError(f"max_rows must be >= 1, got {max_rows}")
+        self.model, self.measure, self.max_rows, self.skip_layers = model, measure, int(max_rows), skip_layers
+        self.sm = resolve(model)
+        self.device = next(model.parameters()).device
+        self.batch = batch.to(self.device)
+        self.record_sites = [site_str(s) for s in record_sites]
+        for s in self.record_sites:
+            self.sm.check(*parse_site(s))
+        self._blocks = _block_list(model, self.sm) if skip_layers else None
+        self._logits_kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        self._tuple_len = 0
+        B, T = self.batch.input_ids.shape
+        dec = self.batch.decision.long()
+        if (dec < 0).any() or (dec >= T).any():
+            raise ConfigError(f"batch.decision must index into T={T}")
+        self.B, self.T = B, T
+        self.groups: list[_Group] = []
+        self._clean = torch.empty(0)
+        self._states: dict[str, torch.Tensor] = {}
+        self._run_clean()
+
+    # ---- clean pass ----------------------------------------------------------------------
+    def _suffix_end(self, p: int) -> int:
+        return self.T if self.measure == "last" else p + 1
+
+    @torch.no_grad()
+    def _run_clean(self):
+        b, sm = self.batch, self.sm
+        dec = b.decision.long().cpu()
+        mask = b.attention_mask.bool()
+        logits = [None] * self.B
+        states: dict[str, list] = {s: [None] * self.B for s in self.record_sites}
+        pre_sites = [f"resid_pre.{l}" for l in range(sm.n_layers)] if self._blocks is not None else []
+        read = list(dict.fromkeys(self.record_sites + pre_sites))
+        for p in sorted(set(dec.tolist())):
+            all_rows = torch.nonzero(dec == p).flatten()
+            for c in range(0, len(all_rows), self.max_rows):
+                rows = all_rows[c:c + self.max_rows].to(self.device)
+                cols = mask[rows].any(0).nonzero().flatten()
+                lead = min(int(cols[0]), p) if len(cols) else p
+                e = self._suffix_end(p)
+                cache = None
+                if p > lead:
+                    from transformers import DynamicCache
+                    cache = DynamicCache(config=self.model.config)
+                    self.model.base_model(input_ids=b.input_ids[rows, lead:p],
+                                          attention_mask=b.attention_mask[rows, lead:p],
+                                          position_ids=b.position_ids[rows, lead:p],
+                                          past_key_values=cache, use_cache=True)
+                kinds = []
+                h0 = sm.blocks[0].register_forward_hook(
+                    lambda m, a, o: kinds.append(len(o) if isinstance(o, tuple) else 0))
+                try:
+                    with hooked(self.model, read=read) as rec:
+                        out = self._forward(rows, lead, p, e, cache, n=1, start=0)
+                finally:
+                    h0.remove()
+                self._tuple_len = kinds[0] if kinds else 0
+                lg = out
+                for i, r in enumerate(rows.tolist()):
+                    logits[r] = lg[i]
+                    for s in self.record_sites:
+                        states[s][r] = rec[s][i, 0]
+                self.groups.append(_Group(rows, lead, p, e, cache,
+                                          {l: rec[f"resid_pre.{l}"] for l in range(sm.n_layers)} if pre_sites else {}))
+        self._clean = torch.stack(logits)
+        self._states = {s: torch.stack(v) for s, v in states.items()}
+
+    def _forward(self, rows, lead, p, e, cache, n: int, start: int) -> torch.Tensor:
+        """Suffix forward of ``n`` stacked copies of ``rows``; logits at the measured position."""
+        b = self.batch
+        rep = lambda t: t.repeat(n, 1) if n > 1 else t  # noqa: E731
+        kw = dict(input_ids=rep(b.input_ids[rows, p:e]), attention_mask=rep(b.attention_mask[rows, lead:e]),
+                  position_ids=rep(b.position_ids[rows, p:e]), **self._logits_kw)
+        if cache is not None:
+            kw.update(past_key_values=_copy_cache(cache, n, start), use_cache=True)
+        else:
+            kw.update(use_cache=False)
+        with _skipping(self._blocks if start > 0 else None, start, self._tuple_len):
+            logits = self.model(**kw).logits
+        return logits[:, -1].float()
+
+    # ---- public accessors ----------------------------------------------------------------
+    @property
+    def clean_logits(self) -> torch.Tensor:
+        """``[B, V]`` float32 logits of the clean run at the measured position."""
+        return self._clean
+
+    def clean_states(self, sites: Iterable | None = None) -> dict[str, torch.Tensor]:
+        """Clean values at the decision position: ``{site: [B, d]}`` (``[B, H, head_dim]`` for head_z).
+        Only sites given as ``record_sites=`` at construction are available."""
+        sites = self.record_sites if sites is None else [site_str(s) for s in sites]
+        missing = [s for s in sites if s not in self._states]
+        if missing:
+            raise SiteError(f"sites {missing} were not recorded; pass them as record_sites= when building "
+                            "the PatchEngine")
+        return {s: self._states[s] for s in sites}
+
+    # ---- patched runs --------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, variants, positions: str = "decision") -> torch.Tensor:
+        """``[n_variants, B, V]`` float32 logits at the measured position, one row per variant.
+
+        A variant is a Patch or a list of Patch (all applied in one run); an empty list is the
+        clean model run through the same batched path (its numerical noise floor).
+        positions: "decision" (cache reuse) or "all" (every position; goes through run_naive)."""
+        if positions == "all":
+            return self.run_naive(variants, positions="all")
+        if positions != "decision":
+            raise ConfigError(f"positions must be 'decision' or 'all', got {positions!r}")
+        prepared = _prepare(self.sm, variants, self.B, self.device)
+        n_var = len(prepared)
+        out = torch.empty(n_var, self.B, self._clean.shape[-1], dtype=torch.float32, device=self._clean.device)
+        if n_var == 0:
+            return out
+        L = self.sm.n_layers
+
+        def start_of(var):
+            return min((layer for _, layer, *_ in var), default=L - 1)
+
+        order = sorted(range(n_var), key=lambda i: start_of(prepared[i]))
+        for g in self.groups:
+            Bg = len(g.rows)
+            per = max(1, self.max_rows // Bg)
+            for c in range(0, n_var, per):
+                idx = order[c:c + per]
+                start = start_of(prepared[idx[0]]) if self._blocks is not None else 0
+                edits = self._edits(g, [prepared[i] for i in idx], start)
+                with hooked(self.model, edit=edits):
+                    lg = self._forward(g.rows, g.lead, g.p, g.e, g.cache, n=len(idx), start=start)
+                out[torch.tensor(idx, device=out.device)[:, None], g.rows.to(out.device)[None, :]] = \
+                    lg.view(len(idx), Bg, -1).to(out.device)
+        return out
+
+    def _edits(self, g: _Group, chunk, start: int) -> dict:
+        """{site: f(t)} editing suffix offset 0 of each variant's rows (variant-major blocks of Bg)."""
+        Bg = len(g.rows)
+        by_site: dict[str, list] = {}
+        for v, var in enumerate(chunk):
+            for name, layer, p, value, basis in var:
+                if value is not None and value.dim() == 2:
+                    value = value[g.rows]
+                by_site.setdefault(f"{name}.{layer}", []).append((v, p, value, basis))
+        restore = None
+        if start > 0:
+            clean = g.resid_pre[start]
+            restore = clean.repeat(len(chunk), *([1] * (clean.dim() - 1))) if len(chunk) > 1 else clean
+            by_site.setdefault(f"resid_pre.{start}", [])
+
+        def make(key, entries):
+            is_restore = restore is not None and key == f"resid_pre.{start}"
+
+            def f(t):
+                out = restore.to(t.dtype).clone() if is_restore else t.clone()
+                flat = out.view(*out.shape[:2], -1)
+                for v, p, value, basis in entries:
+                    sl = slice(v * Bg, (v + 1) * Bg)
+                    flat[sl, 0] = _apply(flat[sl, 0], p, value, basis)
+                return out
+            return f
+
+        return {k: make(k, ents) for k, ents in by_site.items()}
+
+    @torch.no_grad()
+    def run_naive(self, variants, positions: str = "decision") -> torch.Tensor:
+        """Reference: one full forward of the whole batch per variant, ``[n_variants, B, V]`` float32.
+        positions="decision" patches at ``batch.decision``; "all" patches every position."""
+        if positions not in ("decision", "all"):
+            raise ConfigError(f"positions must be 'decision' or 'all', got {positions!r}")
+        prepared = _prepare(self.sm, variants, self.B, self.device, positions=positions)
+        b = self.batch
+        ar = torch.arange(self.B, device=self.device)
+        dec = b.decision.long()
+        outs = []
+        for var in prepared:
+            edits: dict[str, list] = {}
+            for name, layer, p, value, basis in var:
+                edits.setdefault(f"{name}.{layer}", []).append((p, value, basis))
+
+            def make(entries):
+                def f(t):
+                    out = t.clone()
+                    flat = out.view(*out.shape[:2], -1)
+                    for p, value, basis in entries:
+                        if positions == "all":
+                            v = value[:, None] if value is not None and value.dim() == 2 else value
+                            flat[:] = _apply(flat, p, v, basis)
+                        else:
+                            flat[ar, dec] = _apply(flat[ar, dec], p, value, basis)
+                    return out
+                return f
+
+            with hooked(self.model, edit={k: make(v) for k, v in edits.items()}):
+                if self.measure == "last":
+                    lg = self.model(**b.model_inputs(), **self._logits_kw).logits[:, -1]
+                else:
+                    lg = self.model(**b.model_inputs()).logits[ar, dec]
+            outs.append(lg.float())
+        if not outs:
+            return torch.empty(0, self.B, self._clean.shape[-1])
+        return torch.stack(outs)
+
+
+# ---- KL helpers ----------------------------------------------------------------------------
+
+def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor, allowed_ids=None) -> torch.Tensor:
+    """KL(P || Q) per row (``mechdiff.analyses.kl``), masked to ``allowed_ids`` when given."""
+    from mechdiff.analyses.kl import kl_from_logits, kl_masked
+    if allowed_ids is None:
+        return kl_from_logits(p_logits, q_logits)
+    return kl_masked(p_logits, q_logits, allowed_ids)
+
+
+def patch_kl(engine: PatchEngine, variants, allowed_ids=None, positions: str = "decision") -> torch.Tensor:
+    """``[n_variants, B]`` KL(clean || patched) per prompt at the measured position."""
+    logits = engine.run(variants, positions=positions)
+    return _kl(engine.clean_logits[None].to(logits.device).expand_as(logits), logits, allowed_ids)
+
+
+def layer_sweep(engine_dst: PatchEngine, states_src: dict, sites: Sequence | None = None,
+                allowed_ids=None) -> dict[str, torch.Tensor]:
+    """Cross-model patching: for each site, replace the destination's state at the decision token
+    with the source model's (``states_src[site]``, ``[B, d]``); returns ``{site: KL per prompt [B]}``,
+    all sites in batched passes. Widths must match (else SiteError: use mapped patching)."""
+    sites = [site_str(s) for s in (states_src.keys() if sites is None else sites)]
+    src = {site_str(k): v for k, v in states_src.items()}
+    missing = [s for s in sites if s not in src]
+    if missing:
+        raise SiteError(f"no source states for sites {missing}")
+    kl = patch_kl(engine_dst, [Patch(s, src[s]) for s in sites], allowed_ids)
+    return {s: kl[i] for i, s in enumerate(sites)}
