@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mechdiff.data.positions import k_positions
-from mechdiff.data.prompts import encode
+from mechdiff.data.prompts import encode, format_prompt
 from mechdiff.errors import NumericsError, SiteError
 from mechdiff.models.tiny import FAMILIES, SPECIALS, tiny_model
 from mechdiff.sites import Captured, capture, capture_logits, resolve, validated
@@ -184,9 +184,9 @@ def test_smollm2_sites_and_decision(request):
         assert int(b.input_ids[i, d]) not in specials
         assert tok.decode(b.input_ids[i][b.content[i]]).strip() == p["text"]
         assert p["text"].endswith(tok.decode(b.input_ids[i, d]).strip())
-        tail = tok.decode(b.input_ids[i, d + 1:])
-        assert p["text"][-1] not in tail.replace("assistant", "")  # only template after it
-        assert "assistant" in tail
+        text, (_, end) = format_prompt(tok, p)
+        assert tok.decode(b.input_ids[i, d + 1:]) == text[end:]  # only template tail after it
+        assert text[end:].startswith("<|im_end|>") and "assistant" in text[end:]
     cap = capture(model, tok, prompts, ["resid_post.5", "resid_post.29"], batch_size=2)
     assert cap["resid_post.29"].shape == (2, 576)
     for i, p in enumerate(prompts):
