@@ -82,9 +82,11 @@ def test_engine_equals_naive(family, measure):
     # clean logits equal a plain forward, and the empty variant equals clean
     assert torch.allclose(eng.clean_logits, ref[-2], atol=1e-4, rtol=1e-5)
     assert torch.allclose(fast[-2], eng.clean_logits, atol=1e-4, rtol=1e-5)
-    # without layer skipping: same answer
-    slow = PatchEngine(model, batch, measure=measure, skip_layers=False).run(variants)
-    assert torch.allclose(slow, ref, atol=1e-4, rtol=1e-5)
+    assert eng.packed  # sdpa (eager for gemma3): variants packed along the sequence
+    # without layer skipping, and with variants stacked along the batch (repeated cache): same answer
+    for kw in (dict(skip_layers=False), dict(packed=False), dict(packed=False, skip_layers=False)):
+        other = PatchEngine(model, batch, measure=measure, **kw).run(variants)
+        assert torch.allclose(other, ref, atol=1e-4, rtol=1e-5), (kw, (other - ref).abs().max())
     # every patch really changes something (the comparison is not vacuous)
     assert all((fast[i] - eng.clean_logits).abs().max() > 1e-3 for i in range(len(variants)) if i != 8)
 
@@ -149,6 +151,9 @@ def test_cache_not_mutated_and_chunking(family):
     assert torch.allclose(first, one_per_pass, atol=1e-4, rtol=1e-5)
     few = PatchEngine(model, batch, max_rows=7).run(variants)
     assert torch.allclose(first, few, atol=1e-4, rtol=1e-5)
+    stacked = PatchEngine(model, batch, max_rows=7, packed=False)
+    assert torch.equal(stacked.run(variants), stacked.run(variants))
+    assert torch.allclose(stacked.run(variants), first, atol=1e-4, rtol=1e-5)
 
 
 def resolve_sm(model):

@@ -237,13 +237,17 @@ class PatchEngine:
 
     model: HF causal LM (eval mode). batch: ``mechdiff.data.prompts.Batch`` (left padded).
     measure: "last" | "decision". record_sites: sites whose clean value at the decision position
-    :meth:`clean_states` returns. max_rows: most rows (variants x prompts) in one suffix pass; also
-    the most prompts that share one prefix pass. skip_layers: do not recompute layers below a
-    pass's shallowest patched layer (exact; off only for debugging).
+    :meth:`clean_states` returns. max_rows: most (variant, prompt) pairs in one suffix pass (memory
+    per pass ~ max_rows x (suffix length x d_model + vocab)); also the most prompts that share one
+    prefix pass. skip_layers: do not recompute layers below a pass's shallowest patched layer.
+    packed: lay a pass's variants side by side along the sequence of each prompt, all attending to
+    one shared prefix cache through a custom 4D mask (needs sdpa or eager attention; otherwise, or
+    with packed=False, variants are stacked along the batch with the prefix cache repeated).
+    All settings give the same numbers as :meth:`run_naive` up to float rounding.
     """
 
     def __init__(self, model: nn.Module, batch, *, measure: str = "last", record_sites: Iterable = (),
-                 max_rows: int = 256, skip_layers: bool = True):
+                 max_rows: int = 1024, skip_layers: bool = True, packed: bool = True):
         if measure not in MEASURES:
             raise ConfigError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
         if max_rows < 1:
@@ -256,7 +260,11 @@ class PatchEngine:
         for s in self.record_sites:
             self.sm.check(*parse_site(s))
         self._blocks = _block_list(model, self.sm) if skip_layers else None
-        self._logits_kw = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
+        self._keep = _accepts(model, "logits_to_keep")
+        self._logits_kw = {"logits_to_keep": 1} if self._keep else {}
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        self._mask_kind = impl if impl in ("sdpa", "eager") else None
+        self.packed = packed and self._mask_kind is not None
         self._tuple_len = 0
         B, T = self.batch.input_ids.shape
         dec = self.batch.decision.long()
@@ -374,16 +382,23 @@ class PatchEngine:
             for c in range(0, n_var, per):
                 idx = order[c:c + per]
                 start = start_of(prepared[idx[0]]) if self._blocks is not None else 0
-                edits = self._edits(g, [prepared[i] for i in idx], start)
+                packed = self.packed and self._packable(g)
+                edits = self._edits(g, [prepared[i] for i in idx], start, packed)
                 with hooked(self.model, edit=edits):
-                    lg = self._forward(g.rows, g.lead, g.p, g.e, g.cache, n=len(idx), start=start)
+                    if packed:
+                        lg = self._forward_packed(g, n=len(idx), start=start)          # [Bg, n, V]
+                        lg = lg.transpose(0, 1)
+                    else:
+                        lg = self._forward(g.rows, g.lead, g.p, g.e, g.cache, n=len(idx), start=start)
+                        lg = lg.view(len(idx), Bg, -1)
                 out[torch.tensor(idx, device=out.device)[:, None], g.rows.to(out.device)[None, :]] = \
-                    lg.view(len(idx), Bg, -1).to(out.device)
+                    lg.to(out.device)
         return out
 
-    def _edits(self, g: _Group, chunk, start: int) -> dict:
-        """{site: f(t)} editing suffix offset 0 of each variant's rows (variant-major blocks of Bg)."""
-        Bg = len(g.rows)
+    def _edits(self, g: _Group, chunk, start: int, packed: bool) -> dict:
+        """{site: f(t)} editing each variant's decision token. Stacked layout: variant v owns rows
+        [v*Bg, (v+1)*Bg) at suffix offset 0; packed layout: all rows, sequence offset v*s."""
+        Bg, s, n = len(g.rows), g.e - g.p, len(chunk)
         by_site: dict[str, list] = {}
         for v, var in enumerate(chunk):
             for name, layer, p, value, basis in var:
@@ -392,8 +407,8 @@ class PatchEngine:
                 by_site.setdefault(f"{name}.{layer}", []).append((v, p, value, basis))
         restore = None
         if start > 0:
-            clean = g.resid_pre[start]
-            restore = clean.repeat(len(chunk), *([1] * (clean.dim() - 1))) if len(chunk) > 1 else clean
+            clean = g.resid_pre[start]  # [Bg, s, d]
+            restore = clean if n == 1 else (clean.repeat(1, n, 1) if packed else clean.repeat(n, 1, 1))
             by_site.setdefault(f"resid_pre.{start}", [])
 
         def make(key, entries):
@@ -403,12 +418,84 @@ class PatchEngine:
                 out = restore.to(t.dtype).clone() if is_restore else t.clone()
                 flat = out.view(*out.shape[:2], -1)
                 for v, p, value, basis in entries:
-                    sl = slice(v * Bg, (v + 1) * Bg)
-                    flat[sl, 0] = _apply(flat[sl, 0], p, value, basis)
+                    sel = (slice(None), v * s) if packed else (slice(v * Bg, (v + 1) * Bg), 0)
+                    flat[sel] = _apply(flat[sel], p, value, basis)
                 return out
             return f
 
         return {k: make(k, ents) for k, ents in by_site.items()}
+
+    # ---- packed layout: variants side by side along the sequence, sharing one prefix cache ----
+    def _packable(self, g: _Group) -> bool:
+        """Packed passes need sdpa/eager attention (custom 4D masks) and HF dynamic cache layers
+        whose prefix length is readable (full: all of it; sliding: the most recent window - 1)."""
+        if g.cache is None:
+            return True
+        for lay in g.cache.layers:
+            if type(lay).__name__ not in ("DynamicLayer", "DynamicSlidingWindowLayer"):
+                return False
+        return True
+
+    def _packed_mask(self, g: _Group, n: int):
+        """4D masks ``[Bg, 1, n*s, k + n*s]`` (one per attention layer type when they differ): each
+        variant's suffix sees the prefix (minus padding, within the sliding window) and itself,
+        causally; never another variant."""
+        b, dev = self.batch, self.device
+        s, P = g.e - g.p, g.p - g.lead
+        o = torch.arange(s, device=dev).repeat(n)                  # suffix offset of each query/key
+        blk = torch.arange(n, device=dev).repeat_interleave(s)
+        own = (blk[:, None] == blk[None, :]) & (o[None, :] <= o[:, None])
+        pad = b.attention_mask[g.rows, g.lead:g.p].bool()          # [Bg, P]
+        dtype = next(self.model.parameters()).dtype
+
+        def build(k: int, window: int | None):
+            pre = pad[:, P - k:] if k else pad[:, :0]
+            r = torch.arange(k, device=dev)
+            pre = pre[:, None, :].expand(-1, n * s, -1)
+            own_w = own
+            if window is not None:    # query index p+o, prefix key index p-k+r: (o + k - r) < window
+                pre = pre & ((o[:, None] + k - r[None, :]) < window)[None]
+                own_w = own & ((o[:, None] - o[None, :]) < window)
+            m = torch.cat([pre, own_w[None].expand(len(g.rows), -1, -1)], dim=-1)[:, None]
+            if self._mask_kind == "eager":
+                m = torch.zeros(m.shape, dtype=dtype, device=dev).masked_fill(~m, torch.finfo(dtype).min)
+            return m
+
+        if g.cache is None:
+            return build(0, None)
+        types = getattr(self.model.config.get_text_config(), "layer_types", None)
+        specs = {}
+        for i, lay in enumerate(g.cache.layers):
+            k = lay.keys.shape[-2] if getattr(lay, "keys", None) is not None and lay.keys.numel() else 0
+            window = getattr(lay, "sliding_window", None) if getattr(lay, "is_sliding", False) else None
+            specs.setdefault(types[i] if types else "all", set()).add((k, window))
+        if any(len(v) != 1 for v in specs.values()):
+            raise SiteError("cache layers of one attention type hold different prefix lengths; "
+                            "build the PatchEngine with packed=False")
+        kinds = {t: next(iter(v)) for t, v in specs.items()}
+        if len(set(kinds.values())) == 1:   # one layout for every layer: a plain 4D mask
+            return build(*next(iter(kinds.values())))
+        return {t: build(*spec) for t, spec in kinds.items()}  # per layer type (Gemma-style hybrids)
+
+    def _forward_packed(self, g: _Group, n: int, start: int) -> torch.Tensor:
+        """One pass over Bg rows whose sequence holds ``n`` copies of the suffix; ``[Bg, n, V]``."""
+        b = self.batch
+        s = g.e - g.p
+        kw = dict(input_ids=b.input_ids[g.rows, g.p:g.e].repeat(1, n),
+                  attention_mask=self._packed_mask(g, n),
+                  position_ids=b.position_ids[g.rows, g.p:g.e].repeat(1, n))
+        keep = torch.arange(n, device=self.device) * s + (s - 1)
+        if self._keep:
+            kw["logits_to_keep"] = keep
+        if g.cache is not None:
+            kw.update(past_key_values=_copy_cache(g.cache, 1, start), use_cache=True)
+        else:
+            kw.update(use_cache=False)
+        with _skipping(self._blocks if start > 0 else None, start, self._tuple_len):
+            logits = self.model(**kw).logits
+        if not self._keep or logits.shape[1] != n:
+            logits = logits[:, keep]
+        return logits.float()
 
     @torch.no_grad()
     def run_naive(self, variants, positions: str = "decision") -> torch.Tensor:
