@@ -1,0 +1,112 @@
+"""Glue shared by the experiment runners: pairs, models, prompts, run directories."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from mechdiff.artifacts import RunDir, build_manifest, new_run_dir
+from mechdiff.errors import ConfigError, DataError
+from mechdiff.models.load import LoadedModel, load_model
+from mechdiff.pairs import DatasetRef, Pair, load_pair, pair_from_specs
+
+
+def resolve_pair(pair: str | None, base: str | None, tuned: str | None) -> Pair:
+    """`--pair NAME|FILE` or `--base SPEC --tuned SPEC` (exactly one of the two forms)."""
+    if pair and (base or tuned):
+        raise ConfigError("give either --pair or --base/--tuned, not both")
+    if pair:
+        return load_pair(pair)
+    if base and tuned:
+        return pair_from_specs(base, tuned)
+    raise ConfigError("name the models to compare: --pair NAME|FILE (see `mechdiff pairs`) "
+                      "or --base SPEC --tuned SPEC")
+
+
+def open_models(pair: Pair, device: str | None = None, dtype: str | None = None
+                ) -> tuple[LoadedModel, LoadedModel]:
+    """Load both sides of ``pair`` (dtype: the option, else the pair's)."""
+    kw = dict(dtype=dtype or pair.dtype, device=None if pair.device_map else device,
+              device_map=pair.device_map)
+    return load_model(pair.base, **kw), load_model(pair.tuned, **kw)
+
+
+def open_run(out: str | Path | None, stage: str, pair: Pair, sides: dict[str, LoadedModel],
+             seeds: dict, options: Any) -> RunDir:
+    """Create (or resume) the run directory and write/check its manifest.
+
+    Options are kept per stage (``options[stage]``), so several stages (rq1, maps, mapped-patch)
+    can share one run directory; a stage resumed with different options is refused.
+    """
+    path = Path(out) if out else new_run_dir("runs", stage)
+    path.mkdir(parents=True, exist_ok=True)
+    run = RunDir(path)
+    opts = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
+    old = run.read_manifest()
+    stage_opts = dict((old or {}).get("options", {}))
+    if stage in stage_opts and stage_opts[stage] != _jsonable(opts):
+        raise ConfigError(f"run directory {path} already holds stage {stage!r} run with other options "
+                          f"({stage_opts[stage]} vs {_jsonable(opts)}); use a new --out directory")
+    stage_opts[stage] = opts
+    manifest = build_manifest(pair=pair.to_dict(), models={k: v.info for k, v in sides.items()},
+                              seeds=seeds, options=stage_opts)
+    if old is not None and stage not in (old.get("options") or {}):
+        run.check_manifest({**manifest, "options": old.get("options", {})})
+        old["options"] = manifest["options"]
+        run.write_manifest(old)
+    else:
+        run.write_or_check_manifest(manifest)
+    return run
+
+
+def _jsonable(obj):
+    from mechdiff.artifacts import to_jsonable
+    return to_jsonable(obj)
+
+
+def load_dataset_ref(ref: DatasetRef) -> list[dict]:
+    """Prompts (list of dicts with at least "id" and "text") for one dataset entry of a pair."""
+    from mechdiff.data import datasets as ds
+    from mechdiff.data.prompts import load_jsonl
+    if ref.builtin:
+        if ref.builtin.startswith("planted/"):
+            from mechdiff.models.planted import prompt_split
+            cat = ref.builtin.split("/", 1)[1]
+            rows = [{"id": f"planted-{cat}-{i}", "text": t, "category": cat}
+                    for i, t in enumerate(prompt_split(cat))]
+        else:
+            rows = ds.load_prompt_set(ref.builtin)
+    elif ref.path:
+        rows = load_jsonl(ref.path)
+    else:
+        loaders = {"kk": ds.load_kk_socio_cultural_mc, "gsm8k": ds.load_gsm8k, "math": ds.load_math}
+        key = next((k for k in loaders if k in ref.name.lower() or k in (ref.hub or "").lower()), None)
+        if key is None:
+            raise DataError(f"no loader for dataset {ref.name!r} ({ref.hub}); give a local JSONL file "
+                            f"with --prompts")
+        rows = loaders[key](ref.hub)
+    return rows[: ref.n] if ref.n else rows
+
+
+def target_prompts(pair: Pair, path: str | None = None) -> list[dict]:
+    """The prompt set a stage runs on: --prompts FILE, else the pair's first dataset, else the
+    shipped cultural set."""
+    from mechdiff.data import datasets as ds
+    from mechdiff.data.prompts import load_jsonl
+    if path:
+        return load_jsonl(path)
+    if pair.datasets:
+        return load_dataset_ref(next(iter(pair.datasets.values())))
+    return ds.load_prompt_set("cultural")
+
+
+def prepare_testbed(force: bool = False) -> list[str]:
+    """De-quantise the offline models and build the planted pairs; returns lines to print."""
+    from mechdiff.models.planted import build_planted
+    from mechdiff.models.testbed import ensure_testbed
+    lines = []
+    for name in ("smollm2-135m", "gemma3-270m"):
+        lines.append(f"{name}: {ensure_testbed(name, force=force)}")
+    for name in ("planted-cultural", "planted-cognitive"):
+        lines.append(f"{name}: {build_planted(name, force=force)}")
+    return lines
