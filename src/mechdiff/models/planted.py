@@ -39,7 +39,7 @@ import torch
 from mechdiff.errors import ConfigError, ModelLoadError
 from mechdiff.paths import cache_dir
 
-BUILD_VERSION = 1
+BUILD_VERSION = 2
 SOURCE_MODEL = "smollm2-135m"
 PLANTED_NAMES = ("planted-cultural", "planted-cognitive")
 SEEDS = {"planted-cultural": 20240611, "planted-cognitive": 20240612}

@@ -1,0 +1,140 @@
+import json
+
+import pytest
+import torch
+
+from mechdiff.errors import ModelLoadError
+from mechdiff.models.load import chat_template_hash, load_model, resolve_dtype, tokenizer_hash
+from mechdiff.pairs import ModelSpec
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<eos>"] + [f"w{i}" for i in range(62)]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(cfg).eval()
+    d = tmp_path / "tiny-llama"
+    model.save_pretrained(d)
+    _tiny_tokenizer().save_pretrained(d)
+    return d, model
+
+
+def test_offline_uncached_hub_id_fails_at_once(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError) as e:
+        load_model("mechdiff-test/definitely-not-cached-model@main", device="cpu")
+    msg = str(e.value)
+    assert "not in the local cache" in msg and "unreachable" in msg
+    assert "--base" in msg and ".gguf" in msg and "HF_HOME" in msg
+
+
+def test_offline_uncached_adapter_fails(tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    d, _ = tiny_llama_dir
+    with pytest.raises(ModelLoadError, match="not in the local cache"):
+        load_model(f"{d}+mechdiff-test/no-such-lora", device="cpu")
+
+
+def test_missing_local_paths_give_clear_errors(tmp_path):
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(ModelSpec(kind="local", path=str(tmp_path / "nope")), device="cpu")
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(str(tmp_path), device="cpu")
+    with pytest.raises(ModelLoadError, match="GGUF file .* does not exist"):
+        load_model(str(tmp_path / "model.gguf"), device="cpu")
+
+
+def test_local_dir_load_and_info(tiny_llama_dir):
+    d, ref = tiny_llama_dir
+    lm = load_model(str(d), dtype="float32", device="cpu")
+    assert not lm.model.training and lm.tokenizer.padding_side == "left"
+    assert lm.tokenizer.pad_token is not None and lm.tokenizer.is_fast
+    assert (lm.n_layers, lm.d_model, lm.vocab_size) == (2, 32, 64)
+    info = lm.info
+    for key in ("source", "config_hash", "tokenizer_hash", "chat_template_hash", "dtype", "n_layers", "d_model"):
+        assert key in info
+    assert info["dtype"] == "float32" and info["source"].startswith("local:")
+    json.dumps(info)
+    ids = torch.tensor([[3, 4, 5]])
+    assert torch.equal(lm.model(ids).logits, ref(ids).logits)
+    assert lm.info["tokenizer_hash"] == tokenizer_hash(lm.tokenizer)
+    assert chat_template_hash(lm.tokenizer) is None
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+
+
+def test_peft_adapter_spec_loads_and_merges(tiny_llama_dir, tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    d, base = tiny_llama_dir
+    torch.manual_seed(1)
+    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))
+    adir = tmp_path / "lora"
+    peft_model.save_pretrained(adir)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        want = peft_model(input_ids=ids).logits
+        plain = peft_model.get_base_model()
+    lm = load_model(f"{d}+{adir}", dtype="float32", device="cpu")
+    assert lm.spec.adapter == str(adir) and lm.info["adapter_merged"]
+    assert not isinstance(lm.model, PeftModel)
+    assert not any("lora" in n for n, _ in lm.model.named_parameters())
+    with torch.no_grad():
+        got = lm.model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    fresh = load_model(str(d), dtype="float32", device="cpu")
+    assert not torch.allclose(fresh.model(input_ids=ids).logits, got)
+    del plain
+
+
+def test_tokenizer_hash_sees_vocab_changes():
+    a, b = _tiny_tokenizer(), _tiny_tokenizer()
+    assert tokenizer_hash(a) == tokenizer_hash(b)
+    b.padding_side = "right"
+    assert tokenizer_hash(a) == tokenizer_hash(b)
+    b.add_tokens(["brandnew"])
+    assert tokenizer_hash(a) != tokenizer_hash(b)
+
+
+@pytest.mark.real
+def test_smollm2_testbed_loads(smollm2_loaded):
+    lm = smollm2_loaded
+    assert (lm.n_layers, lm.d_model, lm.vocab_size) == (30, 576, 49152)
+    assert len(lm.tokenizer) == 49152 and lm.info["tied_embeddings"]
+    assert lm.info["chat_template_hash"] is not None and lm.info["architecture"] == "LlamaForCausalLM"
+    assert lm.tokenizer.padding_side == "left"
+
+
+@pytest.mark.real
+def test_smollm2_cache_matches_gguf_load(smollm2_loaded):
+    """The cached safetensors copy gives exactly the logits of a direct GGUF load."""
+    from mechdiff.models.testbed import gguf_source
+
+    gguf = load_model(str(gguf_source("smollm2-135m")), dtype="float32", device="cpu")
+    assert gguf.info["config_hash"] == smollm2_loaded.info["config_hash"]
+    assert gguf.info["tokenizer_hash"] == smollm2_loaded.info["tokenizer_hash"]
+    assert gguf.info["chat_template_hash"] == smollm2_loaded.info["chat_template_hash"]
+    tok = smollm2_loaded.tokenizer
+    batch = tok(["The capital of Kazakhstan is", "Hello"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        a = gguf.model(**batch).logits
+        b = smollm2_loaded.model(**batch).logits
+    assert torch.equal(a, b)
