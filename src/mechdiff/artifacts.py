@@ -464,11 +464,13 @@ class RunDir:
         """Run `compute_fn()` (which must write `outputs`) unless step `name` is done.
 
         Returns True if it ran, False if skipped. Results are read back from the output files, so
-        the same code path works for fresh and resumed runs.
+        the same code path works for fresh and resumed runs. When ``info`` is given (e.g. the options
+        the step's result depends on), a recorded step with different ``info`` is recomputed.
         """
         outputs = list(outputs)
         depends_on = list(depends_on)
-        if self.step_done(name):
+        if self.step_done(name) and (info is None or
+                                     self.steps()[name].get("info") == to_jsonable(dict(info))):
             return False
         compute_fn()
         self.finish_step(name, outputs, depends_on=depends_on, info=info)

@@ -195,16 +195,22 @@ def plot_map_quality(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
 
 def plot_drop_heatmap(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike,
                       title: str = "KL drop (%) from mapped patch, by alpha") -> Path:
-    """Heat map of drop_pct: rows = (layer, site), columns = alpha. rows need
-    {layer, site, alpha, drop_pct}; repeated cells keep the last value."""
+    """Heat map of drop_pct: rows = (layer, site), columns = alpha (numbers or labels like "auto").
+    rows need {layer, site, alpha, drop_pct}; repeated cells keep the last value."""
     if not rows:
         raise DataError("plot_drop_heatmap: no rows")
     keys = sorted({(int(r["layer"]), str(r["site"])) for r in rows})
-    alphas = sorted({float(r["alpha"]) for r in rows})
+    # alpha may be numeric or a label such as "auto": numbers first (ascending), then labels.
+    def akey(a):
+        try:
+            return (0, float(a), "")
+        except (TypeError, ValueError):
+            return (1, 0.0, str(a))
+    alphas = sorted({str(r["alpha"]) for r in rows}, key=akey)
     m = np.full((len(keys), len(alphas)), np.nan)
     for r in rows:
         v = r.get("drop_pct")
-        m[keys.index((int(r["layer"]), str(r["site"]))), alphas.index(float(r["alpha"]))] = (
+        m[keys.index((int(r["layer"]), str(r["site"]))), alphas.index(str(r["alpha"]))] = (
             np.nan if v is None else float(v))
     finite = m[np.isfinite(m)]
     lim = max(1.0, float(np.abs(finite).max())) if finite.size else 1.0
@@ -213,7 +219,7 @@ def plot_drop_heatmap(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike
     im = ax.imshow(np.ma.masked_invalid(m), aspect="auto", cmap="RdBu", vmin=-lim, vmax=lim,
                    interpolation="nearest")
     fig.colorbar(im, ax=ax, label="drop % (positive = mapped patch closer to tuned)")
-    ax.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+    ax.set_xticks(range(len(alphas)), alphas)
     ax.set_yticks(range(len(keys)), [f"L{layer} {site}" for layer, site in keys], fontsize=8)
     if m.size <= 400:
         for i in range(m.shape[0]):

@@ -11,6 +11,10 @@ from mechdiff.models.load import LoadedModel, load_model
 from mechdiff.pairs import DatasetRef, Pair, load_pair, pair_from_specs
 
 
+# Model info that may change between a run and its resume without changing results.
+VOLATILE_INFO = {"load_seconds", "device", "device_map"}
+
+
 def resolve_pair(pair: str | None, base: str | None, tuned: str | None) -> Pair:
     """`--pair NAME|FILE` or `--base SPEC --tuned SPEC` (exactly one of the two forms)."""
     if pair and (base or tuned):
@@ -48,7 +52,8 @@ def open_run(out: str | Path | None, stage: str, pair: Pair, sides: dict[str, Lo
         raise ConfigError(f"run directory {path} already holds stage {stage!r} run with other options "
                           f"({stage_opts[stage]} vs {_jsonable(opts)}); use a new --out directory")
     stage_opts[stage] = opts
-    manifest = build_manifest(pair=pair.to_dict(), models={k: v.info for k, v in sides.items()},
+    models = {k: {kk: vv for kk, vv in v.info.items() if kk not in VOLATILE_INFO} for k, v in sides.items()}
+    manifest = build_manifest(pair=pair.to_dict(), models=models,
                               seeds=seeds, options=stage_opts)
     if old is not None and stage not in (old.get("options") or {}):
         run.check_manifest({**manifest, "options": old.get("options", {})})

@@ -48,7 +48,7 @@ class RQ1Options:
     behaviour_n: int = 24
     max_new_tokens: int = 16
     control_layer: int | None = None
-    measure: str = "last"
+    measure: str = "decision"   # next-token KL at the patched token (seeds); "last": end of prompt
 
 
 def cka_layers(n_layers: int, stride: int) -> list[int]:

@@ -30,7 +30,8 @@ def choose_layers(patch: dict | None, cka: dict, n_layers: int, control: int | N
         mean = [sum(d["masked"][j]["mean"] for d in patch["directions"].values()) / len(patch["directions"])
                 for j in range(len(layers))]
         inc = [mean[0]] + [mean[j] - mean[j - 1] for j in range(1, len(mean))]
-        order = sorted(range(len(layers)), key=lambda j: -inc[j])
+        # The last layer is excluded: patching the final residual replaces the output directly.
+        order = sorted((j for j in range(len(layers)) if layers[j] < n_layers - 1), key=lambda j: -inc[j])
         chosen = sorted(layers[j] for j in order[:top])
         score = {layers[j]: mean[j] for j in range(len(layers))}
         pick_ctrl = lambda cands: min(cands, key=lambda l: score[l])  # noqa: E731

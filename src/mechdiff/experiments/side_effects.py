@@ -1,0 +1,122 @@
+"""Side effects of a patch at the decision token: refusal rate and MC delta-log-prob, clean vs patched.
+
+Both are measured on the destination model with and without the patch, masked to the shared
+vocabulary and unmasked:
+
+- refusal rate: greedy generation (the patch applies to the prompt pass only), refusal patterns;
+- MC: the question with lettered choices; next-token log p(correct letter) minus the mean over the
+  other letters, and accuracy (argmax over the letters), read through the patching engine.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from mechdiff.analyses.behaviour import is_refusal
+from mechdiff.data.prompts import encode
+from mechdiff.patching import Patch, PatchEngine
+from mechdiff.sites.hooks import intervene
+
+LETTERS = "ABCDEFGH"
+
+
+def mc_prompt(item: dict) -> dict:
+    """An MC item as a prompt whose answer is one letter."""
+    lines = [item["question"]] + [f"{LETTERS[i]}) {c}" for i, c in enumerate(item["choices"])]
+    return {"id": item["id"], "text": "\n".join(lines) + "\nAnswer with the letter only."}
+
+
+def _letter_ids(tok, n: int) -> torch.Tensor:
+    return torch.tensor([tok.encode(LETTERS[i], add_special_tokens=False)[0] for i in range(n)])
+
+
+def mc_scores(logits: torch.Tensor, items: list[dict], tok, allowed_ids=None) -> dict:
+    """Mean delta-log-prob(correct) and accuracy from next-token logits ``[B, V]``."""
+    logits = logits.float()
+    if allowed_ids is not None:
+        mask = torch.full_like(logits, float("-inf"))
+        ids = torch.as_tensor(allowed_ids, dtype=torch.long)
+        mask[:, ids] = 0
+        logits = logits + mask
+    lp = logits.log_softmax(-1)
+    deltas, correct = [], []
+    for i, it in enumerate(items):
+        ids = _letter_ids(tok, len(it["choices"]))
+        s = lp[i, ids]
+        a = int(it["answer"])
+        others = torch.cat([s[:a], s[a + 1:]])
+        deltas.append(float(s[a] - others[torch.isfinite(others)].mean()) if torch.isfinite(s[a]) else float("nan"))
+        correct.append(int(s.argmax()) == a)
+    d = torch.tensor(deltas)
+    return {"dlogp_correct": float(d[torch.isfinite(d)].mean()) if torch.isfinite(d).any() else float("nan"),
+            "accuracy": sum(correct) / max(1, len(correct))}
+
+
+@torch.no_grad()
+def greedy(model, batch, max_new_tokens: int, allowed_ids=None, edit: Callable | None = None) -> list[list[int]]:
+    """Greedy decoding of a left-padded Batch with a KV cache; ``edit`` (a hooks edit dict factory
+    applied on the prompt pass only) patches the prompt. Returns new token ids per row."""
+    dev = next(model.parameters()).device
+    b = batch.to(dev)
+    mask = None
+    if allowed_ids is not None:
+        V = model.get_output_embeddings().weight.shape[0]
+        mask = torch.full((V,), float("-inf"), device=dev)
+        mask[torch.as_tensor(allowed_ids, device=dev)] = 0
+    ids, am, pos = b.input_ids, b.attention_mask, b.position_ids
+    if edit is not None:
+        with intervene(model, edit):
+            out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True)
+    else:
+        out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True)
+    cache, new = out.past_key_values, []
+    last_pos = pos[:, -1:]
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()
+        nxt = (logits + mask if mask is not None else logits).argmax(-1, keepdim=True)
+        new.append(nxt)
+        am = torch.cat([am, torch.ones_like(nxt)], 1)
+        last_pos = last_pos + 1
+        out = model(input_ids=nxt, attention_mask=am, position_ids=last_pos, past_key_values=cache,
+                    use_cache=True)
+        cache = out.past_key_values
+    return torch.cat(new, 1).tolist() if new else [[] for _ in range(len(batch))]
+
+
+def refusal_rates(model, tok, prompts, patch_value: torch.Tensor | None, site: str, allowed_ids,
+                  max_new_tokens: int = 16) -> dict:
+    """Refusal rate clean and patched (value ``[B, d]`` at the decision token), masked and unmasked."""
+    from mechdiff.sites.hooks import replace_at
+    batch = encode(tok, prompts)
+    out = {}
+    for masked in (False, True):
+        ids = allowed_ids if masked else None
+        for name, edit in (("clean", None),
+                           ("patched", None if patch_value is None else
+                            {site: _first_pass(replace_at(patch_value, batch.decision), batch.input_ids.shape[1])})):
+            toks = greedy(model, batch, max_new_tokens, ids, edit)
+            texts = tok.batch_decode(toks, skip_special_tokens=True)
+            out[f"refusal_{name}_{'masked' if masked else 'unmasked'}"] = \
+                sum(is_refusal(t) for t in texts) / max(1, len(texts))
+    for m in ("masked", "unmasked"):
+        out[f"d_refusal_pp_{m}"] = 100 * (out[f"refusal_patched_{m}"] - out[f"refusal_clean_{m}"])
+    return out
+
+
+def _first_pass(edit: Callable, T: int) -> Callable:
+    """Apply ``edit`` only on the full-prompt pass (length T), not on the cached decode steps."""
+    return lambda t: edit(t) if t.shape[1] == T else None
+
+
+def mc_effects(model, tok, items, patch_value: torch.Tensor, site: str, allowed_ids) -> dict:
+    """MC delta-log-prob and accuracy, clean vs patched, masked and unmasked."""
+    eng = PatchEngine(model, encode(tok, [mc_prompt(it) for it in items]), measure="last")
+    patched = eng.run([Patch(site, patch_value)])[0]
+    out = {}
+    for m, ids in (("unmasked", None), ("masked", allowed_ids)):
+        c, p = mc_scores(eng.clean_logits, items, tok, ids), mc_scores(patched, items, tok, ids)
+        out.update({f"mc_dlogp_clean_{m}": c["dlogp_correct"], f"mc_dlogp_patched_{m}": p["dlogp_correct"],
+                    f"d_mc_dlogp_{m}": p["dlogp_correct"] - c["dlogp_correct"],
+                    f"d_mc_acc_pp_{m}": 100 * (p["accuracy"] - c["accuracy"])})
+    return out
