@@ -212,6 +212,58 @@ def _skipping(blocks: nn.ModuleList | None, start: int, tuple_len: int):
             blocks[i] = b
 
 
+def _cut(x, Q: int, qa: int):
+    """Slice a block input laid out for ``Q`` suffix tokens down to the first ``qa`` of them."""
+    if isinstance(x, tuple):
+        return tuple(_cut(y, Q, qa) for y in x)
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.dim() == 4 and x.shape[-2] == Q:                              # mask [B, 1, Q, prefix + Q]
+        return x[..., :qa, :x.shape[-1] - Q + qa]
+    if x.dim() in (2, 3) and x.shape[1] == Q:                          # position ids, cos/sin
+        return x[:, :qa]
+    if x.dim() == 1 and x.shape[0] == Q:                               # cache_position (older HF)
+        return x[:qa]
+    return x
+
+
+@contextmanager
+def _growing(blocks: list, start: int, active: list, Q: int, clean: dict, s: int):
+    """Packed layout with per-variant start layers (variants sorted by start): block i runs only
+    the first ``active[i]`` suffix tokens (variants already started) and appends the clean residual
+    (``clean[i]``, ``[Bg, s, d]``) of the variants that start at i. Layers before a variant's start
+    cost nothing for it; its patch hooks (registered after these) see the clean value at i."""
+    handles = []
+
+    def make(i):
+        qa_prev = active[i - 1] if i > start else 0
+        k_new = (active[i] - qa_prev) // s
+        qa = active[i]
+
+        def pre(mod, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            h = h[:, :qa_prev]
+            if k_new:
+                h = torch.cat([h, clean[i].to(h.dtype).repeat(1, k_new, 1)], dim=1)
+            if qa == Q:
+                rest_args, rest_kw = args[1:], kwargs
+            else:
+                rest_args = tuple(_cut(a, Q, qa) for a in args[1:])
+                rest_kw = {k: (v if k == "hidden_states" else _cut(v, Q, qa)) for k, v in kwargs.items()}
+            if args:
+                return (h,) + tuple(rest_args), rest_kw
+            return rest_args, {**rest_kw, "hidden_states": h}
+        return pre
+
+    try:
+        for i in range(start, len(blocks)):
+            handles.append(blocks[i].register_forward_pre_hook(make(i), with_kwargs=True, prepend=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _accepts(model, name: str) -> bool:
     try:
         return name in inspect.signature(model.forward).parameters
@@ -383,10 +435,11 @@ class PatchEngine:
                 idx = order[c:c + per]
                 start = start_of(prepared[idx[0]]) if self._blocks is not None else 0
                 packed = self.packed and self._packable(g)
-                edits = self._edits(g, [prepared[i] for i in idx], start, packed)
+                edits = self._edits(g, [prepared[i] for i in idx], 0 if packed else start, packed)
+                starts = [start_of(prepared[i]) for i in idx] if self._blocks is not None else None
                 with hooked(self.model, edit=edits):
                     if packed:
-                        lg = self._forward_packed(g, n=len(idx), start=start)          # [Bg, n, V]
+                        lg = self._forward_packed(g, n=len(idx), starts=starts)       # [Bg, n, V]
                         lg = lg.transpose(0, 1)
                     else:
                         lg = self._forward(g.rows, g.lead, g.p, g.e, g.cache, n=len(idx), start=start)
@@ -477,10 +530,12 @@ class PatchEngine:
             return build(*next(iter(kinds.values())))
         return {t: build(*spec) for t, spec in kinds.items()}  # per layer type (Gemma-style hybrids)
 
-    def _forward_packed(self, g: _Group, n: int, start: int) -> torch.Tensor:
-        """One pass over Bg rows whose sequence holds ``n`` copies of the suffix; ``[Bg, n, V]``."""
+    def _forward_packed(self, g: _Group, n: int, starts: list | None) -> torch.Tensor:
+        """One pass over Bg rows whose sequence holds ``n`` copies of the suffix; ``[Bg, n, V]``.
+        With ``starts`` (sorted, one per variant) each variant enters at its own start layer."""
         b = self.batch
         s = g.e - g.p
+        start = starts[0] if starts else 0
         kw = dict(input_ids=b.input_ids[g.rows, g.p:g.e].repeat(1, n),
                   attention_mask=self._packed_mask(g, n),
                   position_ids=b.position_ids[g.rows, g.p:g.e].repeat(1, n))
@@ -491,7 +546,12 @@ class PatchEngine:
             kw.update(past_key_values=_copy_cache(g.cache, 1, start), use_cache=True)
         else:
             kw.update(use_cache=False)
-        with _skipping(self._blocks if start > 0 else None, start, self._tuple_len):
+        grow = contextmanager(lambda: (yield))()
+        if starts:
+            L = self.sm.n_layers
+            active = [s * sum(1 for st in starts if st <= i) for i in range(L)]
+            grow = _growing(self.sm.blocks, start, active, n * s, g.resid_pre, s)
+        with _skipping(self._blocks if start > 0 else None, start, self._tuple_len), grow:
             logits = self.model(**kw).logits
         if not self._keep or logits.shape[1] != n:
             logits = logits[:, keep]

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from mechdiff.analyses.cka import cka_matrix, cka_with_ci
-from mechdiff.analyses.kl import kl_from_logits, kl_masked, summarise
+from mechdiff.analyses.kl import kl_from_logits, kl_masked, kl_shared, summarise
 from mechdiff.artifacts import RunDir
 from mechdiff.data.prompts import encode
 from mechdiff.errors import ConfigError
@@ -80,6 +80,8 @@ def _capture_all(side: LoadedModel, prompts, site: str, opts: RQ1Options) -> tor
 def _cka_step(run: RunDir, X: torch.Tensor, Y: torch.Tensor, opts: RQ1Options) -> None:
     """Same depth: per-layer CKA with CI and null at the stride's layers; always the full matrix."""
     out: dict = {"site": opts.site, "n": X.shape[1]}
+    if torch.cuda.is_available():
+        X, Y = X.cuda(), Y.cuda()
     if X.shape[0] == Y.shape[0]:
         rows = []
         for l in cka_layers(X.shape[0], opts.stride):
@@ -104,33 +106,38 @@ def _standardiser(src: torch.Tensor, dst: torch.Tensor):
 
 def _patch_step(run: RunDir, base: LoadedModel, tuned: LoadedModel, prompts, sv: SharedVocab,
                 states: dict[str, torch.Tensor], opts: RQ1Options) -> None:
-    """KL(dst clean || dst with src state at layer L), per prompt, both directions, every layer."""
+    """KL(dst clean || dst with src state at layer L) per prompt, both directions, every layer; and
+    the clean cross-model KL(base || tuned) over the shared vocabulary in common order."""
     n_layers = base.n_layers
     layers = opts.layers or list(range(n_layers))
     for l in layers:
         if not 0 <= l < n_layers:
             raise ConfigError(f"--layers: layer {l} is out of range 0..{n_layers - 1}")
     sides = {"base": (base, sv.a_ids), "tuned": (tuned, sv.b_ids)}
-    result: dict = {"site": opts.site, "layers": layers, "measure": opts.measure, "directions": {}}
-    for direction in DIRECTIONS:
-        src_name, dst_name = direction.split("->")
-        dst, allowed = sides[dst_name]
-        src_states, dst_states = states[src_name], states[dst_name]
-        kl_m, kl_u = [], []
-        for i in range(0, len(prompts), opts.batch_size):
-            chunk = prompts[i:i + opts.batch_size]
-            eng = PatchEngine(dst.model, encode(dst.tokenizer, chunk), measure=opts.measure)
+    kl = {d: {"masked": [], "unmasked": []} for d in DIRECTIONS}
+    cross = []
+    for i in range(0, len(prompts), opts.batch_size):
+        chunk = prompts[i:i + opts.batch_size]
+        engines = {name: PatchEngine(side.model, encode(side.tokenizer, chunk), measure=opts.measure)
+                   for name, (side, _) in sides.items()}
+        cross.append(kl_shared(engines["base"].clean_logits, engines["tuned"].clean_logits, sv.a_ids, sv.b_ids))
+        for direction in DIRECTIONS:
+            src, dst = direction.split("->")
+            src_states, dst_states = states[src], states[dst]
             variants = []
             for l in layers:
                 v = src_states[l, i:i + len(chunk)]
                 if opts.standardise:
                     v = _standardiser(src_states[l], dst_states[l])(v)
                 variants.append(Patch(f"{opts.site}.{l}", v))
-            logits = eng.run(variants)
-            clean = eng.clean_logits[None].expand_as(logits)
-            kl_m.append(kl_masked(clean, logits, allowed))
-            kl_u.append(kl_from_logits(clean, logits))
-        km, ku = torch.cat(kl_m, 1), torch.cat(kl_u, 1)   # [n_layers, N]
+            logits = engines[dst].run(variants)
+            clean = engines[dst].clean_logits[None].expand_as(logits)
+            kl[direction]["masked"].append(kl_masked(clean, logits, sides[dst][1]))
+            kl[direction]["unmasked"].append(kl_from_logits(clean, logits))
+    result: dict = {"site": opts.site, "layers": layers, "measure": opts.measure, "directions": {},
+                    "clean_cross_kl_shared": summarise(torch.cat(cross))}
+    for direction in DIRECTIONS:
+        km, ku = torch.cat(kl[direction]["masked"], 1), torch.cat(kl[direction]["unmasked"], 1)  # [L, N]
         result["directions"][direction] = {
             "masked": [{"layer": l, **summarise(km[j])} for j, l in enumerate(layers)],
             "unmasked": [{"layer": l, **summarise(ku[j])} for j, l in enumerate(layers)],

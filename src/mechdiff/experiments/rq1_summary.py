@@ -89,6 +89,7 @@ def summarise_rq1(run: RunDir, pair: Pair, base: LoadedModel, tuned: LoadedModel
         for d, v in patch["directions"].items():
             for x in v["masked"]:
                 table.append({"direction": d, "layer": x["layer"], "kl_mean": x["mean"], "kl_std": x["std"]})
+        headline["clean KL(base || tuned), shared vocab"] = patch["clean_cross_kl_shared"]["mean"]
         top = max(table, key=lambda r: r["kl_mean"])
         headline["max patch KL"] = f"{top['kl_mean']:.3f} (L{top['layer']}, {top['direction']})"
         if choice["control"] is not None:

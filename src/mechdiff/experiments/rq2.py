@@ -60,7 +60,7 @@ class RQ2Options:
 def make_map(solver: str, opts: RQ2Options, tuned: LoadedModel):
     """A fresh, unfitted map estimator for ``solver``."""
     if solver == "ridge":
-        return M.RidgeMap(select="loo")
+        return M.RidgeMap(select="val")
     if solver == "procrustes":
         return M.ProcrustesMap()
     if solver == "pca_procrustes":
@@ -123,8 +123,9 @@ def _maps_step(run, tuned, states, layers, control, opts) -> None:
             key = f"{site}.{l}"
             X, Y = states[f"base/train/{key}"], states[f"tuned/train/{key}"]
             Xv, Yv = states[f"base/val/{key}"], states[f"tuned/val/{key}"]
+            groups = states["base/train_prompt_index"]
             for solver in opts.solvers:
-                m = make_map(solver, opts, tuned).fit(X, Y)
+                m = _fit(make_map(solver, opts, tuned), X, Y, groups)
                 m.save(run.file(f"maps/L{l}_{site}_{solver}"))
                 tr = map_metrics(m.transform(X), Y, X=X if X.shape == Y.shape else None)
                 va = map_metrics(m.transform(Xv), Yv, X=Xv if Xv.shape == Yv.shape else None,
@@ -150,6 +151,18 @@ def _maps_step(run, tuned, states, layers, control, opts) -> None:
                      "train / val positions": f"{len(states['base/train_prompt_index'])} / "
                                               f"{len(next(v for k, v in states.items() if '/val/' in k))}",
                      "layers": layers, "control layer": control}})
+
+
+def _fit(m, X: torch.Tensor, Y: torch.Tensor, groups: torch.Tensor):
+    """Fit ``m``; ridge picks lambda on the last 20% of training prompts (whole prompts held out, so
+    several positions of one prompt never sit on both sides), then refits on all training rows."""
+    if not isinstance(m, M.RidgeMap):
+        return m.fit(X, Y)
+    held = groups >= torch.quantile(groups.float(), 0.8)
+    if held.all() or not held.any():
+        return m.fit(X, Y)
+    lam = m.fit(X[~held], Y[~held], X[held], Y[held]).lambda_
+    return M.RidgeMap(lambdas=[lam]).fit(X, Y)
 
 
 def _alpha_value(a: str, m, X_train: torch.Tensor, Y_train: torch.Tensor) -> float:
@@ -185,6 +198,14 @@ def _sweep_step(run, base, tuned, val, sv, states, layers, control, opts) -> Non
             for a in (opts.alphas if l != control else ["1.0"]):
                 mapped(l, l, site, a, "mapped" if l != control else "control_map")
         mapped(layers[0], control, site, "1.0", "bogus")   # a late-layer map applied at the control layer
+        # shuffle control: a map fitted on row-permuted targets, applied at the first chosen layer
+        l0 = layers[0]
+        Xtr, Ytr = states[f"base/train/{site}.{l0}"], states[f"tuned/train/{site}.{l0}"]
+        perm = torch.randperm(len(Ytr), generator=torch.Generator().manual_seed(opts.seed))
+        sm = _fit(make_map(solver, opts, tuned), Xtr, Ytr[perm], states["base/train_prompt_index"])
+        labels.append({"layer": l0, "site": site, "alpha": "1.0", "alpha_value": 1.0, "kind": "shuffle",
+                       "map_layer": l0})
+        variants.append(sm.transform(states[f"base/val/{site}.{l0}"]).float())
     kl_m, kl_u = [], []
     for i in range(0, len(val), opts.batch_size):
         chunk = val[i:i + opts.batch_size]
