@@ -43,7 +43,7 @@ def make_batch(B: int, T: int, tail: int, vocab: int, device) -> Batch:
     return Batch(ids, mask, pos, dec, ids=list(range(B))).to(device)
 
 
-def timed(fn, device, reps: int = 1) -> float:
+def timed(fn, device, reps: int = 1, label: str = "") -> float:
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -51,7 +51,10 @@ def timed(fn, device, reps: int = 1) -> float:
         fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / reps
+    dt = (time.perf_counter() - t0) / reps
+    if label:
+        print(f"  [{label}: {dt:.4f} s]", flush=True)
+    return dt
 
 
 def main():
@@ -82,25 +85,33 @@ def main():
 
     with torch.no_grad():
         model(**batch.model_inputs(), logits_to_keep=1)  # warm-up
-        t_clean = timed(lambda: model(**batch.model_inputs(), logits_to_keep=1), device, reps=3)
+        t_clean = timed(lambda: model(**batch.model_inputs(), logits_to_keep=1), device, reps=3,
+                        label="clean")
         eng0 = PatchEngine(model, batch, measure=args.measure, record_sites=sites)
         src = {s: v + 0.5 * torch.randn_like(v) for s, v in eng0.clean_states(sites).items()}
         variants = [Patch(s, src[s]) for s in sites]
         n_naive = args.naive_layers or L
-        t_naive = timed(lambda: eng0.run_naive(variants[:n_naive]), device) * L / n_naive
+        t_naive = timed(lambda: eng0.run_naive(variants[:n_naive]), device, label="naive") * L / n_naive
         rows = []
         for mr in args.max_rows:
             t_build = timed(lambda: PatchEngine(model, batch, measure=args.measure, max_rows=mr), device)
             eng = PatchEngine(model, batch, measure=args.measure, max_rows=mr)
             eng.run(variants[-2:])  # warm-up
-            t_sweep = timed(lambda: eng.run(variants), device)
+            t_sweep = timed(lambda: eng.run(variants), device, label="engine")
             eng_ns = PatchEngine(model, batch, measure=args.measure, max_rows=mr, skip_layers=False)
-            t_noskip = timed(lambda: eng_ns.run(variants), device)
+            t_noskip = timed(lambda: eng_ns.run(variants), device, label="no skip")
             del eng_ns
-            rows.append((mr, t_build, t_sweep, t_noskip))
+            eng_st = PatchEngine(model, batch, measure=args.measure, max_rows=mr, packed=False)
+            t_stacked = timed(lambda: eng_st.run(variants), device, label="stacked")
+            del eng_st
+            rows.append((mr, t_build, t_sweep, t_noskip, t_stacked))
         fast = eng.run(variants[:4])
         ref = eng0.run_naive(variants[:4])
         err = (fast - ref).abs().max().item()
+        lp, lq = torch.log_softmax(ref, -1), torch.log_softmax(fast, -1)
+        kl_eq = (lp.exp() * (lp - lq)).sum(-1).max().item()
+        lc = torch.log_softmax(eng0.clean_logits, -1)
+        kl_fx = (lc.exp() * (lc - lp)).sum(-1).mean().item()
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     print(f"\npreset={args.preset} device={device} dtype={args.dtype} B={args.batch} T={args.seq} "
@@ -109,12 +120,15 @@ def main():
     print(f"{'clean forward (full batch)':<44}{t_clean:>10.4f}{1.0:>13.2f}")
     print(f"{'naive sweep, all layers' + (' (extrapolated)' if n_naive < L else ''):<44}"
           f"{t_naive:>10.4f}{t_naive / t_clean:>13.2f}")
-    for mr, t_build, t_sweep, t_noskip in rows:
+    for mr, t_build, t_sweep, t_noskip, t_stacked in rows:
         print(f"{f'engine clean pass (max_rows={mr})':<44}{t_build:>10.4f}{t_build / t_clean:>13.2f}")
         print(f"{f'engine sweep, all layers (max_rows={mr})':<44}{t_sweep:>10.4f}{t_sweep / t_clean:>13.2f}")
         print(f"{f'  same without layer skipping':<44}{t_noskip:>10.4f}{t_noskip / t_clean:>13.2f}")
+        print(f"{f'  same, stacked along the batch (packed=False)':<44}{t_stacked:>10.4f}"
+              f"{t_stacked / t_clean:>13.2f}")
         print(f"{f'  naive / engine sweep':<44}{'':>10}{t_naive / t_sweep:>13.2f}")
-    print(f"max |engine - naive| logits on 4 variants: {err:.3g}"
+    print(f"engine vs naive on 4 variants: max |logit diff| {err:.3g}, max KL(naive || engine) {kl_eq:.3g} "
+          f"(the patches' own effect: mean KL(clean || patched) {kl_fx:.3g})"
           + (f"; peak GPU memory {peak:.1f} GiB" if device.type == "cuda" else ""))
 
 
