@@ -264,6 +264,19 @@ def _growing(blocks: list, start: int, active: list, Q: int, clean: dict, s: int
             h.remove()
 
 
+def _attn_backends(device: torch.device):
+    """On CUDA, keep SDPA off the cuDNN backend: it builds a new plan for every new shape (seen:
+    ~1.5 s on the first sweep of an 8B model, whose packed passes have a new length per layer);
+    the memory-efficient kernel takes the same custom masks at the same steady speed."""
+    if device.type != "cuda":
+        return contextmanager(lambda: (yield))()
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    except ImportError:  # torch < 2.3
+        return contextmanager(lambda: (yield))()
+
+
 def _accepts(model, name: str) -> bool:
     try:
         return name in inspect.signature(model.forward).parameters
@@ -290,8 +303,8 @@ class PatchEngine:
     model: HF causal LM (eval mode). batch: ``mechdiff.data.prompts.Batch`` (left padded).
     measure: "last" | "decision". record_sites: sites whose clean value at the decision position
     :meth:`clean_states` returns. max_rows: most (variant, prompt) pairs in one suffix pass (memory
-    per pass ~ max_rows x (suffix length x d_model + vocab)); also the most prompts that share one
-    prefix pass. skip_layers: do not recompute layers below a pass's shallowest patched layer.
+    per pass ~ max_rows x (suffix length x d_model + vocab) packed, plus max_rows prefix caches when
+    stacked); also the most prompts that share one prefix pass. skip_layers: do not recompute layers below a pass's shallowest patched layer.
     packed: lay a pass's variants side by side along the sequence of each prompt, all attending to
     one shared prefix cache through a custom 4D mask (needs sdpa or eager attention; otherwise, or
     with packed=False, variants are stacked along the batch with the prefix cache repeated).
@@ -299,7 +312,7 @@ class PatchEngine:
     """
 
     def __init__(self, model: nn.Module, batch, *, measure: str = "last", record_sites: Iterable = (),
-                 max_rows: int = 1024, skip_layers: bool = True, packed: bool = True):
+                 max_rows: int = 2048, skip_layers: bool = True, packed: bool = True):
         if measure not in MEASURES:
             raise ConfigError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
         if max_rows < 1:
@@ -352,10 +365,11 @@ class PatchEngine:
                 if p > lead:
                     from transformers import DynamicCache
                     cache = DynamicCache(config=self.model.config)
-                    self.model.base_model(input_ids=b.input_ids[rows, lead:p],
-                                          attention_mask=b.attention_mask[rows, lead:p],
-                                          position_ids=b.position_ids[rows, lead:p],
-                                          past_key_values=cache, use_cache=True)
+                    with _attn_backends(self.device):
+                        self.model.base_model(input_ids=b.input_ids[rows, lead:p],
+                                              attention_mask=b.attention_mask[rows, lead:p],
+                                              position_ids=b.position_ids[rows, lead:p],
+                                              past_key_values=cache, use_cache=True)
                 kinds = []
                 h0 = sm.blocks[0].register_forward_hook(
                     lambda m, a, o: kinds.append(len(o) if isinstance(o, tuple) else 0))
@@ -385,7 +399,8 @@ class PatchEngine:
             kw.update(past_key_values=_copy_cache(cache, n, start), use_cache=True)
         else:
             kw.update(use_cache=False)
-        with _skipping(self._blocks if start > 0 else None, start, self._tuple_len):
+        with _skipping(self._blocks if start > 0 else None, start, self._tuple_len), \
+                _attn_backends(self.device):
             logits = self.model(**kw).logits
         return logits[:, -1].float()
 
@@ -551,7 +566,8 @@ class PatchEngine:
             L = self.sm.n_layers
             active = [s * sum(1 for st in starts if st <= i) for i in range(L)]
             grow = _growing(self.sm.blocks, start, active, n * s, g.resid_pre, s)
-        with _skipping(self._blocks if start > 0 else None, start, self._tuple_len), grow:
+        with _skipping(self._blocks if start > 0 else None, start, self._tuple_len), grow, \
+                _attn_backends(self.device):
             logits = self.model(**kw).logits
         if not self._keep or logits.shape[1] != n:
             logits = logits[:, keep]
@@ -586,7 +602,7 @@ class PatchEngine:
                     return out
                 return f
 
-            with hooked(self.model, edit={k: make(v) for k, v in edits.items()}):
+            with hooked(self.model, edit={k: make(v) for k, v in edits.items()}), _attn_backends(self.device):
                 if self.measure == "last":
                     lg = self.model(**b.model_inputs(), **self._logits_kw).logits[:, -1]
                 else:
