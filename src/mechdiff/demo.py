@@ -30,7 +30,7 @@ def run_demo(out: str | Path | None = None, device: str | None = None, quick: bo
     base, tuned, truth = load_planted("planted-cultural", device=device or "cpu")
     console.print(f"planted ground truth: layers {truth['layers']}, rank {truth['rank']}, "
                   f"{len(truth.get('new_tokens', []))} new tokens")
-    n1, n_train, n_val = (32, 48, 16) if quick else (96, 160, 48)
+    n1, n_train, n_val = (32, 48, 16) if quick else (64, 128, 32)
     t = time.perf_counter()
     run_rq1(pair, RQ1Options(n_prompts=n1, behaviour_n=8 if quick else 16, batch_size=32),
             out=path, models=(base, tuned))

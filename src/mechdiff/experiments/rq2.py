@@ -233,20 +233,24 @@ def _side_step(run, base, tuned, sv, states, opts) -> None:
     refusal = load_prompt_set("refusal_probe")[: opts.side_n]
     mc = load_prompt_set("mc")[: opts.side_n]
     solver = opts.solvers[0]
-    rows = []
+    rows, ref_patches, mc_patches = [], [], []
+    keys = sorted({f"{b['site']}.{b['layer']}" for b in table["best"]})
+    x_ref = capture(base.model, base.tokenizer, refusal, keys, batch_size=opts.batch_size)   # one pass
+    x_mc = capture(base.model, base.tokenizer, [mc_prompt(it) for it in mc], keys, batch_size=opts.batch_size)
     for best in table["best"]:
         site, l = best["site"], best["layer"]
-        m = M.load_map(run.file(f"maps/L{l}_{site}_{solver}"))
-        mu = states[f"tuned/train/{site}.{l}"].mean(0)
         key = f"{site}.{l}"
-        xr = capture(base.model, base.tokenizer, refusal, [key], batch_size=opts.batch_size)[key]
-        xm = capture(base.model, base.tokenizer, [mc_prompt(it) for it in mc], [key],
-                     batch_size=opts.batch_size)[key]
+        m = M.load_map(run.file(f"maps/L{l}_{site}_{solver}"))
+        mu = states[f"tuned/train/{key}"].mean(0)
         value = lambda x: mu + best["alpha_value"] * (m.transform(x).float() - mu)  # noqa: E731
-        row = {"layer": l, "site": site, "alpha": best["alpha"]}
-        row.update(refusal_rates(tuned.model, tuned.tokenizer, refusal, value(xr), key, sv.b_ids))
-        row.update(mc_effects(tuned.model, tuned.tokenizer, mc, value(xm), key, sv.b_ids))
-        rows.append(row)
+        ref_patches.append((key, value(x_ref[key])))
+        mc_patches.append((key, value(x_mc[key])))
+        rows.append({"layer": l, "site": site, "alpha": best["alpha"]})
+    _, ref_rows = refusal_rates(tuned.model, tuned.tokenizer, refusal, ref_patches, sv.b_ids)
+    mc_rows = mc_effects(tuned.model, tuned.tokenizer, mc, mc_patches, sv.b_ids)
+    for row, r, c in zip(rows, ref_rows, mc_rows):
+        row.update(r)
+        row.update(c)
     run.write_json("side_effects.json", {"title": "RQ2 — side effects of the best alpha per (layer, site)",
                                          "table": rows, "n_refusal": len(refusal), "n_mc": len(mc)})
 

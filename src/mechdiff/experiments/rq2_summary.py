@@ -55,8 +55,10 @@ def stop_conditions(t: dict, side: list[dict] | None) -> dict:
         if s:
             se = (abs(s["d_refusal_pp_unmasked"]) <= THRESHOLDS["refusal_pp"]
                   and abs(s["d_mc_dlogp_unmasked"]) <= THRESHOLDS["mc_dlogp"])
-    bogus = [c["drop_pct"] for c in t["controls"] if c["control"] == "bogus" and c["drop_pct"] is not None]
-    ctrl_ok = None if drop is None or not bogus else max(bogus) < 0.5 * drop
+    # A bogus or shuffled map must not give a comparable drop (half the winner's or more). Where the
+    # raw patch changes nothing (drop undefined) the control cannot reduce anything.
+    ctrl = [c["drop_pct"] for c in t["controls"] if c["control"] in ("bogus", "shuffle")]
+    ctrl_ok = None if drop is None or not ctrl else all(d is None or d < 0.5 * drop for d in ctrl)
     return {"large_drop": big, "side_effects_small": se, "controls_not_comparable": ctrl_ok,
             "met": bool(big and se is not False and ctrl_ok is not False), "thresholds": THRESHOLDS}
 

@@ -84,24 +84,30 @@ def greedy(model, batch, max_new_tokens: int, allowed_ids=None, edit: Callable |
     return torch.cat(new, 1).tolist() if new else [[] for _ in range(len(batch))]
 
 
-def refusal_rates(model, tok, prompts, patch_value: torch.Tensor | None, site: str, allowed_ids,
-                  max_new_tokens: int = 16) -> dict:
-    """Refusal rate clean and patched (value ``[B, d]`` at the decision token), masked and unmasked."""
+def refusal_rates(model, tok, prompts, patches: list[tuple[str, torch.Tensor]], allowed_ids,
+                  max_new_tokens: int = 16) -> tuple[dict, list[dict]]:
+    """Refusal rate of the clean model (once) and with each patch ``(site, value [B, d])`` at the
+    decision token, masked and unmasked. Returns (clean rates, one dict of rates + deltas per patch)."""
     from mechdiff.sites.hooks import replace_at
     batch = encode(tok, prompts)
-    out = {}
-    for masked in (False, True):
-        ids = allowed_ids if masked else None
-        for name, edit in (("clean", None),
-                           ("patched", None if patch_value is None else
-                            {site: _first_pass(replace_at(patch_value, batch.decision), batch.input_ids.shape[1])})):
-            toks = greedy(model, batch, max_new_tokens, ids, edit)
-            texts = tok.batch_decode(toks, skip_special_tokens=True)
-            out[f"refusal_{name}_{'masked' if masked else 'unmasked'}"] = \
-                sum(is_refusal(t) for t in texts) / max(1, len(texts))
-    for m in ("masked", "unmasked"):
-        out[f"d_refusal_pp_{m}"] = 100 * (out[f"refusal_patched_{m}"] - out[f"refusal_clean_{m}"])
-    return out
+    T = batch.input_ids.shape[1]
+
+    def rate(edit, masked):
+        toks = greedy(model, batch, max_new_tokens, allowed_ids if masked else None, edit)
+        texts = tok.batch_decode(toks, skip_special_tokens=True)
+        return sum(is_refusal(t) for t in texts) / max(1, len(texts))
+
+    clean = {m: rate(None, m == "masked") for m in ("unmasked", "masked")}
+    rows = []
+    for site, value in patches:
+        edit = {site: _first_pass(replace_at(value, batch.decision), T)}
+        row = {}
+        for m in ("unmasked", "masked"):
+            row[f"refusal_clean_{m}"] = clean[m]
+            row[f"refusal_patched_{m}"] = rate(edit, m == "masked")
+            row[f"d_refusal_pp_{m}"] = 100 * (row[f"refusal_patched_{m}"] - clean[m])
+        rows.append(row)
+    return clean, rows
 
 
 def _first_pass(edit: Callable, T: int) -> Callable:
@@ -109,14 +115,20 @@ def _first_pass(edit: Callable, T: int) -> Callable:
     return lambda t: edit(t) if t.shape[1] == T else None
 
 
-def mc_effects(model, tok, items, patch_value: torch.Tensor, site: str, allowed_ids) -> dict:
-    """MC delta-log-prob and accuracy, clean vs patched, masked and unmasked."""
+def mc_effects(model, tok, items, patches: list[tuple[str, torch.Tensor]], allowed_ids) -> list[dict]:
+    """MC delta-log-prob and accuracy, clean vs each patch (all patches in one engine pass),
+    masked and unmasked; one dict per patch."""
     eng = PatchEngine(model, encode(tok, [mc_prompt(it) for it in items]), measure="last")
-    patched = eng.run([Patch(site, patch_value)])[0]
-    out = {}
-    for m, ids in (("unmasked", None), ("masked", allowed_ids)):
-        c, p = mc_scores(eng.clean_logits, items, tok, ids), mc_scores(patched, items, tok, ids)
-        out.update({f"mc_dlogp_clean_{m}": c["dlogp_correct"], f"mc_dlogp_patched_{m}": p["dlogp_correct"],
-                    f"d_mc_dlogp_{m}": p["dlogp_correct"] - c["dlogp_correct"],
-                    f"d_mc_acc_pp_{m}": 100 * (p["accuracy"] - c["accuracy"])})
-    return out
+    patched = eng.run([Patch(site, value) for site, value in patches])
+    clean = {m: mc_scores(eng.clean_logits, items, tok, ids)
+             for m, ids in (("unmasked", None), ("masked", allowed_ids))}
+    rows = []
+    for k in range(len(patches)):
+        out = {}
+        for m, ids in (("unmasked", None), ("masked", allowed_ids)):
+            c, p = clean[m], mc_scores(patched[k], items, tok, ids)
+            out.update({f"mc_dlogp_clean_{m}": c["dlogp_correct"], f"mc_dlogp_patched_{m}": p["dlogp_correct"],
+                        f"d_mc_dlogp_{m}": p["dlogp_correct"] - c["dlogp_correct"],
+                        f"d_mc_acc_pp_{m}": 100 * (p["accuracy"] - c["accuracy"])})
+        rows.append(out)
+    return rows
