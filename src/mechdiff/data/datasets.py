@@ -23,6 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from mechdiff.data.prompts import load_jsonl
 from mechdiff.errors import DataError
 
 __all__ = [
@@ -102,25 +103,7 @@ def load_prompt_set(name_or_path: str | os.PathLike) -> list[dict]:
         raise DataError(
             f"no prompt set {str(name_or_path)!r}: give one of {list(SHIPPED_SETS)} or a path to a JSONL file"
         )
-    rows: list[dict] = []
-    seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg}); each line must be one JSON object") from None
-            obj = _validate_row(obj, where)
-            if obj["id"] in seen:
-                raise DataError(f"{where}: duplicate id {obj['id']!r} (first on line {seen[obj['id']]})")
-            seen[obj["id"]] = lineno
-            rows.append(obj)
-    if not rows:
-        raise DataError(f"{path} holds no rows")
-    return rows
+    return load_jsonl(path, check=_validate_row)
 
 
 # ----------------------------------------------------------------------------- generic records

@@ -71,14 +71,15 @@ class Batch:
 
 # ---- loading ---------------------------------------------------------------------------------
 
-def load_jsonl(path) -> list[dict]:
+def load_jsonl(path, check=None) -> list[dict]:
     """Read prompts from a JSONL file (one JSON object per line; blank lines are skipped).
 
     Each object needs ``"id"`` (str or int, stored as str) and ``"text"`` (str) or ``"messages"``
     (a list of ``{"role", "content"}``; ``text`` then defaults to the last user message). Other keys
     (``lang``, ``category``, ...) are kept. Raises DataError naming the line on malformed input or
-    duplicate ids.
+    duplicate ids. ``check(obj, where) -> dict`` replaces the per-row validation (e.g. MC items).
     """
+    check = check or _check_prompt
     path = Path(path)
     if not path.exists():
         raise DataError(f"prompt file {path} does not exist")
@@ -94,7 +95,7 @@ def load_jsonl(path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line "
                                 "must be one JSON object") from None
-            out.append(_check_prompt(obj, where))
+            out.append(check(obj, where))
             pid = out[-1]["id"]
             if pid in seen:
                 raise DataError(f"{where}: duplicate id {pid!r} (first seen on line {seen[pid]}); "
