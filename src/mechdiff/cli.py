@@ -42,7 +42,9 @@ def _run(fn, *args, **kwargs):
 def pairs() -> None:
     """List the built-in pairs."""
     from mechdiff.pairs import list_pairs, load_pair
-    table = Table("name", "domain", "base", "tuned", "tokenizer policy")
+    table = Table()
+    for col in ("name", "domain", "base", "tuned", "tokenizer policy"):
+        table.add_column(col, overflow="fold")
     for name in list_pairs():
         p = load_pair(name)
         table.add_row(name, p.domain, str(p.base), str(p.tuned), p.tokenizer_policy)
