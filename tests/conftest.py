@@ -38,3 +38,23 @@ def planted_cognitive():
     from mechdiff.models.planted import load_planted
 
     return load_planted("planted-cognitive")
+
+
+# ------------------------------------------------------------------ experiment runs (test_rq1/test_rq2/test_cli)
+@pytest.fixture(scope="session")
+def planted_rq1(planted_cultural, tmp_path_factory):
+    """One RQ1 run on planted-cultural (the pair's own cultural prompt set, first 32 that pass the
+    strict filter; no behaviour), shared by test_rq1 (known answers) and test_cli (report).
+    Returns (run_dir Path, RQ1Options, pair, seconds)."""
+    import time
+
+    from mechdiff.experiments.rq1 import RQ1Options, run_rq1
+    from mechdiff.pairs import load_pair
+
+    base, tuned, _ = planted_cultural
+    pair = load_pair("planted-cultural")
+    opts = RQ1Options(n_prompts=32, behaviour=False)
+    out = tmp_path_factory.mktemp("rq1_planted")
+    t0 = time.perf_counter()
+    run = run_rq1(pair, opts, out=out, models=(base, tuned))
+    return run.path, opts, pair, time.perf_counter() - t0

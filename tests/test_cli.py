@@ -1,0 +1,125 @@
+"""The `mechdiff` command line (typer app) through typer.testing.CliRunner: listing, argument and
+offline errors (exit code 2 with a one-line message, no run artifacts), report rewriting, the demo."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from mechdiff.cli import app
+
+BUILTIN_PAIRS = ("cognitive", "cultural", "planted-cognitive", "planted-cultural", "smollm2-self",
+                 "smollm2-vs-gemma3")
+
+
+def invoke(*args: str):
+    """Run the CLI; returns (result, output with whitespace collapsed: rich wraps long lines)."""
+    res = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "400", "HF_HUB_OFFLINE": "1",
+                                                                "TRANSFORMERS_OFFLINE": "1"})
+    return res, " ".join(res.output.split())
+
+
+def test_pairs_lists_the_six_builtins():
+    from mechdiff.pairs import list_pairs
+
+    res, out = invoke("pairs")
+    assert res.exit_code == 0, res.output
+    assert sorted(list_pairs()) == sorted(BUILTIN_PAIRS)
+    for name in BUILTIN_PAIRS:
+        assert name in out, name
+    # one table row per pair: each pair's base spec is shown
+    assert "meta-llama/Llama-3.1-8B-Instruct" in out and "gemma3-270m" in out
+
+
+def test_uncached_hub_models_offline_exit_2_without_artifacts(tmp_path):
+    out_dir = tmp_path / "run"
+    res, out = invoke("rq1", "--base", "meta-llama/Llama-3.1-8B-Instruct", "--tuned", "some/other-model",
+                      "--out", out_dir)
+    assert res.exit_code == 2, res.output
+    assert "error:" in out and "not in the local cache" in out
+    assert "local copy" in out and "--base" in out  # says how to point at one
+    assert "Traceback" not in res.output
+    assert not out_dir.exists() or not any(out_dir.iterdir())
+    assert not (out_dir / "rq1.json").exists()
+
+
+def test_pair_and_base_together_is_an_error(tmp_path):
+    res, out = invoke("rq1", "--pair", "x", "--base", "y", "--out", tmp_path / "run")
+    assert res.exit_code == 2, res.output
+    assert "either --pair or --base/--tuned, not both" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_no_pair_at_all_is_an_error():
+    res, out = invoke("rq1")
+    assert res.exit_code == 2 and "--pair" in out and "--base" in out
+
+
+def test_report_on_a_missing_dir_is_an_error(tmp_path):
+    res, out = invoke("report", tmp_path / "nope")
+    assert res.exit_code == 2 and "not a run directory" in out
+
+
+# ---------------------------------------------------------------- real weights
+@pytest.fixture(scope="module")
+def bad_layers(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli_bad_layers")
+    prompts = d / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "text": t}) + "\n" for i, t in enumerate(
+        ["Tell me about the Kazakh steppe.", "What is kumis?", "Describe a yurt.", "Who was Abai?",
+         "What is Nauryz?", "Name a Kazakh dish."])), encoding="utf-8")
+    out = d / "run"
+    res, text = invoke("rq1", "--pair", "planted-cultural", "--layers", "99", "--n-prompts", "6",
+                       "--no-behaviour", "--prompts", prompts, "--out", out, "--device", "cpu")
+    return res, text, out
+
+
+@pytest.mark.real
+def test_out_of_range_layer_exits_2_naming_the_valid_range(bad_layers):
+    res, text, out = bad_layers
+    assert res.exit_code == 2, res.output
+    assert "99" in text and "0..29" in text
+    assert "Traceback" not in res.output
+    assert not (out / "rq1.json").exists() and not (out / "patch.json").exists()
+
+
+@pytest.mark.real
+@pytest.mark.xfail(strict=True, reason="src bug: --layers is validated inside the patch step "
+                                       "(rq1._patch_step), after fairness, capture of every layer of "
+                                       "both models and CKA; it should be checked before any model work")
+def test_out_of_range_layer_fails_before_any_capture(bad_layers):
+    _, _, out = bad_layers
+    assert not (out / "tensors" / "rq1_states.safetensors").exists()
+    assert not (out / "cka.json").exists()
+
+
+@pytest.mark.real
+def test_report_rewrites_the_report(planted_rq1):
+    path = planted_rq1[0]
+    for f in ("report.html", "report.md"):
+        (path / f).unlink()
+    res, out = invoke("report", path)
+    assert res.exit_code == 0, res.output
+    html = (path / "report.html").read_text(encoding="utf-8")
+    md = (path / "report.md").read_text(encoding="utf-8")
+    assert "RQ1" in html and "RQ1" in md
+    assert "cka_curve" in html or "data:image/png;base64" in html  # figures embedded
+    assert "report.html" in out
+
+
+@pytest.mark.real
+def test_demo_quick_runs_end_to_end(tmp_path):
+    out = tmp_path / "demo"
+    res, text = invoke("demo", "--quick", "--out", out, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    for f in ("report.html", "rq1.json", "alpha_sweep.json", "rq2_summary.txt", "maps.json", "manifest.json"):
+        assert (out / f).is_file(), f
+    assert "demo done" in text
+    rq1 = json.loads((out / "rq1.json").read_text(encoding="utf-8"))
+    assert 20 in rq1["layers"]["chosen"]  # the first planted layer is found
+    sweep = json.loads((out / "alpha_sweep.json").read_text(encoding="utf-8"))
+    assert "stop_conditions" in sweep
+    used = json.loads((out / "rq2_prompts.json").read_text(encoding="utf-8"))["layers"]
+    assert used == rq1["layers"]["chosen"]  # RQ2 ran on the layers RQ1 chose
+    assert "stop conditions met" in (out / "rq2_summary.txt").read_text(encoding="utf-8")

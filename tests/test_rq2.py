@@ -1,0 +1,174 @@
+"""Known-answer tests of the RQ2 runner (maps, mapped patching, alpha-sweep, controls) on planted-cultural.
+
+Ground truth: layers 0..19 of the tuned model are the base's, layers 20/22/24 carry a rank-2 change.
+So at a planted layer the raw base state patched into the tuned model moves its next-token
+distribution (KL_raw > 0) and a base->tuned map fitted on train prompts must remove most of that on
+held-out prompts; at the control layer (below 20) raw KL is 0 and a late-layer map applied there
+cannot help. A shuffled-pairs map must not generalise, and a model mapped to itself through the
+identity must not move at all.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+PLANTED_LAYERS = [22, 24]
+SITE = "resid_post"
+SOLVER = "ridge"
+N_TRAIN, N_VAL = 40, 16
+
+
+def _read(path, name):
+    return json.loads((path / name).read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def rq2_run(planted_cultural, tmp_path_factory):
+    """mapped-patch on planted-cultural over the cultural set's English prompts (short: half the
+    tokens of the mixed kk/ru/en set; raw patching at layers 22/24 still moves the tuned model)."""
+    from mechdiff.data.datasets import load_prompt_set
+    from mechdiff.experiments.rq2 import RQ2Options, run_mapped_patch
+    from mechdiff.pairs import load_pair
+
+    base, tuned, _ = planted_cultural
+    out = tmp_path_factory.mktemp("rq2_planted")
+    prompts = out / "cultural_en.jsonl"
+    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in load_prompt_set("cultural")
+                               if r["lang"] == "en"), encoding="utf-8")
+    opts = RQ2Options(layers=list(PLANTED_LAYERS), sites=[SITE], solvers=[SOLVER], n_train=N_TRAIN,
+                      n_val=N_VAL, side_n=6, prompts=str(prompts))
+    run = run_mapped_patch(load_pair("planted-cultural"), opts, out=out, models=(base, tuned))
+    p = run.path
+    return {"path": p, "opts": opts, "sweep": _read(p, "alpha_sweep.json"), "maps": _read(p, "maps.json"),
+            "prompts": _read(p, "rq2_prompts.json")}
+
+
+@pytest.mark.real
+def test_mapped_patch_removes_most_of_the_raw_kl_at_planted_layers(rq2_run):
+    rows = {(r["layer"], r["alpha"]): r for r in rq2_run["sweep"]["table"] if r["site"] == SITE}
+    assert {l for l, _ in rows} == set(PLANTED_LAYERS)
+    for l in PLANTED_LAYERS:
+        r = rows[(l, "1.0")]
+        assert r["alpha_value"] == 1.0
+        assert r["kl_raw"] > 0.05, r  # the planted change is visible to raw patching
+        assert r["kl_mapped"] < 0.5 * r["kl_raw"], r
+        assert r["drop_pct"] > 50.0 and r["delta"] == pytest.approx(r["kl_raw"] - r["kl_mapped"])
+        # every alpha of the sweep is present
+        assert {a for (ll, a) in rows if ll == l} == set(rq2_run["opts"].alphas)
+
+
+@pytest.mark.real
+def test_bogus_control_does_not_reduce_kl(rq2_run):
+    control = rq2_run["prompts"]["control_layer"]
+    assert 0 < control < 20  # below the first planted layer
+    bogus = [c for c in rq2_run["sweep"]["controls"] if c["control"] == "bogus"]
+    assert len(bogus) == 1
+    b = bogus[0]
+    assert b["map_layer"] == PLANTED_LAYERS[0] and b["layer"] == control
+    # raw patching at the control layer is a no-op (identical layers): KL_raw ~ 0
+    assert b["kl_raw"] is not None and b["kl_raw"] < 1e-5
+    assert b["drop_pct"] is None or b["drop_pct"] <= 0
+    assert b["kl_mapped"] >= b["kl_raw"]
+    assert b["kl_mapped"] > 0.05  # a layer-22 map is garbage at layer 9: it moves the model a lot
+    # the sweep's shuffled-pairs map (if the runner has one) does not reduce KL either
+    for c in rq2_run["sweep"]["controls"]:
+        if c["control"] == "shuffle":
+            assert c["kl_mapped"] >= c["kl_raw"] and c["drop_pct"] <= 0, c
+
+
+@pytest.mark.real
+def test_shuffle_control_does_not_generalise(rq2_run):
+    """A map fitted on row-shuffled targets has val R2 ~ 0 at the planted layers. At the control
+    layer (base == tuned states, so the shuffled targets are the inputs permuted) one permutation's
+    R2 is noisy with 40 train rows (seeds 0..9 give -0.45..+0.13), so there it only has to stay far
+    below the real map's."""
+    table = rq2_run["maps"]["table"]
+    control = rq2_run["prompts"]["control_layer"]
+    assert {r["layer"] for r in table} == set(PLANTED_LAYERS) | {control}
+    for r in table:
+        assert r["shuffle_val_r2_vw"] is not None
+        assert r["val_r2_vw"] > r["shuffle_val_r2_vw"] + 0.3, r  # the real map does generalise
+        if r["layer"] in PLANTED_LAYERS:
+            assert abs(r["shuffle_val_r2_vw"]) < 0.1, r
+        else:
+            assert r["control_layer"] and r["identity_val_r2_vw"] == pytest.approx(1.0, abs=1e-9)
+
+
+@pytest.mark.real
+def test_train_and_val_prompts_are_disjoint(rq2_run):
+    pr = rq2_run["prompts"]
+    assert len(pr["train"]) == N_TRAIN and len(pr["val"]) == N_VAL
+    assert len(set(pr["train"])) == N_TRAIN and len(set(pr["val"])) == N_VAL
+    assert not set(pr["train"]) & set(pr["val"])
+    assert pr["layers"] == PLANTED_LAYERS and pr["sites"] == [SITE]
+
+
+@pytest.mark.real
+def test_alpha_sweep_reports_stop_conditions(rq2_run):
+    sw = rq2_run["sweep"]
+    stop = sw["stop_conditions"]
+    assert set(stop) >= {"large_drop", "side_effects_small", "controls_not_comparable", "met", "thresholds"}
+    assert stop["thresholds"]["drop_pct"] == 30.0
+    assert stop["large_drop"] is True  # the winner's drop is > 50% (see the first test)
+    assert isinstance(stop["met"], bool)
+    assert sw["winner"]["layer"] in PLANTED_LAYERS
+    assert sw["headline"]["stop conditions met"] == stop["met"]
+    side = sw["side_effects"]
+    assert side and {(s["layer"], s["site"]) for s in side} == {(l, SITE) for l in PLANTED_LAYERS}
+    txt = (rq2_run["path"] / "rq2_summary.txt").read_text(encoding="utf-8")
+    assert "stop conditions met" in txt and "control bogus" in txt
+
+
+@pytest.mark.real
+def test_saved_maps_load_back_with_the_same_transform(rq2_run, tmp_path):
+    from mechdiff.analyses import maps as M
+    from mechdiff.analyses.map_metrics import map_metrics
+    from safetensors.torch import load_file
+
+    p = rq2_run["path"]
+    states = load_file(str(p / "tensors" / "rq2_states.safetensors"))
+    by_layer = {r["layer"]: r for r in rq2_run["maps"]["table"]}
+    for l in sorted(by_layer):
+        prefix = p / "maps" / f"L{l}_{SITE}_{SOLVER}"
+        assert prefix.with_suffix(".safetensors").is_file() and prefix.with_suffix(".json").is_file()
+        m = M.load_map(prefix)
+        assert isinstance(m, M.RidgeMap) and (m.dx_, m.dy_) == (576, 576)
+        X, Y = states[f"base/train/{SITE}.{l}"], states[f"tuned/train/{SITE}.{l}"]
+        Xv, Yv = states[f"base/val/{SITE}.{l}"], states[f"tuned/val/{SITE}.{l}"]
+        assert X.shape == (N_TRAIN, 576) and Xv.shape == (N_VAL, 576)
+        # the loaded map reproduces the val metrics the runner computed with the in-memory map
+        va = map_metrics(m.transform(Xv), Yv, X=Xv, Y_train_mean=Y.mean(0))
+        assert va["r2_vw"] == pytest.approx(by_layer[l]["val_r2_vw"], abs=1e-6)
+        assert va["cka_debiased"] == pytest.approx(by_layer[l]["val_cka"], abs=1e-6)
+        # refitting with the saved hyper-parameters on the saved train states gives the same map
+        refit = type(m)(**m.hparams()).fit(X, Y)
+        a, b = m.transform(Xv).double(), refit.transform(Xv).double()
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+        # save -> load round trip is exact
+        m.save(tmp_path / f"L{l}")
+        assert torch.equal(M.load_map(tmp_path / f"L{l}").transform(Xv), m.transform(Xv))
+
+
+@pytest.mark.real
+def test_identity_map_of_a_model_onto_itself_gives_zero_kl(planted_cultural):
+    from mechdiff.analyses.maps import IdentityMap
+    from mechdiff.data.datasets import load_prompt_set
+    from mechdiff.data.prompts import encode
+    from mechdiff.patching import Patch, PatchEngine, patch_kl
+
+    base = planted_cultural[0]
+    prompts = load_prompt_set("neutral")[:8]
+    sites = [f"{SITE}.{l}" for l in (9, 22)]
+    eng = PatchEngine(base.model, encode(base.tokenizer, prompts), measure="decision", record_sites=sites)
+    clean = eng.clean_states()
+    variants, controls = [], []
+    for s in sites:
+        m = IdentityMap().fit(clean[s], clean[s])
+        variants.append(Patch(s, m.transform(clean[s])))
+        controls.append(Patch(s, clean[s].roll(1, dims=0)))  # another prompt's state: must move
+    kl = patch_kl(eng, variants + controls)                  # [4, 8]
+    assert kl.shape == (4, 8)
+    assert float(kl[:2].abs().max()) < 1e-6, kl[:2]
+    assert float(kl[2:].mean(1).min()) > 1e-3, kl[2:]
