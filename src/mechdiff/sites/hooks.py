@@ -88,6 +88,18 @@ def _install(sm: SiteMap, name: str, layer: int, fn: Callable[[torch.Tensor], "t
     return module.register_forward_hook(hook)
 
 
+def _own(x: torch.Tensor) -> torch.Tensor:
+    """``x`` detached; copied when it is a view into a larger storage (e.g. ``t[:, -1]``), so that
+    storing it does not keep the whole activation alive. Exact: the values are copied unchanged."""
+    x = x.detach()
+    try:
+        if x.untyped_storage().nbytes() > x.numel() * x.element_size():
+            return x.clone(memory_format=torch.contiguous_format)
+    except (RuntimeError, NotImplementedError):  # tensors without a storage (e.g. some subclasses)
+        pass
+    return x
+
+
 class Recording(dict):
     """Maps ``"name.layer"`` to what was recorded there (accepts tuple keys too)."""
 
@@ -100,11 +112,16 @@ class Recording(dict):
 
 @contextmanager
 def hooked(model: nn.Module, read: Iterable = (), edit: Mapping | None = None,
-           select: Select | None = None, stop_after_last: bool = False) -> Iterator[Recording]:
+           select: Select | None = None, stop_after_last: bool = False,
+           on_record: Callable[[str, torch.Tensor], None] | None = None) -> Iterator[Recording]:
     """Install edit hooks, then read hooks; yield the recording; always remove every hook.
 
     read: site keys to record; select(t) reduces each recorded tensor (e.g. keep some positions)
-    before it is stored (detached, same device). edit: {site: f(t) -> t_new | None}.
+    before it is stored (detached, same device; a selection that is a view of a larger tensor, such
+    as ``t[:, -1]``, is stored as a compact copy, so the full activation is freed). Without
+    ``select`` the activation itself is stored. edit: {site: f(t) -> t_new | None}.
+    on_record(key, value): called right after each site is stored (during the forward pass), e.g.
+    to start moving it elsewhere while later layers run.
     """
     sm = resolve(model)
     read = [parse_site(k) for k in read]
@@ -128,7 +145,10 @@ def hooked(model: nn.Module, read: Iterable = (), edit: Mapping | None = None,
             key = f"{name}.{layer}"
 
             def store(t, key=key, stop=((name, layer) == last)):
-                dict.__setitem__(rec, key, (select(t) if select is not None else t).detach())
+                v = _own(select(t)) if select is not None else t.detach()
+                dict.__setitem__(rec, key, v)
+                if on_record is not None:
+                    on_record(key, v)
                 if stop:
                     raise StopForward
                 return None
@@ -144,9 +164,9 @@ def hooked(model: nn.Module, read: Iterable = (), edit: Mapping | None = None,
 
 
 def record(model: nn.Module, sites: Iterable, select: Select | None = None,
-           stop_after_last: bool = False):
+           stop_after_last: bool = False, on_record: Callable[[str, torch.Tensor], None] | None = None):
     """Record ``sites`` during the forward passes run inside the ``with`` block."""
-    return hooked(model, read=sites, select=select, stop_after_last=stop_after_last)
+    return hooked(model, read=sites, select=select, stop_after_last=stop_after_last, on_record=on_record)
 
 
 def intervene(model: nn.Module, edits: Mapping):
