@@ -12,7 +12,9 @@ How it is fast and small: prompts are tokenized once, sorted by length and left-
 ``batch_size`` (little padding); each batch runs one forward pass that reads every requested site
 (:func:`mechdiff.sites.hooks.record`), gathers only the requested positions on the device in the
 model's dtype, and stops right after the deepest requested site (no final norm, no logits, no KV
-cache). The kept rows move to the CPU in one transfer per batch, into preallocated outputs.
+cache). The kept rows of each site are cast to ``dtype_out`` on the device as soon as the layer has
+run and copied (side stream, pinned host buffer) while later layers still run; the NaN/Inf check
+runs on the device and is read once. ``device_out="cuda"`` keeps the results on the GPU.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ class Captured(Mapping):
     """What :func:`capture` returns; a read-only mapping ``site -> tensor``.
 
     tensors: ``{"resid_post.12": [N, d] | [N, K, d]}`` (``head_out``: ``[N, H, d]`` / ``[N, K, H, d]``;
-      ``head_z``: ``[N, H, head_dim]`` / ...), CPU, ``dtype_out``; row i is the i-th input prompt.
+      ``head_z``: ``[N, H, head_dim]`` / ...), CPU (or ``device_out``), ``dtype_out``; row i is the
+      i-th input prompt.
       Invalid K slots hold zeros.
     ids: prompt ids, in row order.
     positions: ``[N]`` or ``[N, K]`` long: the token index of each kept position in the prompt's own
@@ -191,12 +194,101 @@ def _plan(model, tokenizer, prompts_or_batch, batch_size: int, chat: bool, syste
 
 # ---- capture ---------------------------------------------------------------------------------
 
+class _Sink:
+    """Takes each site's kept rows as the forward pass produces them (``on_record``) and puts them in
+    the outputs, so that moving results overlaps the rest of the forward pass.
+
+    Device -> host (the default): the rows are cast to ``dtype_out`` on the device and copied on a
+    side CUDA stream, ``non_blocking``, into a pinned host buffer per site (allocated once per call
+    with ``batch_size`` rows, reused by every batch); while later layers run, the host copies the
+    sites whose transfer has landed into the outputs (``drain``). Finiteness is checked on the
+    device: one ``[n_sites, N]`` flag tensor, read once at the end (no sync per site).
+    Same device (``device_out`` = the model's device): rows are written into device outputs."""
+
+    def __init__(self, keys, N: int, rows_max: int, dtype_out, device_out):
+        self.keys, self.N, self.rows_max, self.dtype_out = keys, N, rows_max, dtype_out
+        self.device_out = device_out
+        self.out: dict[str, torch.Tensor] = {}
+        self.pinned: dict[str, torch.Tensor] = {}
+        self.pending: list = []
+        self.bad: torch.Tensor | None = None
+        self.stream = None
+        self.rows = self.rows_dev = self.span = None
+
+    def batch(self, rows: torch.Tensor):
+        self.rows = rows
+        r0 = int(rows[0])
+        contiguous = bool((rows == torch.arange(r0, r0 + len(rows))).all())
+        self.span = (r0, r0 + len(rows)) if contiguous else None
+        self.rows_dev = {}
+
+    def _rows_on(self, dev: torch.device) -> torch.Tensor:
+        key = str(dev)
+        if key not in self.rows_dev:
+            self.rows_dev[key] = self.rows.to(dev, non_blocking=True)
+        return self.rows_dev[key]
+
+    def _write(self, dst: torch.Tensor, src: torch.Tensor):
+        if self.span is not None:
+            dst[self.span[0]:self.span[1]].copy_(src)
+        else:
+            dst.index_copy_(0, self._rows_on(dst.device), src.to(dst.device))
+
+    def put(self, key: str, x: torch.Tensor):
+        dev = x.device
+        xo = x.to(self.dtype_out)
+        if self.bad is None:
+            self.bad = torch.zeros(len(self.keys), self.N, dtype=torch.bool, device=dev)
+        j = self.keys.index(key)
+        self.bad[j].index_copy_(0, self._rows_on(dev),
+                                ~torch.isfinite(xo.reshape(xo.shape[0], -1)).all(-1))
+        out_dev = torch.device("cpu") if self.device_out is None else self.device_out
+        if key not in self.out:
+            self.out[key] = torch.empty((self.N, *xo.shape[1:]), dtype=self.dtype_out, device=out_dev)
+        if dev.type == "cuda" and out_dev.type == "cpu":
+            if key not in self.pinned:
+                self.pinned[key] = torch.empty((self.rows_max, *xo.shape[1:]), dtype=self.dtype_out,
+                                               pin_memory=True)
+            if self.stream is None:
+                self.stream = torch.cuda.Stream(device=dev)
+            buf = self.pinned[key][:xo.shape[0]]
+            self.stream.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(self.stream):
+                buf.copy_(xo, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(self.stream)
+            self.pending.append((key, xo, buf, done))   # xo stays alive until its copy has landed
+            self.drain(block=False)
+        else:
+            self._write(self.out[key], xo)
+
+    def drain(self, block: bool = True):
+        """Copy every landed transfer into the outputs (all of them, waiting, with ``block``)."""
+        while self.pending:
+            key, xo, buf, done = self.pending[0]
+            if not block and not done.query():
+                return
+            done.synchronize()
+            self._write(self.out[key], buf)
+            self.pending.pop(0)
+
+    def bad_rows(self) -> tuple[str, list] | None:
+        """(first site in ``keys`` order with a NaN/Inf row, those rows) or None; one device read."""
+        if self.bad is None:
+            return None
+        bad = self.bad.cpu()
+        for j, k in enumerate(self.keys):
+            if bad[j].any():
+                return k, bad[j].nonzero().flatten().tolist()
+        return None
+
+
 @torch.no_grad()
 def capture(model: nn.Module, tokenizer, prompts_or_batch, sites: Iterable, *,
             positions: Positions = "last", batch_size: int = 32, device=None,
             dtype_out: torch.dtype = torch.float32, stop_early: bool = True, progress: bool = False,
             chat: bool = True, system: str | None = None, seed: int = 0,
-            validate: bool = True) -> Captured:
+            validate: bool = True, device_out=None) -> Captured:
     """Read ``sites`` at the chosen positions of every prompt; see :class:`Captured`.
 
     prompts_or_batch: prompts (dicts / strings, encoded with ``tokenizer``, chat template if
@@ -206,7 +298,10 @@ def capture(model: nn.Module, tokenizer, prompts_or_batch, sites: Iterable, *,
     ``batch -> idx [B] | idx [B, K] | (idx, valid)``. device: where the inputs go (default: the
     model's device; the model is not moved). stop_early: stop the forward pass after the deepest
     requested site (otherwise the body runs to the end, still without logits). validate: run
-    :func:`validated` on this model first (once per model).
+    :func:`validated` on this model first (once per model). device_out: where the results live:
+    None (default) = CPU; e.g. ``"cuda"`` keeps them on the GPU (no host transfer; for CKA and maps,
+    which run there anyway). From a CUDA model to the CPU, each site's rows are copied into a pinned
+    buffer on a side stream while the later layers still run.
     Raises NumericsError naming the site and prompt ids if a kept activation is NaN/Inf.
     """
     sm = resolve(model)
@@ -224,11 +319,17 @@ def capture(model: nn.Module, tokenizer, prompts_or_batch, sites: Iterable, *,
         validated(model, tokenizer if tokenizer is not None else
                   (prompts_or_batch if isinstance(prompts_or_batch, Batch) else None))
     device = torch.device(device) if device is not None else _model_device(model)
+    if device_out is not None:
+        device_out = torch.device(device_out)
+        if device_out.type == "cuda" and device_out.index is None:
+            device_out = torch.device("cuda", torch.cuda.current_device())
+        if device_out.type == "cpu":
+            device_out = None
     ids, chunks = _plan(model, tokenizer, prompts_or_batch, batch_size, chat, system)
     N = len(ids)
     if N == 0:
         raise DataError("no prompts to capture")
-    out: dict[str, torch.Tensor] = {}
+    sink = _Sink(keys, N, max(len(rows) for rows, _ in chunks), dtype_out, device_out)
     pos_out: torch.Tensor | None = None
     valid_out: torch.Tensor | None = None
     body = model if stop_early else getattr(model, "base_model", model)
@@ -241,32 +342,10 @@ def capture(model: nn.Module, tokenizer, prompts_or_batch, sites: Iterable, *,
         idx, valid = _select_positions(b, positions, seed)
         idx = idx.to(device)
         valid = None if valid is None else valid.to(device)
-        with record(model, keys, select=lambda t: _gather(t, idx, valid),
-                    stop_after_last=stop_early) as rec:
-            body(**b.model_inputs(), use_cache=False)
-        missing = [k for k in keys if k not in rec]
-        if missing:
-            raise SiteError(f"sites {missing} were not reached in the forward pass of {sm.family}")
-        # One device->CPU transfer per batch: flatten every site, concatenate, split on the CPU.
-        kept = [rec[k] for k in keys]
         real_pos = _gather(b.position_ids, idx, valid)
         if valid is not None:
             real_pos = torch.where(valid, real_pos, -1)
-        flat = torch.cat([t.reshape(t.shape[0], -1).to(kept[0].dtype) for t in kept], 1).cpu()
         real_pos = real_pos.cpu()
-        parts = flat.split([t[0].numel() for t in kept], 1)
-        for k, t, part in zip(keys, kept, parts):
-            x = part.reshape(t.shape).to(dtype_out)
-            bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(-1)
-            if bad.any():
-                bad_ids = [b.ids[i] if i < len(b.ids) else ids[int(rows[i])]
-                           for i in bad.nonzero().flatten().tolist()]
-                raise NumericsError(f"NaN/Inf in site {k} of {sm.family} for prompts {bad_ids[:10]}"
-                                    f"{' ...' if len(bad_ids) > 10 else ''}; check the model's dtype "
-                                    "(float16 overflows: use bfloat16/float32) and its weights")
-            if k not in out:
-                out[k] = torch.zeros((N, *x.shape[1:]), dtype=dtype_out)
-            out[k][rows] = x
         if pos_out is None:
             pos_out = torch.full((N, *real_pos.shape[1:]), -1, dtype=torch.long)
             if valid is not None:
@@ -274,6 +353,23 @@ def capture(model: nn.Module, tokenizer, prompts_or_batch, sites: Iterable, *,
         pos_out[rows] = real_pos
         if valid_out is not None:
             valid_out[rows] = valid.cpu()
+        sink.batch(rows)
+        with record(model, keys, select=lambda t: _gather(t, idx, valid),
+                    stop_after_last=stop_early, on_record=sink.put) as rec:
+            body(**b.model_inputs(), use_cache=False)
+        missing = [k for k in keys if k not in rec]
+        if missing:
+            raise SiteError(f"sites {missing} were not reached in the forward pass of {sm.family}")
+        del rec
+        sink.drain()
+    bad = sink.bad_rows()
+    if bad is not None:
+        k, bad_rows = bad
+        bad_ids = [ids[i] for i in bad_rows]
+        raise NumericsError(f"NaN/Inf in site {k} of {sm.family} for prompts {bad_ids[:10]}"
+                            f"{' ...' if len(bad_ids) > 10 else ''}; check the model's dtype "
+                            "(float16 overflows: use bfloat16/float32) and its weights")
+    out = {k: sink.out[k] for k in keys}
     return Captured(out, ids, pos_out, valid_out)
 
 
