@@ -308,15 +308,23 @@ class PatchEngine:
     packed: lay a pass's variants side by side along the sequence of each prompt, all attending to
     one shared prefix cache through a custom 4D mask (needs sdpa or eager attention; otherwise, or
     with packed=False, variants are stacked along the batch with the prefix cache repeated).
+    max_packed: most suffix tokens side by side in one packed pass (variants per pass <=
+    max_packed // suffix length): with ``measure="last"`` (a template tail of several tokens) a
+    pass then holds a few variants of neighbouring start layers (variants are sorted by start)
+    instead of all of them; with ``"decision"`` (1 token) up to 48 variants share a pass.
     All settings give the same numbers as :meth:`run_naive` up to float rounding.
     """
 
     def __init__(self, model: nn.Module, batch, *, measure: str = "last", record_sites: Iterable = (),
-                 max_rows: int = 2048, skip_layers: bool = True, packed: bool = True):
+                 max_rows: int = 2048, skip_layers: bool = True, packed: bool = True,
+                 max_packed: int = 48):
         if measure not in MEASURES:
             raise ConfigError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
         if max_rows < 1:
             raise ConfigError(f"max_rows must be >= 1, got {max_rows}")
+        if max_packed < 1:
+            raise ConfigError(f"max_packed must be >= 1, got {max_packed}")
+        self.max_packed = int(max_packed)
         self.model, self.measure, self.max_rows, self.skip_layers = model, measure, int(max_rows), skip_layers
         self.sm = resolve(model)
         self.device = next(model.parameters()).device
@@ -350,8 +358,8 @@ class PatchEngine:
         b, sm = self.batch, self.sm
         dec = b.decision.long().cpu()
         mask = b.attention_mask.bool()
-        logits = [None] * self.B
-        states: dict[str, list] = {s: [None] * self.B for s in self.record_sites}
+        logits: torch.Tensor | None = None
+        states: dict[str, torch.Tensor] = {}
         pre_sites = [f"resid_pre.{l}" for l in range(sm.n_layers)] if self._blocks is not None else []
         read = list(dict.fromkeys(self.record_sites + pre_sites))
         for p in sorted(set(dec.tolist())):
@@ -379,15 +387,18 @@ class PatchEngine:
                 finally:
                     h0.remove()
                 self._tuple_len = kinds[0] if kinds else 0
-                lg = out
-                for i, r in enumerate(rows.tolist()):
-                    logits[r] = lg[i]
-                    for s in self.record_sites:
-                        states[s][r] = rec[s][i, 0]
+                if logits is None:
+                    logits = out.new_empty((self.B, *out.shape[1:]))
+                logits[rows] = out
+                for s in self.record_sites:
+                    v = rec[s][:, 0]
+                    if s not in states:
+                        states[s] = v.new_empty((self.B, *v.shape[1:]))
+                    states[s][rows] = v
                 self.groups.append(_Group(rows, lead, p, e, cache,
                                           {l: rec[f"resid_pre.{l}"] for l in range(sm.n_layers)} if pre_sites else {}))
-        self._clean = torch.stack(logits)
-        self._states = {s: torch.stack(v) for s, v in states.items()}
+        self._clean = logits
+        self._states = states
 
     def _forward(self, rows, lead, p, e, cache, n: int, start: int) -> torch.Tensor:
         """Suffix forward of ``n`` stacked copies of ``rows``; logits at the measured position."""
@@ -422,21 +433,28 @@ class PatchEngine:
 
     # ---- patched runs --------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, variants, positions: str = "decision") -> torch.Tensor:
+    def run(self, variants, positions: str = "decision", reduce=None) -> torch.Tensor:
         """``[n_variants, B, V]`` float32 logits at the measured position, one row per variant.
 
         A variant is a Patch or a list of Patch (all applied in one run); an empty list is the
         clean model run through the same batched path (its numerical noise floor).
-        positions: "decision" (cache reuse) or "all" (every position; goes through run_naive)."""
+        positions: "decision" (cache reuse) or "all" (every position; goes through run_naive).
+        reduce: ``f(logits [n, b, V] float32, rows [b] long) -> [n, b, ...]``, applied to each pass's
+        logits (``rows``: which prompts of the batch, on the engine's device) so that only the
+        reduced values are kept: the result is ``[n_variants, B, ...]`` (e.g. KL per prompt, see
+        :func:`patch_kl`) and the full ``[n_variants, B, V]`` logits never exist at once."""
         if positions == "all":
-            return self.run_naive(variants, positions="all")
+            return self.run_naive(variants, positions="all", reduce=reduce)
         if positions != "decision":
             raise ConfigError(f"positions must be 'decision' or 'all', got {positions!r}")
         prepared = _prepare(self.sm, variants, self.B, self.device)
         n_var = len(prepared)
-        out = torch.empty(n_var, self.B, self._clean.shape[-1], dtype=torch.float32, device=self._clean.device)
+        out = None
+        if n_var == 0 or reduce is None:
+            out = torch.empty(n_var, self.B, self._clean.shape[-1], dtype=torch.float32,
+                              device=self._clean.device)
         if n_var == 0:
-            return out
+            return out if reduce is None else out[..., 0]
         L = self.sm.n_layers
 
         def start_of(var):
@@ -445,11 +463,14 @@ class PatchEngine:
         order = sorted(range(n_var), key=lambda i: start_of(prepared[i]))
         for g in self.groups:
             Bg = len(g.rows)
+            packed = self.packed and self._packable(g)
             per = max(1, self.max_rows // Bg)
+            if packed:
+                per = min(per, max(1, self.max_packed // (g.e - g.p)))
+            rows_dev = g.rows.to(self.device)
             for c in range(0, n_var, per):
                 idx = order[c:c + per]
                 start = start_of(prepared[idx[0]]) if self._blocks is not None else 0
-                packed = self.packed and self._packable(g)
                 edits = self._edits(g, [prepared[i] for i in idx], 0 if packed else start, packed)
                 starts = [start_of(prepared[i]) for i in idx] if self._blocks is not None else None
                 with hooked(self.model, edit=edits):
@@ -459,6 +480,10 @@ class PatchEngine:
                     else:
                         lg = self._forward(g.rows, g.lead, g.p, g.e, g.cache, n=len(idx), start=start)
                         lg = lg.view(len(idx), Bg, -1)
+                if reduce is not None:
+                    lg = reduce(lg, rows_dev)
+                    if out is None:
+                        out = lg.new_empty((n_var, self.B, *lg.shape[2:]))
                 out[torch.tensor(idx, device=out.device)[:, None], g.rows.to(out.device)[None, :]] = \
                     lg.to(out.device)
         return out
@@ -574,9 +599,10 @@ class PatchEngine:
         return logits.float()
 
     @torch.no_grad()
-    def run_naive(self, variants, positions: str = "decision") -> torch.Tensor:
+    def run_naive(self, variants, positions: str = "decision", reduce=None) -> torch.Tensor:
         """Reference: one full forward of the whole batch per variant, ``[n_variants, B, V]`` float32.
-        positions="decision" patches at ``batch.decision``; "all" patches every position."""
+        positions="decision" patches at ``batch.decision``; "all" patches every position.
+        reduce: as in :meth:`run`, applied to each variant's ``[1, B, V]`` logits."""
         if positions not in ("decision", "all"):
             raise ConfigError(f"positions must be 'decision' or 'all', got {positions!r}")
         prepared = _prepare(self.sm, variants, self.B, self.device, positions=positions)
@@ -607,9 +633,11 @@ class PatchEngine:
                     lg = self.model(**b.model_inputs(), **self._logits_kw).logits[:, -1]
                 else:
                     lg = self.model(**b.model_inputs()).logits[ar, dec]
-            outs.append(lg.float())
+            lg = lg.float()
+            outs.append(lg if reduce is None else reduce(lg[None], ar)[0])
         if not outs:
-            return torch.empty(0, self.B, self._clean.shape[-1])
+            e = torch.empty(0, self.B, self._clean.shape[-1])
+            return e if reduce is None else e[..., 0]
         return torch.stack(outs)
 
 
@@ -623,10 +651,20 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor, allowed_ids=None) -> tor
     return kl_masked(p_logits, q_logits, allowed_ids)
 
 
+def kl_reducer(engine: PatchEngine, allowed_ids=None):
+    """``reduce`` for :meth:`PatchEngine.run`: KL(clean || patched) per prompt of each pass."""
+    clean = engine.clean_logits
+
+    def reduce(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        c = clean.to(logits.device)[rows.to(logits.device)]
+        return _kl(c[None].expand_as(logits), logits, allowed_ids)
+    return reduce
+
+
 def patch_kl(engine: PatchEngine, variants, allowed_ids=None, positions: str = "decision") -> torch.Tensor:
-    """``[n_variants, B]`` KL(clean || patched) per prompt at the measured position."""
-    logits = engine.run(variants, positions=positions)
-    return _kl(engine.clean_logits[None].to(logits.device).expand_as(logits), logits, allowed_ids)
+    """``[n_variants, B]`` KL(clean || patched) per prompt at the measured position, computed pass by
+    pass (the patched logits of all variants are never held at once)."""
+    return engine.run(variants, positions=positions, reduce=kl_reducer(engine, allowed_ids))
 
 
 def layer_sweep(engine_dst: PatchEngine, states_src: dict, sites: Sequence | None = None,
