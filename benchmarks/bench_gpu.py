@@ -263,6 +263,34 @@ def hf_forward(model, b):
     return model(**b.model_inputs(), use_cache=False, logits_to_keep=1).logits
 
 
+def capture_before(model, b, sites, batch_size):
+    """capture() as it was at 9f34f15 (before the pinned/overlapped copy), for a same-run comparison:
+    per batch, one `.cpu()` of all sites into fresh pageable memory, then per-site dtype cast and
+    isfinite checks on the CPU."""
+    from mechdiff.sites.capture import _gather, _plan, _select_positions
+    from mechdiff.sites.hooks import record
+    ids, chunks = _plan(model, None, b, batch_size, True, None)
+    N = len(ids)
+    out = {}
+    for rows, bb in chunks:
+        bb = bb.to(DEV)
+        idx, valid = _select_positions(bb, "last", 0)
+        with record(model, sites, select=lambda t: _gather(t, idx, valid), stop_after_last=True) as rec:
+            model(**bb.model_inputs(), use_cache=False)
+        kept = [rec[k] for k in sites]
+        flat = torch.cat([t.reshape(t.shape[0], -1).to(kept[0].dtype) for t in kept], 1).cpu()
+        _ = _gather(bb.position_ids, idx, valid).cpu()
+        for k, t, part in zip(sites, kept, flat.split([t[0].numel() for t in kept], 1)):
+            x = part.reshape(t.shape).to(torch.float32)
+            bad = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(-1)
+            if bad.any():
+                raise RuntimeError("NaN")
+            if k not in out:
+                out[k] = torch.zeros((N, *x.shape[1:]), dtype=torch.float32)
+            out[k][rows] = x
+    return out
+
+
 def capture_methods(model, b, sites):
     from mechdiff.sites.capture import capture
     from mechdiff.sites.hooks import record
@@ -285,12 +313,17 @@ def capture_methods(model, b, sites):
     def hidden():
         return model(**b.model_inputs(), use_cache=False, logits_to_keep=1, output_hidden_states=True).hidden_states
 
+    def cap_gpu():
+        return capture(model, None, b, sites, positions="last", batch_size=B, validate=False, device_out=DEV)
+
     return {
         "HF forward, last logits (reference)": lambda: hf_forward(model, b),
         "HF forward, output_hidden_states (full seq, resid only)": hidden,
-        "mechdiff record() hooks, last pos, full forward": rec,
+        "mechdiff record(select=t[:, -1]) hooks, full forward (view select: hooks fix)": rec,
         "mechdiff record(stop_after_last) on GPU": cap_dev,
-        "mechdiff capture() -> CPU float32": cap,
+        "mechdiff capture() -> CPU float32 (pinned, overlapped)": cap,
+        f"mechdiff capture(device_out={DEV.type!r}) float32": cap_gpu,
+        "capture() BEFORE (9f34f15 loop, embedded copy) -> CPU float32": lambda: capture_before(model, b, sites, B),
     }
 
 
@@ -306,7 +339,11 @@ def sec_capture(base, cfg, shapes, reps):
         got = capture(base, None, b, sites, batch_size=B, validate=False)
         hs = hf_forward_hidden = base(**b.model_inputs(), use_cache=False, output_hidden_states=True).hidden_states
         err = max((got[f"resid_post.{l}"] - hs[l + 1][:, -1].float().cpu()).abs().max().item() for l in range(L - 1))
-        del hs, hf_forward_hidden, got
+        got_dev = capture(base, None, b, sites, batch_size=B, validate=False, device_out=DEV)
+        old = capture_before(base, b, sites, B)
+        err_dev = max((got[k] - got_dev[k].cpu()).abs().max().item() for k in sites)
+        err_old = max((got[k] - old[k]).abs().max().item() for k in sites)
+        del hs, hf_forward_hidden, got, got_dev, old
         rows = []
         ref = None
         for name, fn in capture_methods(base, b, sites).items():
@@ -317,14 +354,37 @@ def sec_capture(base, cfg, shapes, reps):
             RESULTS.setdefault("capture", {}).setdefault(f"B{B}_T{T}", {})[name] = dict(s=t, tok_s=B * T / t, rel=ref / t, peak_gib=mem)
         table(f"Capture, B={B}, T={T}: {len(sites)} sites (resid_post/attn_out/mlp_out x {L} layers), last position",
               ["method", "ms (median)", "min-max", "tokens/s", "throughput vs HF forward", "extra peak GiB"], rows,
-              f"max |capture - output_hidden_states| over resid_post layers: {err:.3g}")
+              f"max |capture - output_hidden_states| over resid_post layers: {err:.3g}; max |capture(CPU) - "
+              f"capture(device_out)|: {err_dev:.3g}; max |capture - capture BEFORE|: {err_old:.3g}")
+        RESULTS["capture"][f"B{B}_T{T}"]["checks"] = dict(vs_hidden=err, vs_device_out=err_dev, vs_before=err_old)
+    # a workload of several batches: 4 x 150 prompts (T=48), plain forward per batch vs capture
+    n_rows, bs = (24, 6) if DEV.type == "cpu" else (600, 150)
+    bw = random_batch(n_rows, 48 if DEV.type == "cuda" else 16, cfg.vocab_size, seed=3)
+    from mechdiff.data.prompts import Batch
+    parts = [Batch(bw.input_ids[i:i + bs], bw.attention_mask[i:i + bs], bw.position_ids[i:i + bs],
+                   bw.decision[i:i + bs]) for i in range(0, n_rows, bs)]
+    fns = {f"HF forward, last logits, {n_rows // bs} batches of {bs} (reference)":
+           lambda: [hf_forward(base, p) for p in parts],
+           f"capture() -> CPU, batch_size={bs}": lambda: capture(base, None, bw, sites, batch_size=bs, validate=False),
+           f"capture() -> CPU, batch_size=32 (default)": lambda: capture(base, None, bw, sites, validate=False),
+           f"capture(device_out={DEV.type!r}), batch_size={bs}":
+           lambda: capture(base, None, bw, sites, batch_size=bs, validate=False, device_out=DEV),
+           f"capture() BEFORE (embedded), batch_size={bs}": lambda: capture_before(base, bw, sites, bs)}
+    rows, ref = [], None
+    for name, fn in fns.items():
+        t, (lo, hi) = timeit(fn, warmup=1, reps=min(reps, 3))
+        ref = ref or t
+        rows.append([name, t * 1e3, f"{lo * 1e3:.0f}-{hi * 1e3:.0f}", n_rows * bw.input_ids.shape[1] / t, ref / t])
+        RESULTS.setdefault("capture", {}).setdefault("workload", {})[name] = dict(s=t, rel=ref / t)
+    table(f"Capture over {n_rows} prompts ({len(sites)} sites, last position)",
+          ["method", "ms (median)", "min-max", "tokens/s", "throughput vs HF forward"], rows)
 
 
 # ---- section: patching ---------------------------------------------------------------------
 
 @section("patch")
 def sec_patch(base, tuned, cfg, shapes, tail, max_rows_list, reps, profile=True):
-    from mechdiff.patching import Patch, PatchEngine
+    from mechdiff.patching import Patch, PatchEngine, _kl, patch_kl
     L = cfg.num_hidden_layers
     sites = [f"resid_post.{l}" for l in range(L)]
     rows_out = []
@@ -350,6 +410,7 @@ def sec_patch(base, tuned, cfg, shapes, tail, max_rows_list, reps, profile=True)
         sync()
         t_naive = time.perf_counter() - t0
         # noise floor: clean logits through the cached path vs a plain full forward
+        kl_naive_t = _kl(et.clean_logits[None].expand_as(nv_t), nv_t)
         full_t = tuned(**b.model_inputs(), use_cache=False).logits[:, -1].float()
         floor = (et.clean_logits - full_t).abs().max().item()
         scale = full_t.abs().max().item()
@@ -363,6 +424,12 @@ def sec_patch(base, tuned, cfg, shapes, tail, max_rows_list, reps, profile=True)
                 err = max((en_t - nv_t).abs().max().item(), (en_b - nv_b).abs().max().item())
                 kl_gap = _kl_gap(en_t, nv_t)
                 del en_t, en_b
+                # the per-pass KL path (reduce): no [variants, B, V] logits kept
+                t_kl, _ = timeit(lambda: (patch_kl(et, var_bt), patch_kl(eb, var_tb)), warmup=1, reps=reps)
+                mem_kl = peak_extra(lambda: (patch_kl(et, var_bt), patch_kl(eb, var_tb)))
+                kl_eng = patch_kl(et, var_bt)
+                kl_err = (kl_eng - kl_naive_t).abs().max().item()
+                del kl_eng
             except torch.OutOfMemoryError as e:
                 log(f"max_rows={mr}: OOM ({e})")
                 cleanup()
@@ -370,20 +437,23 @@ def sec_patch(base, tuned, cfg, shapes, tail, max_rows_list, reps, profile=True)
             r = dict(B=B, T=T, max_rows=mr, clean_both_s=t_clean, build_both_s=t_build2,
                      sweep_s=t_sweep, naive_s=t_naive, sweep_x_clean=t_sweep / t_clean,
                      sweep_plus_build_x_clean=(t_sweep + t_build2) / t_clean, naive_x_clean=t_naive / t_clean,
-                     max_abs_logit_diff=err, noise_floor=floor, logit_scale=scale, kl_gap=kl_gap, peak_gib=mem)
+                     max_abs_logit_diff=err, noise_floor=floor, logit_scale=scale, kl_gap=kl_gap, peak_gib=mem,
+                     patch_kl_s=t_kl, patch_kl_x_clean=t_kl / t_clean, patch_kl_peak_gib=mem_kl,
+                     patch_kl_max_abs_diff_vs_naive=kl_err)
             RESULTS.setdefault("patch", []).append(r)
             rows_out.append([f"{B}x{T}", mr, t_clean * 1e3, t_build2 * 1e3, t_sweep * 1e3,
                              f"{lo * 1e3:.0f}-{hi * 1e3:.0f}", t_sweep / t_clean, (t_sweep + t_build2) / t_clean,
-                             t_naive / t_clean, err, floor, kl_gap, mem])
+                             t_naive / t_clean, err, floor, kl_gap, mem, t_kl / t_clean, mem_kl, kl_err])
         log(f"B={B}: first engine build (cold) {t_build * 1e3:.0f} ms")
         if profile and B == shapes[-1][0]:
             _profile_engine(et, var_bt)
-        del eb, et, nv_t, nv_b
+        del eb, et, nv_t, nv_b, kl_naive_t
         cleanup()
     table(f"Patching sweep: {L} layers x 2 directions (resid_post, decision token = T-1-{tail}, measure='last')",
           ["B x T", "max_rows", "clean fwd both (ms)", "engine build both (ms)", "engine sweep (ms)", "min-max",
            "sweep / clean", "(sweep+build) / clean", "naive / clean", "max |logit diff| vs naive",
-           "cache-vs-full clean diff", "max KL(naive||engine)", "extra peak GiB"], rows_out,
+           "cache-vs-full clean diff", "max KL(naive||engine)", "extra peak GiB",
+           "patch_kl (reduce) / clean", "patch_kl extra peak GiB", "max |KL_engine - KL_naive|"], rows_out,
           f"logits scale (max |logit|) ~ {RESULTS['patch'][-1]['logit_scale']:.3g}" if RESULTS.get("patch") else None)
 
 
@@ -680,8 +750,10 @@ def _rq2_blocks(models, prompts_path, n_tr, n_val, stage):
 
 @section("maps_detail")
 def sec_maps_detail(N, d):
-    """Where map fitting at the seeds' size (N=450 < d) spends its time; the d x d float64 SVD in
-    procrustes() against alternatives (drivers, float32, a thin QR-core SVD)."""
+    """Map fitting at the seeds' size (N=450 < d): ProcrustesMap / ScaledProcrustesMap after the
+    procrustes() change, the full d x d SVD (gesvd driver) it no longer needs, and checks that the
+    new R equals the full-SVD R on the training rows, is orthogonal, and is the identity off both
+    spans."""
     from mechdiff.analyses.maps import ProcrustesMap, RidgeMap, ScaledProcrustesMap, Whitener, procrustes
     g = torch.Generator(device=DEV).manual_seed(0)
     X = torch.randn(N + 150, d, device=DEV, generator=g)
@@ -693,37 +765,32 @@ def sec_maps_detail(N, d):
                      ("ProcrustesMap.fit", lambda: ProcrustesMap().fit(Xt, Yt)),
                      ("ScaledProcrustesMap.fit", lambda: ScaledProcrustesMap().fit(Xt, Yt)),
                      ("Whitener.fit (one side)", lambda: Whitener().fit(Xt))):
-        t, _ = timeit(fn, warmup=0, reps=1)
+        t, _ = timeit(fn, warmup=1, reps=2)
         rows.append([name, t, ""])
     A = Xt.double() - Xt.double().mean(0)
     B = Yt.double() - Yt.double().mean(0)
     M = A.T @ B
-    t, _ = timeit(lambda: torch.linalg.svd(M, full_matrices=False), warmup=0, reps=1)
-    rows.append([f"torch.linalg.svd({d}x{d} float64) (what procrustes() runs)", t, ""])
-    if DEV.type == "cuda":
-        for drv in ("gesvdj", "gesvd"):
-            try:
-                t, _ = timeit(lambda: torch.linalg.svd(M, full_matrices=False, driver=drv), warmup=0, reps=1)
-                rows.append([f"  same, driver={drv}", t, ""])
-            except Exception as e:
-                rows.append([f"  same, driver={drv}", float("nan"), f"{type(e).__name__}"])
-    M32 = M.float()
-    t, _ = timeit(lambda: torch.linalg.svd(M32, full_matrices=False), warmup=0, reps=1)
-    rows.append([f"  same in float32", t, ""])
-
-    def thin():  # A^T B = Qa (Ra Rb^T) Qb^T: SVD of the N x N core only
-        Qa, Ra = torch.linalg.qr(A.T)
-        Qb, Rb = torch.linalg.qr(B.T)
-        Uc, S, Vch = torch.linalg.svd(Ra @ Rb.T)
-        return (Qa @ Uc) @ (Vch @ Qb.T), S
-
-    t, _ = timeit(thin, warmup=1, reps=2)
-    R_full, S_full = procrustes(A, B)
-    R_thin, S_thin = thin()
-    on_span = ((A @ R_thin - A @ R_full).norm() / (A @ R_full).norm()).item()
-    rows.append([f"thin Procrustes: 2 QRs ({d}x{N}) + SVD of the {N}x{N} core (prototype)", t,
-                 f"train rows: rel. diff vs full {on_span:.1e}; top singular values equal to "
-                 f"{(S_thin[:5] - S_full[:5]).abs().max().item() / S_full[0].item():.1e}"])
+    drv = dict(driver="gesvd") if DEV.type == "cuda" else {}
+    t, _ = timeit(lambda: torch.linalg.svd(M, full_matrices=False, **drv), warmup=0, reps=1)
+    rows.append([f"torch.linalg.svd({d}x{d} float64{', driver=gesvd' if drv else ''}) (the full path; "
+                 f"before: default driver, 7.26 s on the H200)", t, ""])
+    U, S_full, Vh = torch.linalg.svd(M, full_matrices=False, **drv)
+    R_full = U @ Vh
+    del U, Vh
+    t, _ = timeit(lambda: procrustes(A, B), warmup=1, reps=3)
+    R, S = procrustes(A, B)
+    I = torch.eye(d, dtype=R.dtype, device=R.device)
+    on_span = ((A @ R - A @ R_full).norm() / (A @ R_full).norm()).item()
+    orth = (R.T @ R - I).abs().max().item()
+    Q = torch.linalg.qr(torch.cat([A.T, B.T], 1))[0]
+    x = torch.randn(8, d, dtype=R.dtype, device=R.device, generator=g)
+    x = x - (x @ Q) @ Q.T
+    ident = (x @ R - x).abs().max().item()
+    rows.append([f"procrustes() now ({N} < {d}: QR + {N}x{N} core SVD + explicit completion)", t,
+                 f"train rows: |A R - A R_full| / |A R_full| = {on_span:.1e}; max|R^T R - I| = {orth:.1e}; "
+                 f"sum S rel diff {abs(float(S.sum() - S_full.sum())) / float(S_full.sum()):.1e}; "
+                 f"x R = x off both spans to {ident:.1e}"])
+    RESULTS["maps_check"] = dict(on_span=on_span, orth=orth, shared_complement_identity=ident)
     RESULTS["maps_detail"] = [[r[0], r[1], r[2]] for r in rows]
     table(f"Map fitting at the seeds' size ({N} x {d}), one layer", ["what", "seconds", "note"], rows)
 
@@ -751,7 +818,7 @@ def sec_patch_more(base, tuned, cfg, tail):
             nv = et.run_naive(var_bt)
             err = (et.run(var_bt) - nv).abs().max().item()
             del nv
-        for mr in (256, 1024, 4800):
+        for mr in ((64, 1024) if DEV.type == "cpu" else (1024, 2048, 4800)):
             et.max_rows = eb.max_rows = mr
             t, _ = timeit(lambda: (et.run(var_bt), eb.run(var_tb)), warmup=1, reps=3)
             rows.append([f"{B}x48", mr, t_clean * 1e3, t * 1e3, t / t_clean, (t + t_build) / t_clean, err])
@@ -914,6 +981,8 @@ def sec_compare(base, cfg, shapes, reps, dtype):
         record_row(key, "HF forward (reference)", lambda: hf_forward(base, b))
         record_row(key, "mechdiff capture() (kept: last pos -> CPU)",
                    lambda: capture(base, None, b, sites, batch_size=B, validate=False))
+        record_row(key, f"mechdiff capture(device_out={DEV.type!r}) (kept: last pos, stays on the device)",
+                   lambda: capture(base, None, b, sites, batch_size=B, validate=False, device_out=DEV))
     # nnsight wraps the model's modules: measure it after the plain runs, then re-check the plain forward
     try:
         from nnsight import NNsight
@@ -1000,7 +1069,7 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = False  # library defaults; the modules choose precision
     cap_shapes = [(4, 64), (12, 16)] if tiny else [(16, 512), (150, 48)]
     patch_shapes = [(6, 16), (12, 16)] if tiny else [(50, 48), (150, 48)]
-    max_rows = [64, 1024] if tiny else [256, 1024, 4800]
+    max_rows = [64, 1024] if tiny else [1024, 2048, 4800]   # 2048: the engine's default
     reps = 2 if tiny else args.reps
     need_models = any(s in secs for s in ("capture", "patch", "stages", "compare", "patch_more", "capture_more",
                                           "mapped_engine"))
