@@ -85,9 +85,6 @@ def test_out_of_range_layer_exits_2_naming_the_valid_range(bad_layers):
 
 
 @pytest.mark.real
-@pytest.mark.xfail(strict=True, reason="src bug: --layers is validated inside the patch step "
-                                       "(rq1._patch_step), after fairness, capture of every layer of "
-                                       "both models and CKA; it should be checked before any model work")
 def test_out_of_range_layer_fails_before_any_capture(bad_layers):
     _, _, out = bad_layers
     assert not (out / "tensors" / "rq1_states.safetensors").exists()

@@ -51,6 +51,15 @@ class RQ1Options:
     measure: str = "decision"   # next-token KL at the patched token (seeds); "last": end of prompt
 
 
+def check_layers(opts: RQ1Options, n_layers: int) -> None:
+    """--layers and --control-layer must index existing layers (ConfigError naming the range)."""
+    for what, ls in (("--layers", opts.layers or []), ("--control-layer",
+                                                       [] if opts.control_layer is None else [opts.control_layer])):
+        for l in ls:
+            if not 0 <= l < n_layers:
+                raise ConfigError(f"{what}: layer {l} is out of range 0..{n_layers - 1} for these models")
+
+
 def cka_layers(n_layers: int, stride: int) -> list[int]:
     """Every ``stride``-th layer counted 1-based (2, 4, 6, ... as in the seeds) plus the last, 0-based."""
     layers = list(range(stride - 1, n_layers, stride))
@@ -108,11 +117,7 @@ def _patch_step(run: RunDir, base: LoadedModel, tuned: LoadedModel, prompts, sv:
                 states: dict[str, torch.Tensor], opts: RQ1Options) -> None:
     """KL(dst clean || dst with src state at layer L) per prompt, both directions, every layer; and
     the clean cross-model KL(base || tuned) over the shared vocabulary in common order."""
-    n_layers = base.n_layers
-    layers = opts.layers or list(range(n_layers))
-    for l in layers:
-        if not 0 <= l < n_layers:
-            raise ConfigError(f"--layers: layer {l} is out of range 0..{n_layers - 1}")
+    layers = opts.layers or list(range(base.n_layers))
     sides = {"base": (base, sv.a_ids), "tuned": (tuned, sv.b_ids)}
     kl = {d: {"masked": [], "unmasked": []} for d in DIRECTIONS}
     cross = []
@@ -183,6 +188,7 @@ def run_rq1(pair: Pair, opts: RQ1Options, out=None, device=None, dtype=None,
     """Run RQ1 end to end (resuming finished steps) and return the run directory."""
     from mechdiff.experiments.rq1_summary import summarise_rq1
     base, tuned = models or open_models(pair, device, dtype)
+    check_layers(opts, min(base.n_layers, tuned.n_layers))   # before any expensive work
     run = open_run(out, "rq1", pair, {"base": base, "tuned": tuned}, {"seed": opts.seed}, opts)
     sv, prompts = fair_prompts(pair, base, tuned, opts, run)
 

@@ -16,6 +16,7 @@ train norm to the tuned states'). KL is KL(tuned clean || tuned patched) over th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -72,10 +73,11 @@ def make_map(solver: str, opts: RQ2Options, tuned: LoadedModel):
     raise ConfigError(f"unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
 
 
-def default_layers(run: RunDir, pair: Pair, n_layers: int) -> list[int]:
-    """RQ1's chosen layers in this run dir, else the pair's fallback layers, else ~3/4 and ~0.8 depth."""
-    if run.exists("rq1.json"):
-        chosen = run.read_json("rq1.json").get("layers", {}).get("chosen")
+def default_layers(out, pair: Pair, n_layers: int) -> list[int]:
+    """RQ1's chosen layers in the run dir ``out`` (if it has rq1.json), else the pair's fallback
+    layers, else ~3/4 and ~0.8 depth."""
+    if out is not None and (Path(out) / "rq1.json").is_file():
+        chosen = RunDir(out).read_json("rq1.json").get("layers", {}).get("chosen")
         if chosen:
             return list(chosen)
     if pair.layers:
@@ -83,13 +85,13 @@ def default_layers(run: RunDir, pair: Pair, n_layers: int) -> list[int]:
     return sorted({round(0.75 * (n_layers - 1)), round(0.82 * (n_layers - 1))})
 
 
-def _plan(run: RunDir, pair: Pair, base: LoadedModel, opts: RQ2Options) -> tuple[list[int], int]:
-    n = min(base.n_layers, getattr(pair, "n_layers", None) or base.n_layers)
-    layers = opts.layers or default_layers(run, pair, n)
-    control = opts.control_layer if opts.control_layer is not None else max(1, round(10 / 32 * n))
+def _plan(out, pair: Pair, n_layers: int, opts: RQ2Options) -> tuple[list[int], int]:
+    """(layers, control layer), checked against the shallower model before any work is done."""
+    layers = opts.layers or default_layers(out, pair, n_layers)
+    control = opts.control_layer if opts.control_layer is not None else max(1, round(10 / 32 * n_layers))
     for l in layers + [control]:
-        if not 0 <= l < n:
-            raise ConfigError(f"layer {l} is out of range 0..{n - 1}")
+        if not 0 <= l < n_layers:
+            raise ConfigError(f"layer {l} is out of range 0..{n_layers - 1} for these models")
     return layers, control
 
 
@@ -257,8 +259,8 @@ def _side_step(run, base, tuned, sv, states, opts) -> None:
 
 def _prepare(pair, opts, out, device, dtype, models, stage):
     base, tuned = models or open_models(pair, device, dtype)
+    layers, control = _plan(out, pair, min(base.n_layers, tuned.n_layers), opts)
     run = open_run(out, stage, pair, {"base": base, "tuned": tuned}, {"seed": opts.seed}, opts)
-    layers, control = _plan(run, pair, base, opts)
     sv, train, val = _prompts(pair, base, tuned, opts)
     sites = [f"{s}.{l}" for l in sorted(set(layers + [control])) for s in opts.sites]
     run.write_json("rq2_prompts.json", {"train": [p["id"] for p in train], "val": [p["id"] for p in val],
