@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mechdiff import artifacts
-from mechdiff.artifacts import RunDir, build_manifest, new_run_dir
+from mechdiff.artifacts import RunDir, new_run_dir
+from mechdiff.manifest import build_manifest
 from mechdiff.errors import ConfigError, DataError, NumericsError
 
 

@@ -9,7 +9,7 @@ import torch
 from mechdiff.data.positions import k_positions
 from mechdiff.data.prompts import encode, format_prompt
 from mechdiff.errors import NumericsError, SiteError
-from mechdiff.models.tiny import FAMILIES, SPECIALS, tiny_model
+from mechdiff.models.tiny import FAMILIES, tiny_model
 from mechdiff.sites import Captured, capture, capture_logits, resolve, validated
 
 capture_mod = importlib.import_module("mechdiff.sites.capture")  # the module, not the function

@@ -1,7 +1,6 @@
 """Shipped prompt sets and dataset loaders (local files only; no network)."""
 
 import json
-import subprocess
 import sys
 from collections import Counter
 from pathlib import Path

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from mechdiff import plots
-from mechdiff.artifacts import RunDir, build_manifest
+from mechdiff.artifacts import RunDir
+from mechdiff.manifest import build_manifest
 from mechdiff.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,7 +1,6 @@
 """data.prompts and data.positions: known answers on the tiny byte-level ChatML tokenizer."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

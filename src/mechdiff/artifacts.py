@@ -50,25 +50,19 @@ options other than `RESUME_SAFE_OPTIONS`).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as _dt
-import enum
 import hashlib
 import json
-import math
 import os
-import platform
 import secrets
-import shlex
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-import numpy as np
 import torch
 
+from mechdiff.atomic import _atomic_target, atomic_write_text, dumps_json, sha256_file, to_jsonable
 from mechdiff.errors import ConfigError, DataError, NumericsError
+from mechdiff.manifest import utc_now
 
 try:  # POSIX only; on other platforms steps.json updates are unlocked (single writer assumed).
     import fcntl as _fcntl
@@ -78,12 +72,6 @@ except ImportError:  # pragma: no cover
 __all__ = [
     "new_run_dir",
     "RunDir",
-    "build_manifest",
-    "to_jsonable",
-    "dumps_json",
-    "atomic_write_bytes",
-    "atomic_write_text",
-    "sha256_file",
     "MANIFEST_MATCH_KEYS",
     "RESUME_SAFE_OPTIONS",
 ]
@@ -91,7 +79,6 @@ __all__ = [
 MANIFEST_NAME = "manifest.json"
 STEPS_NAME = "steps.json"
 FIGURES_DIR = "figures"
-MANIFEST_SCHEMA = 1
 STEPS_SCHEMA = 1
 
 #: Manifest keys that must be equal for a run directory to be resumed.
@@ -102,137 +89,8 @@ RESUME_SAFE_OPTIONS = frozenset(
      "progress", "max_memory"}
 )
 
-#: Packages whose versions go into the manifest (looked up without importing them).
-MANIFEST_PACKAGES = ("mechdiff", "torch", "transformers", "accelerate", "safetensors", "numpy",
-                     "peft", "gguf", "matplotlib")
-
-
-# --------------------------------------------------------------------------- atomic file writes
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a rename: fsync the directory entry (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover (e.g. Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def _atomic_target(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; on success fsync it and `os.replace` it over `path`.
-
-    On any exception the temporary file is removed and `path` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write `data` to `path` atomically (temp file in the same dir, fsync, os.replace)."""
-    path = Path(path)
-    with _atomic_target(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-    return path
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write UTF-8 `text` to `path` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- JSON
-
-def to_jsonable(obj: Any) -> Any:
-    """Convert `obj` to plain JSON types: non-finite floats -> None, numpy/torch scalars -> numbers,
-    arrays/tensors -> (nested) lists, Path -> str, dataclasses -> dicts, sets -> sorted lists,
-    Enum -> value, dict keys -> str. Raises TypeError for anything else."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        return float(obj) if math.isfinite(obj) else None
-    if isinstance(obj, np.generic):
-        return to_jsonable(obj.item())
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu()
-        if t.dtype == torch.bfloat16 or t.dtype == torch.float16:
-            t = t.float()
-        return to_jsonable(t.item() if t.ndim == 0 else t.tolist())
-    if isinstance(obj, Mapping):
-        return {_json_key(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, (set, frozenset)):
-        items = [to_jsonable(v) for v in obj]
-        return sorted(items, key=lambda v: json.dumps(v, sort_keys=True))
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if isinstance(obj, enum.Enum):
-        return to_jsonable(obj.value)
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return to_jsonable(dataclasses.asdict(obj))
-    if isinstance(obj, (_dt.datetime, _dt.date)):
-        return obj.isoformat()
-    raise TypeError(f"cannot write {type(obj).__name__} to JSON: convert it to dict/list/number/str "
-                    f"first")
-
-
-def _json_key(k: Any) -> str:
-    if isinstance(k, str):
-        return k
-    if isinstance(k, (bool, int, float, np.generic)) or k is None:
-        return json.dumps(to_jsonable(k))
-    if isinstance(k, tuple):  # e.g. site keys ("resid_post", 12) -> "resid_post.12"
-        return ".".join(str(p) for p in k)
-    if isinstance(k, enum.Enum):
-        return str(k.value)
-    raise TypeError(f"cannot use {type(k).__name__} as a JSON key")
-
-
-def dumps_json(obj: Any) -> str:
-    """Strict JSON text (sorted keys, indent 2, NaN/Inf -> null, trailing newline)."""
-    return json.dumps(to_jsonable(obj), sort_keys=True, indent=2, allow_nan=False,
-                      ensure_ascii=False) + "\n"
-
 
 # --------------------------------------------------------------------------- run directories
-
-def _utc_now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
 
 def new_run_dir(root: str | os.PathLike = "runs", prefix: str = "run") -> Path:
     """Create and return a fresh, unique directory `root/<prefix>-<YYYYmmdd-HHMMSS>-<hex>`."""
@@ -445,7 +303,7 @@ class RunDir:
                     raise DataError(f"step {name!r} depends on {dep!r}, which is not done "
                                     f"(run it first)")
                 deps[dep] = self._fingerprint(steps[dep])
-            record = {"outputs": hashes, "deps": deps, "finished": _utc_now(),
+            record = {"outputs": hashes, "deps": deps, "finished": utc_now(),
                       "info": to_jsonable(dict(info or {}))}
             steps[name] = record
             self._write_steps(steps)
@@ -514,7 +372,7 @@ class RunDir:
             return self.write_manifest(manifest)
         self.check_manifest(manifest)
         resumes = list(old.get("resumes", []))
-        resumes.append({"time": _utc_now(), "command": manifest.get("command"),
+        resumes.append({"time": utc_now(), "command": manifest.get("command"),
                         "options": manifest.get("options"),
                         "environment": manifest.get("environment")})
         old["resumes"] = resumes
@@ -543,70 +401,3 @@ class _Missing:
 
 
 _MISSING = _Missing()
-
-
-# --------------------------------------------------------------------------- manifest
-
-def _pkg_version(name: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        if name == "mechdiff":
-            import mechdiff
-
-            return getattr(mechdiff, "__version__", None)
-        return None
-
-
-def _device_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"cuda_available": False, "torch_cuda": torch.version.cuda}
-    try:
-        if torch.cuda.is_available():
-            n = torch.cuda.device_count()
-            info.update(cuda_available=True, device_count=n,
-                        devices=[torch.cuda.get_device_name(i) for i in range(n)],
-                        cudnn=torch.backends.cudnn.version())
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            info["devices"] = ["mps"]
-        else:
-            info["devices"] = [platform.processor() or platform.machine() or "cpu"]
-    except Exception as e:  # pragma: no cover (broken drivers must not break a run)
-        info["error"] = f"{type(e).__name__}: {e}"
-    return info
-
-
-def build_manifest(pair: Mapping[str, Any], models: Mapping[str, Mapping[str, Any]],
-                   seeds: Mapping[str, Any], options: Mapping[str, Any],
-                   command: list[str] | None = None) -> dict[str, Any]:
-    """Everything needed to know what a run was.
-
-    `models` maps a side ("base", "tuned", ...) to {spec, revision, tokenizer_hash,
-    chat_template_hash, dtype, config_hash, ...}. Adds package versions (read from metadata, not
-    imported), python / platform, device (CUDA devices if any), creation time and the command line
-    (`sys.argv` unless `command` is given). The result is JSON-ready.
-    """
-    if not isinstance(models, Mapping) or not models:
-        raise ConfigError("build_manifest: `models` must map each side (e.g. 'base', 'tuned') "
-                          "to its description")
-    argv = list(sys.argv if command is None else command)
-    return to_jsonable({
-        "schema": MANIFEST_SCHEMA,
-        "created": _utc_now(),
-        "command": shlex.join(str(a) for a in argv),
-        "argv": argv,
-        "cwd": os.getcwd(),
-        "pair": dict(pair),
-        "models": {side: dict(desc) for side, desc in models.items()},
-        "seeds": dict(seeds),
-        "options": dict(options),
-        "environment": {
-            "python": sys.version.split()[0],
-            "implementation": platform.python_implementation(),
-            "platform": platform.platform(),
-            "packages": {name: _pkg_version(name) for name in MANIFEST_PACKAGES},
-            "device": _device_info(),
-        },
-    })
-

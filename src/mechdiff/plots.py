@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mechdiff.artifacts import atomic_write_bytes
+from mechdiff.atomic import atomic_write_bytes
 from mechdiff.errors import DataError
 
 __all__ = ["plot_cka_curve", "plot_cka_matrix", "plot_patch_kl", "plot_map_quality",

@@ -35,7 +35,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from mechdiff.artifacts import MANIFEST_NAME, STEPS_NAME, atomic_write_text
+from mechdiff.artifacts import MANIFEST_NAME, STEPS_NAME
+from mechdiff.atomic import atomic_write_text
 
 __all__ = ["write_report", "KNOWN_METRICS", "ID_COLUMNS", "MAX_TABLE_ROWS"]
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Optional, Sequence, Union
 
 import torch
 

@@ -8,7 +8,7 @@ identity-map baseline and ||R - I|| together.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 

@@ -10,7 +10,7 @@ the diagonal terms that debiased CKA removes (MATH.md).
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 

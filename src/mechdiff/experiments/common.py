@@ -5,7 +5,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from mechdiff.artifacts import RunDir, build_manifest, new_run_dir
+from mechdiff.artifacts import RunDir, new_run_dir
+from mechdiff.manifest import build_manifest
 from mechdiff.errors import ConfigError, DataError
 from mechdiff.models.load import LoadedModel, load_model
 from mechdiff.pairs import DatasetRef, Pair, load_pair, pair_from_specs
@@ -65,7 +66,7 @@ def open_run(out: str | Path | None, stage: str, pair: Pair, sides: dict[str, Lo
 
 
 def _jsonable(obj):
-    from mechdiff.artifacts import to_jsonable
+    from mechdiff.atomic import to_jsonable
     return to_jsonable(obj)
 
 

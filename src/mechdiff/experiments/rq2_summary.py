@@ -2,7 +2,8 @@
 side-effect and control lines, the stop conditions; alpha_sweep.json, rq2_summary.txt, figures."""
 from __future__ import annotations
 
-from mechdiff.artifacts import RunDir, atomic_write_text
+from mechdiff.artifacts import RunDir
+from mechdiff.atomic import atomic_write_text
 from mechdiff.plots import plot_drop_heatmap, plot_map_quality
 from mechdiff.report import write_report
 
