@@ -248,3 +248,38 @@ def test_map_metrics_known_values():
     assert rotation_drift(-torch.eye(5)) == pytest.approx(2.0)
     with pytest.raises(ConfigError):
         rotation_drift(torch.zeros(3, 4))
+
+
+# ---- Procrustes with few rows (N < d/2): explicit completion, no d x d SVD -------------------
+
+def test_procrustes_few_rows_matches_full_svd_on_the_data_and_is_orthogonal():
+    from mechdiff.analyses.maps import procrustes
+    g = torch.Generator().manual_seed(3)
+    N, d = 12, 64
+    A = torch.randn(N, d, generator=g, dtype=torch.float64)
+    A = A - A.mean(0)
+    Q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))[0]
+    B = A @ Q + 0.01 * torch.randn(N, d, generator=g, dtype=torch.float64)
+    B = B - B.mean(0)
+    R, S = procrustes(A, B)                                   # few-rows path (2N <= d)
+    U, S_full, Vh = torch.linalg.svd(A.T @ B, full_matrices=False)
+    R_full = U @ Vh
+    assert torch.allclose(R @ R.T, torch.eye(d, dtype=torch.float64), atol=1e-10)
+    assert torch.allclose(A @ R, A @ R_full, atol=1e-9)       # same map on the training span
+    assert torch.allclose(S.sum(), S_full.sum(), atol=1e-9)
+
+
+def test_procrustes_few_rows_leaves_the_shared_complement_unchanged():
+    from mechdiff.analyses.maps import procrustes
+    g = torch.Generator().manual_seed(4)
+    N, d = 8, 48
+    A = torch.randn(N, d, generator=g, dtype=torch.float64)
+    A = A - A.mean(0)
+    B = A.clone()
+    B[:, :4] = B[:, :4] @ torch.linalg.qr(torch.randn(4, 4, generator=g, dtype=torch.float64))[0]
+    R, _ = procrustes(A, B)
+    # a direction orthogonal to both row spaces passes through unchanged
+    span = torch.linalg.qr(torch.cat([A, B]).T)[0]            # [d, <=2N]
+    x = torch.randn(d, generator=g, dtype=torch.float64)
+    x = x - span @ (span.T @ x)
+    assert torch.allclose(x @ R, x, atol=1e-9)
