@@ -651,13 +651,15 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor, allowed_ids=None) -> tor
     return kl_masked(p_logits, q_logits, allowed_ids)
 
 
-def kl_reducer(engine: PatchEngine, allowed_ids=None):
-    """``reduce`` for :meth:`PatchEngine.run`: KL(clean || patched) per prompt of each pass."""
+def kl_reducer(engine: PatchEngine, allowed_ids=None, with_unmasked: bool = False):
+    """``reduce`` for :meth:`PatchEngine.run`: KL(clean || patched) per prompt of each pass, masked
+    to ``allowed_ids`` when given; ``with_unmasked`` adds a last axis ``[masked, unmasked]``."""
     clean = engine.clean_logits
 
     def reduce(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        c = clean.to(logits.device)[rows.to(logits.device)]
-        return _kl(c[None].expand_as(logits), logits, allowed_ids)
+        c = clean.to(logits.device)[rows.to(logits.device)][None].expand_as(logits)
+        kl = _kl(c, logits, allowed_ids)
+        return torch.stack([kl, _kl(c, logits)], -1) if with_unmasked else kl
     return reduce
 
 

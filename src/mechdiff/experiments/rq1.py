@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from mechdiff.analyses.cka import cka_matrix, cka_with_ci
-from mechdiff.analyses.kl import kl_from_logits, kl_masked, kl_shared, summarise
+from mechdiff.analyses.kl import kl_shared, summarise
 from mechdiff.artifacts import RunDir
 from mechdiff.data.prompts import encode
 from mechdiff.errors import ConfigError
@@ -24,7 +24,7 @@ from mechdiff.experiments.common import open_models, open_run, target_prompts
 from mechdiff.fairness import SharedVocab, filter_prompts, shared_vocab
 from mechdiff.models.load import LoadedModel
 from mechdiff.pairs import Pair
-from mechdiff.patching import Patch, PatchEngine, patch_kl
+from mechdiff.patching import Patch, PatchEngine, kl_reducer, patch_kl
 from mechdiff.sites.capture import capture
 
 STATES = "tensors/rq1_states.safetensors"
@@ -135,10 +135,9 @@ def _patch_step(run: RunDir, base: LoadedModel, tuned: LoadedModel, prompts, sv:
                 if opts.standardise:
                     v = _standardiser(src_states[l], dst_states[l])(v)
                 variants.append(Patch(f"{opts.site}.{l}", v))
-            logits = engines[dst].run(variants)
-            clean = engines[dst].clean_logits[None].expand_as(logits)
-            kl[direction]["masked"].append(kl_masked(clean, logits, sides[dst][1]))
-            kl[direction]["unmasked"].append(kl_from_logits(clean, logits))
+            k = engines[dst].run(variants, reduce=kl_reducer(engines[dst], sides[dst][1], with_unmasked=True))
+            kl[direction]["masked"].append(k[..., 0])
+            kl[direction]["unmasked"].append(k[..., 1])
     result: dict = {"site": opts.site, "layers": layers, "measure": opts.measure, "directions": {},
                     "clean_cross_kl_shared": summarise(torch.cat(cross))}
     for direction in DIRECTIONS:

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from mechdiff.analyses import maps as M
-from mechdiff.analyses.kl import kl_from_logits, kl_masked
 from mechdiff.analyses.map_metrics import map_metrics, rotation_drift, shuffle_control
 from mechdiff.artifacts import RunDir
 from mechdiff.data.prompts import encode, split
@@ -30,7 +29,7 @@ from mechdiff.experiments.common import open_models, open_run, target_prompts
 from mechdiff.fairness import SharedVocab, filter_prompts, shared_vocab
 from mechdiff.models.load import LoadedModel
 from mechdiff.pairs import Pair
-from mechdiff.patching import Patch, PatchEngine
+from mechdiff.patching import Patch, PatchEngine, kl_reducer
 from mechdiff.sites.capture import capture
 
 STATES = "tensors/rq2_states.safetensors"
@@ -213,10 +212,9 @@ def _sweep_step(run, base, tuned, val, sv, states, layers, control, opts) -> Non
         chunk = val[i:i + opts.batch_size]
         eng = PatchEngine(tuned.model, encode(tuned.tokenizer, chunk), measure=opts.measure)
         pv = [Patch(f"{lab['site']}.{lab['layer']}", v[i:i + len(chunk)]) for lab, v in zip(labels, variants)]
-        logits = eng.run(pv)
-        clean = eng.clean_logits[None].expand_as(logits)
-        kl_m.append(kl_masked(clean, logits, sv.b_ids))
-        kl_u.append(kl_from_logits(clean, logits))
+        k = eng.run(pv, reduce=kl_reducer(eng, sv.b_ids, with_unmasked=True))
+        kl_m.append(k[..., 0])
+        kl_u.append(k[..., 1])
     km, ku = torch.cat(kl_m, 1), torch.cat(kl_u, 1)
     for j, lab in enumerate(labels):
         lab.update(kl_mean=float(km[j].mean()), kl_std=float(km[j].std()) if km.shape[1] > 1 else 0.0,
