@@ -1,288 +1,24 @@
-"""The one patching engine: activation patching, mapped patching, alpha-sweeps and steering.
-
-Everything that writes a value into a model at a site and reads the next-token distribution goes
-through :class:`PatchEngine`::
-
-    eng = PatchEngine(model, batch, measure="last", record_sites=["resid_post.3"])
-    eng.clean_logits                                  # [B, V] float32
-    h = eng.clean_states(["resid_post.3"])            # {"resid_post.3": [B, d]} at the decision token
-    logits = eng.run([Patch("resid_post.3", h_src),   # [n_variants, B, V] float32
-                      Patch("mlp_out.1", v, mode="add", alpha=2.0),
-                      [Patch("attn_out.2", a), Patch("mlp_out.2", m)]])   # several sites at once
-    kl = patch_kl(eng, variants)                      # [n_variants, B] KL(clean || patched)
-
-**What a patch does** (at the decision position ``p`` = ``batch.decision``, the last content token;
-``h`` is the site's clean-run value there, ``v`` the patch value, ``U`` an orthonormal basis):
-
-- ``replace``:     ``h + alpha * (v - h)``  (alpha=1: ``v`` exactly; mapped patching's alpha-sweep)
-- ``add``:         ``h + alpha * v``        (steering)
-- ``project_out``: ``h - alpha * (h U) U^T`` (ablation of a subspace)
-
-**Measured position.** ``measure="last"`` reads the logits at the final position ``T-1`` (the next
-token of the response, after the chat-template tail); ``measure="decision"`` reads them at ``p``
-itself (what the seeds' journal measured).
-
-**Why it is fast (cache reuse).** A patch at position ``p`` changes nothing at positions ``< p``, at
-any layer. Rows are grouped by ``p`` (with left padding, rows whose template tail has the same
-length share it). For each group the *prefix* (positions ``< p``) runs once with a KV cache; the
-clean run is that cache plus the *suffix* (``p`` .. measured position: 1 token for
-``measure="decision"``, the template tail for ``"last"``). A patched variant re-runs only the suffix
-tokens against the prefix cache, and many variants (layers x alphas x sites ...) are stacked along
-the batch dimension of one pass (``max_rows`` bounds rows per pass). Layers below the shallowest
-patched layer of a pass are not recomputed either: they are swapped for an identity for the
-duration of the pass and the clean suffix residual is written back at the first computed layer
-(``skip_layers=True``). The prefix cache is copied per pass (shallow copies of HF's cache layers
-whose tensors are replaced, never mutated), so repeated calls give identical results.
-
-``run_naive`` is the reference: one full forward per variant with hooks at ``p``. ``run(...,
-positions="all")`` patches every position (values ``[B, T, d]`` or ``[B, d]``/``[d]`` broadcast over
-positions); that changes the prefix, so it cannot reuse the cache and goes through ``run_naive``.
-
-Shapes: ``d`` is the site width: ``d_model`` for resid/attn/mlp sites, ``H * head_dim`` for
-``head_z`` (values may also be given as ``[B, H, head_dim]``; ``clean_states`` returns
-``[B, H, head_dim]`` for ``head_z``).
-"""
+"""The :class:`PatchEngine`: the clean run (prefix KV caches grouped by decision position, recorded
+states), batched patched runs in the stacked or packed layout (including the packed layout's 4D
+attention masks) and the naive full-recomputation reference ``run_naive``. The package docstring
+describes what it computes and why it is fast."""
 from __future__ import annotations
 
-import copy
-import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 from torch import nn
 
-from mechdiff.errors import ConfigError, NumericsError, SiteError
+from mechdiff.errors import ConfigError, SiteError
+from mechdiff.patching.plumbing import (_accepts, _attn_backends, _block_list, _copy_cache, _growing,
+                                      _skipping)
+from mechdiff.patching.variants import _apply, _prepare
 from mechdiff.sites.hooks import hooked
-from mechdiff.sites.names import READ_ONLY, parse_site, resolve, site_str
+from mechdiff.sites.names import parse_site, resolve, site_str
 
-MODES = ("replace", "add", "project_out")
 MEASURES = ("last", "decision")
-
-
-@dataclass(frozen=True, eq=False)
-class Patch:
-    """One edit at one site, applied at the decision position.
-
-    site: ``"resid_post.12"`` or ``("resid_post", 12)``. value: ``[B, d]`` (per prompt) or ``[d]``
-    (same for every prompt); required for replace/add. basis: ``[d, k]`` orthonormal columns for
-    project_out. alpha: scale (see the module docstring).
-    """
-
-    site: object
-    value: torch.Tensor | None = None
-    mode: str = "replace"
-    basis: torch.Tensor | None = None
-    alpha: float = 1.0
-
-
-Variant = "Patch | Sequence[Patch]"
-
-
-# ---- math on one site's vectors ------------------------------------------------------------
-
-def _apply(h: torch.Tensor, p: Patch, value: torch.Tensor | None, basis: torch.Tensor | None) -> torch.Tensor:
-    """New value of ``h`` ``[..., w]``; value broadcasts against ``h``. Math in float32."""
-    a = float(p.alpha)
-    if p.mode == "replace":
-        if a == 1.0:
-            return value.to(h.dtype).expand_as(h)
-        hf = h.float()
-        return (hf + a * (value.float() - hf)).to(h.dtype)
-    if p.mode == "add":
-        return (h.float() + a * value.float()).to(h.dtype)
-    hf = h.float()
-    u = basis.float()
-    return (hf - a * ((hf @ u) @ u.T)).to(h.dtype)
-
-
-def _width(sm, name: str) -> int:
-    return sm.n_heads * sm.head_dim if name == "head_z" else sm.d_model
-
-
-def _prepare(sm, variants, B: int, device, positions: str = "decision"):
-    """Normalise variants to ``[[(name, layer, patch, value, basis), ...], ...]`` and validate."""
-    if isinstance(variants, Patch):
-        variants = [variants]
-    out = []
-    for var in variants:
-        patches = [var] if isinstance(var, Patch) else list(var)
-        norm = []
-        for p in patches:
-            if not isinstance(p, Patch):
-                raise ConfigError(f"a variant must be a Patch or a list of Patch, got {type(p).__name__}")
-            name, layer = parse_site(p.site)
-            sm.check(name, layer)
-            if name in READ_ONLY:
-                raise SiteError(f"site {name!r} is read-only; to patch single heads edit 'head_z'")
-            if p.mode not in MODES:
-                raise ConfigError(f"unknown patch mode {p.mode!r}; use one of {', '.join(MODES)}")
-            if not torch.isfinite(torch.as_tensor(float(p.alpha))):
-                raise NumericsError(f"patch alpha for {name}.{layer} is not finite ({p.alpha})")
-            w = _width(sm, name)
-            value = basis = None
-            if p.mode in ("replace", "add"):
-                if p.value is None:
-                    raise ConfigError(f"a {p.mode!r} patch at {name}.{layer} needs a value")
-                value = p.value.detach()
-                if name == "head_z" and value.dim() >= 2 and value.shape[-2:] == (sm.n_heads, sm.head_dim):
-                    value = value.reshape(*value.shape[:-2], w)
-                if value.shape[-1] != w:
-                    raise SiteError(
-                        f"patch value width {value.shape[-1]} does not match site {name}.{layer} of this "
-                        f"{sm.family} model (width {w}): the two models' widths differ, so states cannot be "
-                        "patched across directly; use mapped patching (`mechdiff mapped-patch`) with a map "
-                        "between the widths")
-                ok_dims = (1, 2, 3) if positions == "all" else (1, 2)
-                if value.dim() not in ok_dims or (value.dim() >= 2 and value.shape[0] != B):
-                    raise SiteError(f"patch value for {name}.{layer} has shape {tuple(value.shape)}; expected "
-                                    f"[{B}, {w}] or [{w}]" + (f" or [{B}, T, {w}]" if positions == "all" else ""))
-                if not torch.isfinite(value).all():
-                    raise NumericsError(f"patch value for {name}.{layer} contains NaN/Inf; check the source "
-                                        "states or the map that produced them")
-                value = value.to(device)
-            else:
-                if p.basis is None or p.basis.dim() != 2 or p.basis.shape[0] != w:
-                    raise SiteError(f"project_out at {name}.{layer} needs a basis of shape [{w}, k], got "
-                                    f"{None if p.basis is None else tuple(p.basis.shape)}")
-                if not torch.isfinite(p.basis).all():
-                    raise NumericsError(f"project_out basis for {name}.{layer} contains NaN/Inf")
-                basis = p.basis.detach().to(device)
-            norm.append((name, layer, p, value, basis))
-        out.append(norm)
-    return out
-
-
-# ---- cache and layer plumbing --------------------------------------------------------------
-
-def _copy_cache(cache, n: int, start: int):
-    """A shallow copy of an HF cache whose layers >= start hold their keys/values repeated ``n``
-    times along the batch (variant-major). HF's dynamic layers replace (never mutate) their tensors
-    on ``update``, so the original cache stays intact. Layers < start are not run, keep them as is."""
-    new = copy.copy(cache)
-    new.layers = []
-    for i, layer in enumerate(cache.layers):
-        lay = copy.copy(layer)
-        if n > 1 and i >= start and getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
-            lay.keys = layer.keys.repeat(n, *([1] * (layer.keys.dim() - 1)))
-            lay.values = layer.values.repeat(n, *([1] * (layer.values.dim() - 1)))
-        new.layers.append(lay)
-    return new
-
-
-class _Skip(nn.Module):
-    """Stands in for a block that need not run: returns its input hidden states unchanged."""
-
-    def __init__(self, block: nn.Module, tuple_len: int):
-        super().__init__()
-        self.__dict__["_inner"] = block  # not registered: parameters are not duplicated
-        self._tuple_len = tuple_len
-
-    def forward(self, *args, **kwargs):
-        h = args[0] if args else kwargs.get("hidden_states")
-        return (h,) + (None,) * (self._tuple_len - 1) if self._tuple_len else h
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_inner"], name)
-
-
-def _block_list(model, sm) -> nn.ModuleList | None:
-    for m in model.modules():
-        if isinstance(m, nn.ModuleList) and len(m) == sm.n_layers and m[0] is sm.blocks[0]:
-            return m
-    return None
-
-
-@contextmanager
-def _skipping(blocks: nn.ModuleList | None, start: int, tuple_len: int):
-    """Swap blocks [0, start) for identities inside the ``with`` block; always restore them."""
-    saved = []
-    try:
-        if blocks is not None:
-            for i in range(start):
-                saved.append((i, blocks[i]))
-                blocks[i] = _Skip(blocks[i], tuple_len)
-        yield
-    finally:
-        for i, b in saved:
-            blocks[i] = b
-
-
-def _cut(x, Q: int, qa: int):
-    """Slice a block input laid out for ``Q`` suffix tokens down to the first ``qa`` of them."""
-    if isinstance(x, tuple):
-        return tuple(_cut(y, Q, qa) for y in x)
-    if not isinstance(x, torch.Tensor):
-        return x
-    if x.dim() == 4 and x.shape[-2] == Q:                              # mask [B, 1, Q, prefix + Q]
-        return x[..., :qa, :x.shape[-1] - Q + qa]
-    if x.dim() in (2, 3) and x.shape[1] == Q:                          # position ids, cos/sin
-        return x[:, :qa]
-    if x.dim() == 1 and x.shape[0] == Q:                               # cache_position (older HF)
-        return x[:qa]
-    return x
-
-
-@contextmanager
-def _growing(blocks: list, start: int, active: list, Q: int, clean: dict, s: int):
-    """Packed layout with per-variant start layers (variants sorted by start): block i runs only
-    the first ``active[i]`` suffix tokens (variants already started) and appends the clean residual
-    (``clean[i]``, ``[Bg, s, d]``) of the variants that start at i. Layers before a variant's start
-    cost nothing for it; its patch hooks (registered after these) see the clean value at i."""
-    handles = []
-
-    def make(i):
-        qa_prev = active[i - 1] if i > start else 0
-        k_new = (active[i] - qa_prev) // s
-        qa = active[i]
-
-        def pre(mod, args, kwargs):
-            h = args[0] if args else kwargs["hidden_states"]
-            h = h[:, :qa_prev]
-            if k_new:
-                h = torch.cat([h, clean[i].to(h.dtype).repeat(1, k_new, 1)], dim=1)
-            if qa == Q:
-                rest_args, rest_kw = args[1:], kwargs
-            else:
-                rest_args = tuple(_cut(a, Q, qa) for a in args[1:])
-                rest_kw = {k: (v if k == "hidden_states" else _cut(v, Q, qa)) for k, v in kwargs.items()}
-            if args:
-                return (h,) + tuple(rest_args), rest_kw
-            return rest_args, {**rest_kw, "hidden_states": h}
-        return pre
-
-    try:
-        for i in range(start, len(blocks)):
-            handles.append(blocks[i].register_forward_pre_hook(make(i), with_kwargs=True, prepend=True))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-def _attn_backends(device: torch.device):
-    """On CUDA, keep SDPA off the cuDNN backend: it builds a new plan for every new shape (seen:
-    ~1.5 s on the first sweep of an 8B model, whose packed passes have a new length per layer);
-    the memory-efficient kernel takes the same custom masks at the same steady speed."""
-    if device.type != "cuda":
-        return contextmanager(lambda: (yield))()
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-    except ImportError:  # torch < 2.3
-        return contextmanager(lambda: (yield))()
-
-
-def _accepts(model, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
 
 _ORDER = {"resid_pre": 0, "head_z": 1, "attn_out": 2, "mlp_out": 3, "resid_post": 4}
 
@@ -298,7 +34,7 @@ class _Group:
 
 
 class PatchEngine:
-    """Clean run plus batched patched runs of one model on one batch (see module docstring).
+    """Clean run plus batched patched runs of one model on one batch (see the package docstring).
 
     model: HF causal LM (eval mode). batch: ``mechdiff.data.prompts.Batch`` (left padded).
     measure: "last" | "decision". record_sites: sites whose clean value at the decision position
@@ -639,45 +375,3 @@ class PatchEngine:
             e = torch.empty(0, self.B, self._clean.shape[-1])
             return e if reduce is None else e[..., 0]
         return torch.stack(outs)
-
-
-# ---- KL helpers ----------------------------------------------------------------------------
-
-def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor, allowed_ids=None) -> torch.Tensor:
-    """KL(P || Q) per row (``mechdiff.analyses.kl``), masked to ``allowed_ids`` when given."""
-    from mechdiff.analyses.kl import kl_from_logits, kl_masked
-    if allowed_ids is None:
-        return kl_from_logits(p_logits, q_logits)
-    return kl_masked(p_logits, q_logits, allowed_ids)
-
-
-def kl_reducer(engine: PatchEngine, allowed_ids=None, with_unmasked: bool = False):
-    """``reduce`` for :meth:`PatchEngine.run`: KL(clean || patched) per prompt of each pass, masked
-    to ``allowed_ids`` when given; ``with_unmasked`` adds a last axis ``[masked, unmasked]``."""
-    clean = engine.clean_logits
-
-    def reduce(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        c = clean.to(logits.device)[rows.to(logits.device)][None].expand_as(logits)
-        kl = _kl(c, logits, allowed_ids)
-        return torch.stack([kl, _kl(c, logits)], -1) if with_unmasked else kl
-    return reduce
-
-
-def patch_kl(engine: PatchEngine, variants, allowed_ids=None, positions: str = "decision") -> torch.Tensor:
-    """``[n_variants, B]`` KL(clean || patched) per prompt at the measured position, computed pass by
-    pass (the patched logits of all variants are never held at once)."""
-    return engine.run(variants, positions=positions, reduce=kl_reducer(engine, allowed_ids))
-
-
-def layer_sweep(engine_dst: PatchEngine, states_src: dict, sites: Sequence | None = None,
-                allowed_ids=None) -> dict[str, torch.Tensor]:
-    """Cross-model patching: for each site, replace the destination's state at the decision token
-    with the source model's (``states_src[site]``, ``[B, d]``); returns ``{site: KL per prompt [B]}``,
-    all sites in batched passes. Widths must match (else SiteError: use mapped patching)."""
-    sites = [site_str(s) for s in (states_src.keys() if sites is None else sites)]
-    src = {site_str(k): v for k, v in states_src.items()}
-    missing = [s for s in sites if s not in src]
-    if missing:
-        raise SiteError(f"no source states for sites {missing}")
-    kl = patch_kl(engine_dst, [Patch(s, src[s]) for s in sites], allowed_ids)
-    return {s: kl[i] for i, s in enumerate(sites)}

@@ -1,0 +1,53 @@
+"""KL read-outs of patched runs: ``kl_reducer`` (a ``reduce`` for :meth:`PatchEngine.run` that keeps
+only KL(clean || patched) per prompt of each pass), ``patch_kl`` and the cross-model
+``layer_sweep`` built on it."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from mechdiff.errors import SiteError
+from mechdiff.patching.engine import PatchEngine
+from mechdiff.patching.variants import Patch
+from mechdiff.sites.names import site_str
+
+
+def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor, allowed_ids=None) -> torch.Tensor:
+    """KL(P || Q) per row (``mechdiff.analyses.kl``), masked to ``allowed_ids`` when given."""
+    from mechdiff.analyses.kl import kl_from_logits, kl_masked
+    if allowed_ids is None:
+        return kl_from_logits(p_logits, q_logits)
+    return kl_masked(p_logits, q_logits, allowed_ids)
+
+
+def kl_reducer(engine: PatchEngine, allowed_ids=None, with_unmasked: bool = False):
+    """``reduce`` for :meth:`PatchEngine.run`: KL(clean || patched) per prompt of each pass, masked
+    to ``allowed_ids`` when given; ``with_unmasked`` adds a last axis ``[masked, unmasked]``."""
+    clean = engine.clean_logits
+
+    def reduce(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        c = clean.to(logits.device)[rows.to(logits.device)][None].expand_as(logits)
+        kl = _kl(c, logits, allowed_ids)
+        return torch.stack([kl, _kl(c, logits)], -1) if with_unmasked else kl
+    return reduce
+
+
+def patch_kl(engine: PatchEngine, variants, allowed_ids=None, positions: str = "decision") -> torch.Tensor:
+    """``[n_variants, B]`` KL(clean || patched) per prompt at the measured position, computed pass by
+    pass (the patched logits of all variants are never held at once)."""
+    return engine.run(variants, positions=positions, reduce=kl_reducer(engine, allowed_ids))
+
+
+def layer_sweep(engine_dst: PatchEngine, states_src: dict, sites: Sequence | None = None,
+                allowed_ids=None) -> dict[str, torch.Tensor]:
+    """Cross-model patching: for each site, replace the destination's state at the decision token
+    with the source model's (``states_src[site]``, ``[B, d]``); returns ``{site: KL per prompt [B]}``,
+    all sites in batched passes. Widths must match (else SiteError: use mapped patching)."""
+    sites = [site_str(s) for s in (states_src.keys() if sites is None else sites)]
+    src = {site_str(k): v for k, v in states_src.items()}
+    missing = [s for s in sites if s not in src]
+    if missing:
+        raise SiteError(f"no source states for sites {missing}")
+    kl = patch_kl(engine_dst, [Patch(s, src[s]) for s in sites], allowed_ids)
+    return {s: kl[i] for i, s in enumerate(sites)}
