@@ -172,3 +172,24 @@ def test_identity_map_of_a_model_onto_itself_gives_zero_kl(planted_cultural):
     assert kl.shape == (4, 8)
     assert float(kl[:2].abs().max()) < 1e-6, kl[:2]
     assert float(kl[2:].mean(1).min()) > 1e-3, kl[2:]
+
+
+@pytest.mark.real
+def test_k_positions_per_prompt_give_k_times_the_training_rows(planted_cultural, tmp_path):
+    """K positions per prompt (excluding the last m content tokens): the map is fitted on about K x
+    n_train rows, base and tuned rows pair up token by token, and val stays at the decision token."""
+    from mechdiff.experiments.rq2 import STATES, RQ2Options, run_maps
+    from mechdiff.pairs import load_pair
+    from safetensors.torch import load_file
+
+    base, tuned, _ = planted_cultural
+    opts = RQ2Options(layers=[22], sites=[SITE], solvers=["procrustes"], n_train=12, n_val=6,
+                      k_positions=4, exclude_last=2, control_layer=9)
+    run = run_maps(load_pair("planted-cultural"), opts, out=tmp_path / "k4", models=(base, tuned))
+    st = load_file(str(run.file(STATES)))
+    xb, xt = st[f"base/train/{SITE}.22"], st[f"tuned/train/{SITE}.22"]
+    assert xb.shape == xt.shape and 12 < xb.shape[0] <= 48       # up to K=4 rows per prompt
+    assert torch.equal(st["base/train_prompt_index"], st["tuned/train_prompt_index"])
+    assert st[f"base/val/{SITE}.22"].shape[0] == 6
+    # below the planted layers the two models are identical, so the paired rows are equal
+    assert torch.allclose(st[f"base/train/{SITE}.9"], st[f"tuned/train/{SITE}.9"], atol=1e-5)

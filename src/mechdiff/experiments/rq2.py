@@ -103,17 +103,23 @@ def _prompts(pair, base, tuned, opts) -> tuple[SharedVocab, list, list]:
 
 
 def _capture_step(run, base, tuned, train, val, sites, opts) -> None:
+    """Train states (decision token, or K positions per prompt) and val states (decision token)."""
     pos = "last" if opts.k_positions == 1 else ("k", opts.k_positions, opts.exclude_last)
-    out = {}
+    out, train_positions = {}, {}
     for side_name, side in (("base", base), ("tuned", tuned)):
         tr = capture(side.model, side.tokenizer, train, sites, positions=pos, batch_size=opts.batch_size,
                      seed=opts.seed)
         va = capture(side.model, side.tokenizer, val, sites, batch_size=opts.batch_size)
+        train_positions[side_name] = tr.positions
         for s in sites:
             x, idx = tr.flat(s)
             out[f"{side_name}/train/{s}"] = x
             out[f"{side_name}/val/{s}"] = va[s]
         out[f"{side_name}/train_prompt_index"] = idx
+    if opts.k_positions > 1 and not torch.equal(train_positions["base"], train_positions["tuned"]):
+        raise ConfigError("--k-positions > 1 pairs base and tuned states token by token, but the two "
+                          "tokenizers split these prompts differently; use --k-positions 1 (the last "
+                          "content token) for this pair, or prompts both tokenizers split alike")
     run.write_tensors(STATES, out)
 
 
