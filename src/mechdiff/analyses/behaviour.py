@@ -183,6 +183,20 @@ class _MaskProcessor:
 
 
 @torch.no_grad()
+def generate_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+                 pad_id: int, allowed_ids: Any = None) -> torch.Tensor:
+    """Greedy continuation ``[B, max_new_tokens]`` of a left-padded batch (HF ``generate``);
+    ``allowed_ids`` restricts every generated token to that set (masked generation)."""
+    from transformers import LogitsProcessorList
+
+    kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id)
+    if allowed_ids is not None:
+        kwargs["logits_processor"] = LogitsProcessorList([_MaskProcessor(allowed_ids)])
+    gen = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return gen[:, input_ids.shape[1]:]
+
+
+@torch.no_grad()
 def generate(
     model: Any,
     tok: Any,
@@ -196,8 +210,6 @@ def generate(
     """Greedy batched generation; returns the decoded new text per prompt (special tokens
     skipped) and, with ``return_n_tokens``, the number of generated tokens before EOS/padding.
     ``allowed_ids`` restricts every generated token to that set (masked generation)."""
-    from transformers import LogitsProcessorList
-
     fmt, add_special = _formatter(tok, format_fn)
     texts = [fmt(p) for p in prompts]
     pad = _pad_id(tok)
@@ -205,16 +217,11 @@ def generate(
     dev = _device(model)
     outs: list[str] = []
     counts: list[int] = []
-    procs = LogitsProcessorList([_MaskProcessor(allowed_ids)]) if allowed_ids is not None else None
     with _left_padding(tok):
         for sl in _batches(len(texts), batch_size):
             enc = tok(texts[sl], return_tensors="pt", padding=True, add_special_tokens=add_special)
             enc = {k: v.to(dev) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad)
-            if procs is not None:
-                kwargs["logits_processor"] = procs
-            gen = model.generate(**enc, **kwargs)
-            new = gen[:, enc["input_ids"].shape[1]:]
+            new = generate_ids(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, pad, allowed_ids)
             outs.extend(tok.batch_decode(new, skip_special_tokens=True))
             for row in new.tolist():
                 n = 0

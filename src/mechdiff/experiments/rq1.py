@@ -167,7 +167,7 @@ def _all_positions(base, tuned, prompts, layers, sv, opts) -> dict:
                                                    for j, l in enumerate(layers)]}
 
 
-def _behaviour_step(run: RunDir, pair: Pair, base: LoadedModel, tuned: LoadedModel, sv: SharedVocab,
+def _behaviour_step(run: RunDir, base: LoadedModel, tuned: LoadedModel, sv: SharedVocab,
                     prompts, opts: RQ1Options) -> None:
     from mechdiff.analyses.behaviour import behaviour_delta, behaviour_table
     from mechdiff.data.datasets import load_prompt_set
@@ -202,7 +202,7 @@ def run_rq1(pair: Pair, opts: RQ1Options, out=None, device=None, dtype=None,
         run.cached("rq1.patch", lambda: _patch_step(run, base, tuned, prompts, sv, states, opts),
                    ["patch.json"], depends_on=["rq1.capture"])
     if opts.behaviour:
-        run.cached("rq1.behaviour", lambda: _behaviour_step(run, pair, base, tuned, sv, prompts, opts),
+        run.cached("rq1.behaviour", lambda: _behaviour_step(run, base, tuned, sv, prompts, opts),
                    ["behaviour.json"])
     summarise_rq1(run, pair, base, tuned, opts)
     return run

@@ -3,7 +3,8 @@
 Both are measured on the destination model with and without the patch, masked to the shared
 vocabulary and unmasked:
 
-- refusal rate: greedy generation (the patch applies to the prompt pass only), refusal patterns;
+- refusal rate: greedy generation (``behaviour.generate_ids``; the patch applies to the prompt pass
+  only), refusal patterns;
 - MC: the question with lettered choices; next-token log p(correct letter) minus the mean over the
   other letters, and accuracy (argmax over the letters), read through the patching engine.
 """
@@ -13,10 +14,10 @@ from typing import Callable
 
 import torch
 
-from mechdiff.analyses.behaviour import is_refusal
-from mechdiff.data.prompts import encode
+from mechdiff.analyses.behaviour import generate_ids, is_refusal
+from mechdiff.data.prompts import encode, pad_id_of
 from mechdiff.patching import Patch, PatchEngine
-from mechdiff.sites.hooks import intervene
+from mechdiff.sites.hooks import intervene, replace_at
 
 LETTERS = "ABCDEFGH"
 
@@ -53,47 +54,17 @@ def mc_scores(logits: torch.Tensor, items: list[dict], tok, allowed_ids=None) ->
             "accuracy": sum(correct) / max(1, len(correct))}
 
 
-@torch.no_grad()
-def greedy(model, batch, max_new_tokens: int, allowed_ids=None, edit: Callable | None = None) -> list[list[int]]:
-    """Greedy decoding of a left-padded Batch with a KV cache; ``edit`` (a hooks edit dict factory
-    applied on the prompt pass only) patches the prompt. Returns new token ids per row."""
-    dev = next(model.parameters()).device
-    b = batch.to(dev)
-    mask = None
-    if allowed_ids is not None:
-        V = model.get_output_embeddings().weight.shape[0]
-        mask = torch.full((V,), float("-inf"), device=dev)
-        mask[torch.as_tensor(allowed_ids, device=dev)] = 0
-    ids, am, pos = b.input_ids, b.attention_mask, b.position_ids
-    if edit is not None:
-        with intervene(model, edit):
-            out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True)
-    else:
-        out = model(input_ids=ids, attention_mask=am, position_ids=pos, use_cache=True)
-    cache, new = out.past_key_values, []
-    last_pos = pos[:, -1:]
-    for _ in range(max_new_tokens):
-        logits = out.logits[:, -1].float()
-        nxt = (logits + mask if mask is not None else logits).argmax(-1, keepdim=True)
-        new.append(nxt)
-        am = torch.cat([am, torch.ones_like(nxt)], 1)
-        last_pos = last_pos + 1
-        out = model(input_ids=nxt, attention_mask=am, position_ids=last_pos, past_key_values=cache,
-                    use_cache=True)
-        cache = out.past_key_values
-    return torch.cat(new, 1).tolist() if new else [[] for _ in range(len(batch))]
-
-
 def refusal_rates(model, tok, prompts, patches: list[tuple[str, torch.Tensor]], allowed_ids,
                   max_new_tokens: int = 16) -> tuple[dict, list[dict]]:
     """Refusal rate of the clean model (once) and with each patch ``(site, value [B, d])`` at the
     decision token, masked and unmasked. Returns (clean rates, one dict of rates + deltas per patch)."""
-    from mechdiff.sites.hooks import replace_at
-    batch = encode(tok, prompts)
+    batch = encode(tok, prompts).to(next(model.parameters()).device)
     T = batch.input_ids.shape[1]
 
     def rate(edit, masked):
-        toks = greedy(model, batch, max_new_tokens, allowed_ids if masked else None, edit)
+        with intervene(model, edit or {}):
+            toks = generate_ids(model, batch.input_ids, batch.attention_mask, max_new_tokens,
+                                pad_id_of(tok), allowed_ids if masked else None)
         texts = tok.batch_decode(toks, skip_special_tokens=True)
         return sum(is_refusal(t) for t in texts) / max(1, len(texts))
 

@@ -1,0 +1,43 @@
+"""Side-effect machinery: the prompt-pass patch really reaches generation, and MC scoring is exact."""
+from __future__ import annotations
+
+import torch
+
+from mechdiff.analyses.behaviour import generate_ids
+from mechdiff.data.prompts import encode, pad_id_of
+from mechdiff.experiments.side_effects import _first_pass, mc_prompt, mc_scores
+from mechdiff.models.tiny import tiny_model
+from mechdiff.sites.capture import capture
+from mechdiff.sites.hooks import intervene, replace_at
+
+PROMPTS = [{"id": "a", "text": "hello there"}, {"id": "b", "text": "what is kumis?"}]
+
+
+def _gen(model, tok, batch, edit=None):
+    with intervene(model, edit or {}):
+        return generate_ids(model, batch.input_ids, batch.attention_mask, 6, pad_id_of(tok))
+
+
+def test_prompt_pass_patch_changes_generation_and_clean_value_does_not():
+    model, tok = tiny_model("llama", seed=1)
+    batch = encode(tok, PROMPTS)
+    T = batch.input_ids.shape[1]
+    clean = _gen(model, tok, batch)
+    h = capture(model, tok, PROMPTS, ["resid_post.1"])["resid_post.1"]
+    same = _gen(model, tok, batch, {"resid_post.1": _first_pass(replace_at(h, batch.decision), T)})
+    big = _gen(model, tok, batch, {"resid_post.1": _first_pass(replace_at(h * 0 + 50.0, batch.decision), T)})
+    assert torch.equal(clean, same)
+    assert not torch.equal(clean, big)
+
+
+def test_mc_scores_known_answer():
+    model, tok = tiny_model("llama")
+    items = [{"id": "q", "question": "2+2?", "choices": ["3", "4", "5"], "answer": 1}]
+    ids = [tok.encode(c, add_special_tokens=False)[0] for c in "ABC"]
+    logits = torch.full((1, len(tok)), -10.0)
+    logits[0, ids] = torch.tensor([0.0, 2.0, 1.0])
+    lp = logits.log_softmax(-1)[0, ids]
+    out = mc_scores(logits, items, tok)
+    assert out["accuracy"] == 1.0
+    assert abs(out["dlogp_correct"] - float(lp[1] - (lp[0] + lp[2]) / 2)) < 1e-6
+    assert "B) 4" in mc_prompt(items[0])["text"]
