@@ -15,14 +15,17 @@ import hashlib
 import json
 import math
 import os
+import shutil
+import time
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "sha256_file", "to_jsonable", "dumps_json"]
+__all__ = ["atomic_write_bytes", "atomic_write_text", "replace_dir", "sha256_file", "to_jsonable",
+           "dumps_json"]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -142,3 +145,20 @@ def dumps_json(obj: Any) -> str:
     """Strict JSON text (sorted keys, indent 2, NaN/Inf -> null, trailing newline)."""
     return json.dumps(to_jsonable(obj), sort_keys=True, indent=2, allow_nan=False,
                       ensure_ascii=False) + "\n"
+
+
+def replace_dir(tmp: Path, out: Path, is_complete: Callable[[Path], bool]) -> Path:
+    """Move the finished directory ``tmp`` to ``out`` in one rename (an older ``out`` is moved aside
+    and deleted first). If another process completed ``out`` meanwhile (``is_complete(out)``), keep
+    that copy and drop ``tmp``."""
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
+        os.replace(out, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    try:
+        os.replace(tmp, out)
+    except OSError:
+        if not is_complete(out):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

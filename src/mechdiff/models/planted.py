@@ -30,12 +30,12 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mechdiff.atomic import replace_dir
 from mechdiff.errors import ConfigError, ModelLoadError
 from mechdiff.paths import cache_dir
 
@@ -428,7 +428,6 @@ def build_planted(name: str, force: bool = False) -> Path:
 
     from mechdiff.models.testbed import save_model_dir
 
-    t0 = time.perf_counter()
     seed = SEEDS[name]
     src, model, tok = _load_source()
     base_model = None
@@ -457,21 +456,11 @@ def build_planted(name: str, force: bool = False) -> Path:
               **gt, "next_token_kl_base_vs_tuned": kl,
               "kl_note": "KL(base||tuned) at the last position, base tokenizer for both, base vocabulary"}
         (tmp / "ground_truth.json").write_text(json.dumps(gt, indent=2, ensure_ascii=False, sort_keys=True))
-        if root.exists():
-            trash = root.parent / f".{name}.old-{os.getpid()}-{time.time_ns()}"
-            os.replace(root, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.replace(tmp, root)
-        except OSError:
-            if not _is_built(root):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)
+        replace_dir(tmp, root, _is_built)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     del base_model
-    _ = time.perf_counter() - t0
     return root
 
 

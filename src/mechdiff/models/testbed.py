@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -28,6 +27,7 @@ from typing import Any
 
 import torch
 
+from mechdiff.atomic import replace_dir
 from mechdiff.errors import ConfigError, ModelLoadError
 from mechdiff.paths import cache_dir
 
@@ -151,17 +151,7 @@ def save_model_dir(model: Any, tokenizer: Any, out: Path, meta: dict[str, Any] |
         cfg.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
         (tmp / marker).write_text(json.dumps(meta or {}, indent=2, sort_keys=True))
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
-            os.replace(out, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        try:
-            os.replace(tmp, out)
-        except OSError:
-            if (out / marker).is_file():  # someone else finished first
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                raise
+        replace_dir(tmp, out, lambda d: (d / marker).is_file())
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
