@@ -5,7 +5,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from mechdiff.artifacts import RunDir, new_run_dir
+from mechdiff.artifacts import RESUME_SAFE_OPTIONS, RunDir, new_run_dir
+from mechdiff.atomic import to_jsonable
 from mechdiff.manifest import build_manifest
 from mechdiff.errors import ConfigError, DataError
 from mechdiff.models.load import LoadedModel, load_model
@@ -41,33 +42,33 @@ def open_run(out: str | Path | None, stage: str, pair: Pair, sides: dict[str, Lo
     """Create (or resume) the run directory and write/check its manifest.
 
     Options are kept per stage (``options[stage]``), so several stages (rq1, maps, mapped-patch)
-    can share one run directory; a stage resumed with different options is refused.
+    can share one run directory. Resuming needs the same pair, models and seeds, and for a stage
+    that already ran the same options (``RESUME_SAFE_OPTIONS`` such as batch_size may differ).
     """
     path = Path(out) if out else new_run_dir("runs", stage)
     path.mkdir(parents=True, exist_ok=True)
     run = RunDir(path)
-    opts = dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options)
+    opts = to_jsonable(dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options))
     old = run.read_manifest()
     stage_opts = dict((old or {}).get("options", {}))
-    if stage in stage_opts and stage_opts[stage] != _jsonable(opts):
-        raise ConfigError(f"run directory {path} already holds stage {stage!r} run with other options "
-                          f"({stage_opts[stage]} vs {_jsonable(opts)}); use a new --out directory")
+
+    def binding(o: dict) -> dict:
+        return {k: v for k, v in o.items() if k not in RESUME_SAFE_OPTIONS}
+    if stage in stage_opts and binding(stage_opts[stage]) != binding(opts):
+        raise ConfigError(f"run directory {path} already holds stage {stage!r} with other options "
+                          f"({binding(stage_opts[stage])} vs {binding(opts)}); use a new --out directory")
     stage_opts[stage] = opts
     models = {k: {kk: vv for kk, vv in v.info.items() if kk not in VOLATILE_INFO} for k, v in sides.items()}
-    manifest = build_manifest(pair=pair.to_dict(), models=models,
-                              seeds=seeds, options=stage_opts)
-    if old is not None and stage not in (old.get("options") or {}):
-        run.check_manifest({**manifest, "options": old.get("options", {})})
-        old["options"] = manifest["options"]
-        run.write_manifest(old)
+    manifest = build_manifest(pair=pair.to_dict(), models=models, seeds=seeds, options=stage_opts)
+    if old is None:
+        run.write_manifest(manifest)
     else:
-        run.write_or_check_manifest(manifest)
+        run.check_manifest({**manifest, "options": old.get("options", {})})  # pair, models, seeds
+        old["options"] = manifest["options"]
+        old.setdefault("resumes", []).append({"time": manifest["created"], "stage": stage,
+                                              "command": manifest["command"]})
+        run.write_manifest(old)
     return run
-
-
-def _jsonable(obj):
-    from mechdiff.atomic import to_jsonable
-    return to_jsonable(obj)
 
 
 def load_dataset_ref(ref: DatasetRef) -> list[dict]:
