@@ -593,7 +593,7 @@ class StageTimeout(Exception):
 
 
 @section("stages")
-def sec_stages(base, tuned, cfg, tiny, budget_s=None):
+def sec_stages(base, tuned, cfg, tiny, budget_s=None, full=False):
     import signal
     if budget_s is not None:
         def _alarm(signum, frame):
@@ -602,13 +602,13 @@ def sec_stages(base, tuned, cfg, tiny, budget_s=None):
         signal.alarm(max(1, int(budget_s)))
         log(f"stages: time budget {budget_s:.0f}s")
     try:
-        _stages(base, tuned, cfg, tiny)
+        _stages(base, tuned, cfg, tiny, full)
     finally:
         if budget_s is not None:
             signal.alarm(0)
 
 
-def _stages(base, tuned, cfg, tiny):
+def _stages(base, tuned, cfg, tiny, full=False):
     from mechdiff.models.load import LoadedModel, model_dims
     from mechdiff.pairs.spec import ModelSpec, Pair
     tok, mean_len = bench_tokenizer()
@@ -654,10 +654,10 @@ def _stages(base, tuned, cfg, tiny):
         cleanup()
 
     from mechdiff.experiments import rq1 as rq1_mod
-    o1 = dict(n_prompts=n_val, stride=2, behaviour=False, prompts=prompts)
+    o1 = dict(n_prompts=n_val, stride=2, behaviour=full, prompts=prompts)
     opts1 = rq1_mod.RQ1Options(**{k: v for k, v in o1.items() if k in rq1_mod.RQ1Options.__dataclass_fields__})
     log(f"RQ1 options: {opts1}")
-    stage("RQ1 (capture, CKA+null+CI, patch sweep both directions; behaviour off)",
+    stage(f"RQ1 (capture, CKA+null+CI, patch sweep both directions; behaviour {'on' if full else 'off'})",
           lambda: rq1_mod.run_rq1(pair, opts1, out=out, models=models))
     try:
         from mechdiff.experiments import rq2 as rq2_mod
@@ -668,13 +668,14 @@ def _stages(base, tuned, cfg, tiny):
         _rq2_blocks(models, prompts, n_tr, n_val, stage)
     if rq2_mod is not None:
         fields = rq2_mod.RQ2Options.__dataclass_fields__
-        o2 = dict(n_train=n_tr, n_val=n_val, prompts=prompts, side_effects=False)
+        o2 = dict(n_train=n_tr, n_val=n_val, prompts=prompts, side_effects=full)
         opts_maps = rq2_mod.RQ2Options(**{k: v for k, v in o2.items() if k in fields})
         o2p = dict(o2, solvers=["procrustes_scaled"], sites=["resid_post", "attn_out", "mlp_out"])
         opts_mp = rq2_mod.RQ2Options(**{k: v for k, v in o2p.items() if k in fields})
         log(f"RQ2 maps options: {opts_maps}\nRQ2 mapped-patch options: {opts_mp}")
         for name, fn, opts in (("RQ2 maps (fit + score, default solvers)", rq2_mod.run_maps, opts_maps),
-                               ("RQ2 mapped-patch + alpha-sweep (side effects off)", rq2_mod.run_mapped_patch, opts_mp)):
+                               (f"RQ2 mapped-patch + alpha-sweep (side effects {'on' if full else 'off'})",
+                                rq2_mod.run_mapped_patch, opts_mp)):
             if "models" in inspect.signature(fn).parameters:
                 stage(name, lambda fn=fn, opts=opts: fn(pair, opts, out=out, models=models))
             else:
@@ -1054,6 +1055,8 @@ def main():
     ap.add_argument("--budget", type=float, default=0, help="seconds for the whole script (0: none); the "
                     "stages section is cut off (SIGALRM) so that --reserve seconds remain for compare")
     ap.add_argument("--reserve", type=float, default=120)
+    ap.add_argument("--full-study", action="store_true",
+                    help="stages with behaviour (RQ1) and side effects (RQ2) on: the whole study's wall time")
     args = ap.parse_args()
     DEV = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     secs = args.sections.split(",")
@@ -1095,7 +1098,8 @@ def main():
         sec_mapped_engine(base, tuned, cfg)
     if "stages" in secs:
         left = args.budget - (time.perf_counter() - T_START) - (args.reserve if "compare" in secs else 0)
-        sec_stages(base, tuned, cfg, tiny, budget_s=max(30.0, left) if args.budget else None)
+        sec_stages(base, tuned, cfg, tiny, budget_s=max(30.0, left) if args.budget else None,
+                   full=args.full_study)
     if "compare" in secs:
         del tuned
         tuned = None
