@@ -264,3 +264,17 @@ def test_gemma_strict_filter_names_a_ratio_to_try(gemma_pair, tmp_path_factory):
     sv = shared_vocab(base.tokenizer, tuned.tokenizer)
     kept, _ = filter_prompts(rows, base.tokenizer, tuned.tokenizer, sv, ratio)
     assert len(kept) >= 1
+
+
+@pytest.mark.real
+def test_self_pair_standardised_patch_is_still_zero(smollm2_loaded, tmp_path_factory):
+    """Standardising a model's states onto its own statistics is the identity: KL stays 0."""
+    from mechdiff.experiments.rq1 import RQ1Options, run_rq1
+    from mechdiff.pairs import load_pair
+
+    out = tmp_path_factory.mktemp("rq1_self_std")
+    run_rq1(load_pair("smollm2-self"), RQ1Options(n_prompts=8, behaviour=False, n_perm=2, standardise=True,
+                                                  layers=[5, 20]), out=out,
+            models=(smollm2_loaded, smollm2_loaded))
+    for d, v in _read(out, "patch.json")["directions"].items():
+        assert float(torch.tensor(v["per_prompt_masked"]).abs().max()) < 1e-4, d

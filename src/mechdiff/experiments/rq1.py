@@ -121,6 +121,12 @@ def _patch_step(run: RunDir, base: LoadedModel, tuned: LoadedModel, prompts, sv:
     sides = {"base": (base, sv.a_ids), "tuned": (tuned, sv.b_ids)}
     kl = {d: {"masked": [], "unmasked": []} for d in DIRECTIONS}
     cross = []
+    src_values = dict(states)   # per side [L, N, d]; standardised once onto the other side's statistics
+    if opts.standardise:
+        for direction in DIRECTIONS:
+            src, dst = direction.split("->")
+            src_values[src] = torch.stack([_standardiser(states[src][l], states[dst][l])(states[src][l])
+                                           for l in range(states[src].shape[0])])
     for i in range(0, len(prompts), opts.batch_size):
         chunk = prompts[i:i + opts.batch_size]
         engines = {name: PatchEngine(side.model, encode(side.tokenizer, chunk), measure=opts.measure)
@@ -128,13 +134,7 @@ def _patch_step(run: RunDir, base: LoadedModel, tuned: LoadedModel, prompts, sv:
         cross.append(kl_shared(engines["base"].clean_logits, engines["tuned"].clean_logits, sv.a_ids, sv.b_ids))
         for direction in DIRECTIONS:
             src, dst = direction.split("->")
-            src_states, dst_states = states[src], states[dst]
-            variants = []
-            for l in layers:
-                v = src_states[l, i:i + len(chunk)]
-                if opts.standardise:
-                    v = _standardiser(src_states[l], dst_states[l])(v)
-                variants.append(Patch(f"{opts.site}.{l}", v))
+            variants = [Patch(f"{opts.site}.{l}", src_values[src][l, i:i + len(chunk)]) for l in layers]
             k = engines[dst].run(variants, reduce=kl_reducer(engines[dst], sides[dst][1], with_unmasked=True))
             kl[direction]["masked"].append(k[..., 0])
             kl[direction]["unmasked"].append(k[..., 1])

@@ -184,15 +184,19 @@ def _sweep_step(run, base, tuned, val, sv, states, layers, control, opts) -> Non
     """All variants for one val chunk go through one engine call (batched suffix runs)."""
     solver = opts.solvers[0]
     variants, labels = [], []
-    alphas_used = {}
     same_width = base.d_model == tuned.d_model
+    fitted, mapped_val = {}, {}
 
     def mapped(map_layer, at_layer, site, alpha_key, kind):
-        m = M.load_map(run.file(f"maps/L{map_layer}_{site}_{solver}"))
+        if (map_layer, site) not in fitted:   # each map is loaded once, each val set mapped once
+            fitted[(map_layer, site)] = M.load_map(run.file(f"maps/L{map_layer}_{site}_{solver}"))
+        m = fitted[(map_layer, site)]
+        if (map_layer, at_layer, site) not in mapped_val:
+            mapped_val[(map_layer, at_layer, site)] = m.transform(states[f"base/val/{site}.{at_layer}"]).float()
         Xtr, Ytr = states[f"base/train/{site}.{map_layer}"], states[f"tuned/train/{site}.{at_layer}"]
         a = _alpha_value(alpha_key, m, Xtr, Ytr)
         mu = Ytr.mean(0)
-        v = mu + a * (m.transform(states[f"base/val/{site}.{at_layer}"]).float() - mu)
+        v = mu + a * (mapped_val[(map_layer, at_layer, site)] - mu)
         labels.append({"layer": at_layer, "site": site, "alpha": alpha_key, "alpha_value": a, "kind": kind,
                        "map_layer": map_layer})
         variants.append(v)
@@ -225,7 +229,6 @@ def _sweep_step(run, base, tuned, val, sv, states, layers, control, opts) -> Non
     for j, lab in enumerate(labels):
         lab.update(kl_mean=float(km[j].mean()), kl_std=float(km[j].std()) if km.shape[1] > 1 else 0.0,
                    kl_unmasked_mean=float(ku[j].mean()))
-        alphas_used[(lab["layer"], lab["site"], lab["alpha"])] = lab.get("alpha_value")
     run.write_json("variants.json", {"solver": solver, "measure": opts.measure, "n_val": len(val),
                                      "variants": labels, "per_prompt_masked": km.tolist()})
 

@@ -16,6 +16,7 @@ import torch
 
 from mechdiff.analyses.behaviour import generate_ids, is_refusal
 from mechdiff.data.prompts import encode, pad_id_of
+from mechdiff.fairness import mask_logits
 from mechdiff.patching import Patch, PatchEngine
 from mechdiff.sites.hooks import intervene, replace_at
 
@@ -36,10 +37,7 @@ def mc_scores(logits: torch.Tensor, items: list[dict], tok, allowed_ids=None) ->
     """Mean delta-log-prob(correct) and accuracy from next-token logits ``[B, V]``."""
     logits = logits.float()
     if allowed_ids is not None:
-        mask = torch.full_like(logits, float("-inf"))
-        ids = torch.as_tensor(allowed_ids, dtype=torch.long)
-        mask[:, ids] = 0
-        logits = logits + mask
+        logits = mask_logits(logits, allowed_ids)
     lp = logits.log_softmax(-1)
     deltas, correct = [], []
     for i, it in enumerate(items):
