@@ -251,8 +251,8 @@ def test_gemma_strict_filter_names_a_ratio_to_try(gemma_pair, tmp_path_factory):
     prompts = d / "kk.jsonl"
     prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     with pytest.raises(DataError) as e:
-        run_rq1(pair, RQ1Options(n_prompts=4, min_shared_ratio=1.0, behaviour=False, prompts=str(prompts)),
-                out=d / "run", models=(base, tuned))
+        run_rq1(pair, RQ1Options(n_prompts=4, min_shared_ratio=1.0, behaviour=False),
+                out=d / "run", models=(base, tuned), prompts=str(prompts))
     msg = str(e.value)
     assert "0/4 prompts" in msg
     m = re.search(r"Try --min_shared_ratio (\d\.\d\d)", msg)

@@ -38,8 +38,9 @@ def rq2_run(planted_cultural, tmp_path_factory):
     prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in load_prompt_set("cultural")
                                if r["lang"] == "en"), encoding="utf-8")
     opts = RQ2Options(layers=list(PLANTED_LAYERS), sites=[SITE], solvers=[SOLVER], n_train=N_TRAIN,
-                      n_val=N_VAL, side_n=6, prompts=str(prompts))
-    run = run_mapped_patch(load_pair("planted-cultural"), opts, out=out, models=(base, tuned))
+                      n_val=N_VAL, side_n=6)
+    run = run_mapped_patch(load_pair("planted-cultural"), opts, out=out, models=(base, tuned),
+                           prompts=str(prompts))
     p = run.path
     return {"path": p, "opts": opts, "sweep": _read(p, "alpha_sweep.json"), "maps": _read(p, "maps.json"),
             "prompts": _read(p, "rq2_prompts.json")}

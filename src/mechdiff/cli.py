@@ -1,41 +1,106 @@
 """The `mechdiff` command line. Parsing only: every command calls an experiments/ runner."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import typing
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from mechdiff.errors import MechdiffError
+from mechdiff.errors import ConfigError, MechdiffError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fair, causal diffing of a base language model against its fine-tunes.")
 console = Console()
-
-PairOpt = typer.Option(None, "--pair", help="built-in pair name (see `mechdiff pairs`) or a pair TOML file")
-BaseOpt = typer.Option(None, "--base", help="base model spec: hub id[@revision], local dir, .gguf, testbed name")
-TunedOpt = typer.Option(None, "--tuned", help="tuned model spec (same forms as --base)")
+err_console = Console(stderr=True)
 OutOpt = typer.Option(None, "--out", help="run directory (default: a new one under runs/); rerun to resume")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-DtypeOpt = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: the pair's, auto)")
-BatchOpt = typer.Option(32, "--batch-size", help="prompts per forward pass")
-SeedOpt = typer.Option(0, "--seed")
-PromptsOpt = typer.Option(None, "--prompts", help="JSONL prompt file (default: the pair's prompt set)")
 
 
-def _ints(text: Optional[str]) -> Optional[list[int]]:
-    return None if not text else [int(x) for x in text.replace(" ", "").split(",") if x]
+
+def _split(text: str) -> list[str]:
+    return [x for x in text.replace(" ", "").split(",") if x]
+
+
+def _ints(text: Optional[str], flag: str) -> Optional[list[int]]:
+    """A comma list of integers (``--layers 10,20``); ConfigError naming the flag otherwise."""
+    if not text:
+        return None
+    try:
+        return [int(x) for x in _split(text)]
+    except ValueError:
+        raise ConfigError(f"{flag} takes a comma list of integers (e.g. 10,20,24), got {text!r}") from None
 
 
 def _run(fn, *args, **kwargs):
-    """Call a runner; turn mechdiff errors into a one-line message and exit code 2."""
+    """Call a runner; turn mechdiff errors into a one-line message on stderr and exit code 2."""
     try:
         return fn(*args, **kwargs)
     except MechdiffError as e:
-        console.print(f"[bold red]error:[/] {e}")
+        err_console.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; rerun the same command to resume")
+        raise typer.Exit(130)
+
+
+# ---- stage commands, built from the registry ----------------------------------------------
+def _cli_param(f: dataclasses.Field, hint) -> tuple[inspect.Parameter, Callable[[Any], Any]]:
+    """A typer parameter for one options field and the converter from the CLI value to the field's."""
+    flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    names = [flag] + (["--" + f.name] if "_" in f.name and f.name == "min_shared_ratio" else [])
+    if flag != "--" + f.name.replace("_", "-"):
+        names.append("--" + f.name.replace("_", "-"))
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    args = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+    base = args[0]
+    help_ = f.metadata.get("help", "")
+    if typing.get_origin(base) is list:
+        item = typing.get_args(base)[0]
+        cli_default = ",".join(str(x) for x in default) if default else None
+        conv = (lambda v, flag=flag: _ints(v, flag)) if item is int else (lambda v: _split(v) if v else None)
+        option = typer.Option(cli_default, *names, help=help_)
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                 annotation=Optional[str]), conv
+    if base is bool:
+        option = typer.Option(default, f"{flag}/--no-{flag[2:]}", help=help_)
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=bool), bool
+    annotation = Optional[base] if default is None else base
+    option = typer.Option(default, *names, help=help_)
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                             annotation=annotation), (lambda v: v)
+
+
+def _fields(cls) -> list[tuple[dataclasses.Field, Any]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if not f.name.startswith("_")]
+
+
+def _stage_command(stage) -> None:
+    from mechdiff.experiments.stage import Common
+    common = [_cli_param(f, h) for f, h in _fields(Common)]
+    own = [_cli_param(f, h) for f, h in _fields(stage.options)]
+    convs = {p.name: c for p, c in common + own}
+    own_names = [p.name for p, _ in own]
+
+    def command(**kw) -> None:
+        from mechdiff.experiments.common import resolve_pair
+        from mechdiff.experiments.stage import run_stage
+        vals = _run(lambda: {k: convs[k](v) for k, v in kw.items()})
+        opts = _run(stage.options, **{k: vals[k] for k in own_names})
+        pair = _run(resolve_pair, vals["pair"], vals["base"], vals["tuned"])
+        run = _run(run_stage, stage.name, pair, opts, out=vals["out"], device=vals["device"],
+                   dtype=vals["dtype"], batch_size=vals["batch_size"], seed=vals["seed"], prompts=vals["prompts"])
+        console.print(stage.done_message.format(path=run.path) if stage.done_message else f"{stage.name} done: {run.path}")
+
+    command.__signature__ = inspect.Signature([p for p, _ in common + own])
+    command.__doc__ = stage.help
+    command.__name__ = stage.name.replace("-", "_")
+    app.command(stage.name)(command)
 
 
 @app.command()
@@ -49,87 +114,6 @@ def pairs() -> None:
         p = load_pair(name)
         table.add_row(name, p.domain, str(p.base), str(p.tuned), p.tokenizer_policy)
     console.print(table)
-
-
-@app.command()
-def rq1(pair: Optional[str] = PairOpt, base: Optional[str] = BaseOpt, tuned: Optional[str] = TunedOpt,
-        out: Optional[Path] = OutOpt, device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt,
-        batch_size: int = BatchOpt, seed: int = SeedOpt, prompts: Optional[Path] = PromptsOpt,
-        n_prompts: int = typer.Option(150, "--n-prompts", help="prompts used (after the fairness filter)"),
-        stride: int = typer.Option(2, "--stride", help="CKA every STRIDE layers"),
-        site: str = typer.Option("resid_post", "--site", help="resid_post | attn_out | mlp_out"),
-        min_shared_ratio: float = typer.Option(1.0, "--min-shared-ratio", "--min_shared_ratio",
-                                               help="keep prompts with at least this fraction of tokens "
-                                                    "in the shared vocabulary (1.0 strict)"),
-        layers: Optional[str] = typer.Option(None, "--layers", help="patch only these layers, e.g. 10,20,24"),
-        all_positions: bool = typer.Option(False, "--all-positions",
-                                           help="also patch every position (needs identical tokenisation)"),
-        standardise: bool = typer.Option(False, "--standardise",
-                                         help="standardise source / de-standardise into the destination "
-                                              "with a calibration batch before patching"),
-        behaviour: bool = typer.Option(True, "--behaviour/--no-behaviour", help="behaviour table"),
-        ) -> None:
-    """RQ1: fairness report, CKA per layer (debiased, CI, null), cross-model layer patching, behaviour."""
-    from mechdiff.experiments.common import resolve_pair
-    from mechdiff.experiments.rq1 import RQ1Options, run_rq1
-    opts = RQ1Options(n_prompts=n_prompts, stride=stride, site=site, min_shared_ratio=min_shared_ratio,
-                      layers=_ints(layers), all_positions=all_positions, standardise=standardise,
-                      behaviour=behaviour, batch_size=batch_size, seed=seed,
-                      prompts=str(prompts) if prompts else None)
-    p = _run(resolve_pair, pair, base, tuned)
-    run = _run(run_rq1, p, opts, out=out, device=device, dtype=dtype)
-    console.print(f"RQ1 done: {run.path}  (rq1.json, figures/, report.html)")
-
-
-@app.command()
-def maps(pair: Optional[str] = PairOpt, base: Optional[str] = BaseOpt, tuned: Optional[str] = TunedOpt,
-         out: Optional[Path] = OutOpt, device: Optional[str] = DeviceOpt, dtype: Optional[str] = DtypeOpt,
-         batch_size: int = BatchOpt, seed: int = SeedOpt, prompts: Optional[Path] = PromptsOpt,
-         layers: Optional[str] = typer.Option(None, "--layers", help="layers (default: RQ1's choice or the pair's)"),
-         sites: str = typer.Option("resid_post", "--sites", help="comma list of resid_post,attn_out,mlp_out"),
-         solvers: str = typer.Option("ridge,procrustes,procrustes_scaled", "--solvers",
-                                     help="ridge, procrustes, pca_procrustes, procrustes_scaled, logit_subspace"),
-         shrink: float = typer.Option(0.05, "--shrink", help="whitening shrinkage for procrustes_scaled"),
-         n_train: int = typer.Option(450, "--n-train"), n_val: int = typer.Option(150, "--n-val"),
-         k_positions: int = typer.Option(1, "--k-positions", help="1 = last content token; K>1 = K per prompt"),
-         ) -> None:
-    """RQ2: fit transport maps base -> tuned and score them on held-out prompts."""
-    from mechdiff.experiments.common import resolve_pair
-    from mechdiff.experiments.rq2 import RQ2Options, run_maps
-    opts = RQ2Options(layers=_ints(layers), sites=sites.split(","), solvers=solvers.split(","), shrink=shrink,
-                      n_train=n_train, n_val=n_val, k_positions=k_positions, batch_size=batch_size,
-                      seed=seed, prompts=str(prompts) if prompts else None)
-    p = _run(resolve_pair, pair, base, tuned)
-    run = _run(run_maps, p, opts, out=out, device=device, dtype=dtype)
-    console.print(f"maps done: {run.path}  (maps.json, maps/, figures/)")
-
-
-@app.command("mapped-patch")
-def mapped_patch(pair: Optional[str] = PairOpt, base: Optional[str] = BaseOpt, tuned: Optional[str] = TunedOpt,
-                 out: Optional[Path] = OutOpt, device: Optional[str] = DeviceOpt,
-                 dtype: Optional[str] = DtypeOpt, batch_size: int = BatchOpt, seed: int = SeedOpt,
-                 prompts: Optional[Path] = PromptsOpt,
-                 layers: Optional[str] = typer.Option(None, "--layers"),
-                 sites: str = typer.Option("resid_post,attn_out,mlp_out", "--sites"),
-                 solver: str = typer.Option("procrustes_scaled", "--solver"),
-                 shrink: float = typer.Option(0.05, "--shrink"),
-                 alphas: str = typer.Option("0.3,0.5,0.7,1.0,auto", "--alpha", "--alphas",
-                                            help="alpha values (comma list) or 'auto'"),
-                 control_layer: Optional[int] = typer.Option(None, "--control-layer",
-                                                             help="early layer for the bogus-map control"),
-                 n_train: int = typer.Option(450, "--n-train"), n_val: int = typer.Option(150, "--n-val"),
-                 side_effects: bool = typer.Option(True, "--side-effects/--no-side-effects"),
-                 ) -> None:
-    """RQ2: mapped patching and the alpha-sweep on the val split, side effects, controls, summary."""
-    from mechdiff.experiments.common import resolve_pair
-    from mechdiff.experiments.rq2 import RQ2Options, run_mapped_patch
-    opts = RQ2Options(layers=_ints(layers), sites=sites.split(","), solvers=[solver], shrink=shrink,
-                      n_train=n_train, n_val=n_val, alphas=alphas.split(","), control_layer=control_layer,
-                      side_effects=side_effects, batch_size=batch_size, seed=seed,
-                      prompts=str(prompts) if prompts else None)
-    p = _run(resolve_pair, pair, base, tuned)
-    run = _run(run_mapped_patch, p, opts, out=out, device=device, dtype=dtype)
-    console.print(f"mapped patching done: {run.path}  (alpha_sweep.json, rq2_summary.txt, figures/)")
 
 
 @app.command()
@@ -156,6 +140,15 @@ def demo(out: Optional[Path] = OutOpt, device: Optional[str] = DeviceOpt,
     path = _run(run_demo, out=out, device=device, quick=quick)
     console.print(f"demo done: results in {path}  (open {path}/report.html)")
 
+
+def _register_stages() -> None:
+    from mechdiff.experiments.stage import STAGES, get_stage
+    get_stage("rq1")   # imports the registry
+    for stage in STAGES.values():
+        _stage_command(stage)
+
+
+_register_stages()
 
 if __name__ == "__main__":  # pragma: no cover
     app()

@@ -12,13 +12,21 @@ from pathlib import Path
 from rich.console import Console
 
 from mechdiff.artifacts import new_run_dir
-from mechdiff.experiments.rq1 import RQ1Options, run_rq1
-from mechdiff.experiments.rq2 import RQ2Options, run_mapped_patch
+from mechdiff.experiments import get_stage, run_stage
 from mechdiff.models.planted import load_planted
 from mechdiff.pairs import load_pair
 from mechdiff.report import write_report
 
 console = Console()
+
+
+def demo_plan(quick: bool) -> list[tuple[str, dict]]:
+    """(stage name, option overrides) in the order the demo runs them; each stage reads the layers
+    the stages before it chose from the shared run directory."""
+    n1, n_train, n_val = (32, 48, 16) if quick else (64, 128, 32)
+    return [("rq1", dict(n_prompts=n1, behaviour_n=8 if quick else 16)),
+            ("mapped-patch", dict(sites=["resid_post", "mlp_out"], solvers=["procrustes_scaled"],
+                                  n_train=n_train, n_val=n_val, side_n=8 if quick else 16))]
 
 
 def run_demo(out: str | Path | None = None, device: str | None = None, quick: bool = False) -> Path:
@@ -30,19 +38,13 @@ def run_demo(out: str | Path | None = None, device: str | None = None, quick: bo
     base, tuned, truth = load_planted("planted-cultural", device=device or "cpu")
     console.print(f"planted ground truth: layers {truth['layers']}, rank {truth['rank']}, "
                   f"{len(truth.get('new_tokens', []))} new tokens")
-    n1, n_train, n_val = (32, 48, 16) if quick else (64, 128, 32)
-    t = time.perf_counter()
-    run_rq1(pair, RQ1Options(n_prompts=n1, behaviour_n=8 if quick else 16, batch_size=32),
-            out=path, models=(base, tuned))
-    rq1 = (path / "rq1.json")
-    console.print(f"RQ1 done in {time.perf_counter() - t:.0f}s -> {rq1}")
-    t = time.perf_counter()
-    run_mapped_patch(pair, RQ2Options(sites=["resid_post", "mlp_out"], solvers=["procrustes_scaled"],
-                                      n_train=n_train, n_val=n_val, side_n=8 if quick else 16,
-                                      batch_size=32),
-                     out=path, models=(base, tuned))
-    console.print(f"RQ2 done in {time.perf_counter() - t:.0f}s -> {path / 'rq2_summary.txt'}")
-    console.print((path / "rq2_summary.txt").read_text(encoding="utf-8"))
+    for name, overrides in demo_plan(quick):
+        t = time.perf_counter()
+        stage = get_stage(name)
+        run_stage(name, pair, stage.options(**overrides), out=path, models=(base, tuned), batch_size=32)
+        console.print(f"{name} done in {time.perf_counter() - t:.0f}s")
+    if (path / "rq2_summary.txt").is_file():
+        console.print((path / "rq2_summary.txt").read_text(encoding="utf-8"))
     html, _ = write_report(path)
-    console.print(f"total {time.perf_counter() - t0:.0f}s; report: {html}")
+    console.print(f"total {time.perf_counter() - t0:.0f}s; report: {Path(html).resolve()}")
     return path

@@ -52,11 +52,15 @@ def open_run(out: str | Path | None, stage: str, pair: Pair, sides: dict[str, Lo
     old = run.read_manifest()
     stage_opts = dict((old or {}).get("options", {}))
 
-    def binding(o: dict) -> dict:
-        return {k: v for k, v in o.items() if k not in RESUME_SAFE_OPTIONS}
-    if stage in stage_opts and binding(stage_opts[stage]) != binding(opts):
-        raise ConfigError(f"run directory {path} already holds stage {stage!r} with other options "
-                          f"({binding(stage_opts[stage])} vs {binding(opts)}); use a new --out directory")
+    if stage in stage_opts:
+        # Options that exist on both sides must agree (an option added or retired since the run was
+        # recorded does not block the resume); resume-safe ones may differ.
+        old_o = stage_opts[stage]
+        diff = sorted(k for k in set(old_o) & set(opts) if k not in RESUME_SAFE_OPTIONS and old_o[k] != opts[k])
+        if diff:
+            shown = "; ".join(f"{k}: {old_o[k]!r} then, {opts[k]!r} now" for k in diff)
+            raise ConfigError(f"run directory {path} already holds stage {stage!r} with other options "
+                              f"({shown}); rerun with the same options or use a new --out directory")
     stage_opts[stage] = opts
     models = {k: {kk: vv for kk, vv in v.info.items() if kk not in VOLATILE_INFO} for k, v in sides.items()}
     manifest = build_manifest(pair=pair.to_dict(), models=models, seeds=seeds, options=stage_opts)

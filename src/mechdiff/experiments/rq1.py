@@ -20,12 +20,10 @@ from mechdiff.analyses.kl import kl_shared, summarise
 from mechdiff.artifacts import RunDir
 from mechdiff.data.prompts import encode
 from mechdiff.errors import ConfigError
-from mechdiff.experiments.common import open_models, open_run, target_prompts
-from mechdiff.fairness import SharedVocab, filter_prompts, shared_vocab
-from mechdiff.models.load import LoadedModel
-from mechdiff.pairs import Pair
-from mechdiff.patching import Patch, PatchEngine, kl_reducer, patch_kl
-from mechdiff.sites.capture import capture
+from mechdiff.experiments.stage import Stage, Study, opt, register, run_stage
+from mechdiff.experiments.steps import capture_sides, check_layers, kl_to_clean, patch_measure, select_prompts
+from mechdiff.patching import Patch, PatchEngine, patch_kl
+from mechdiff.sites.names import Site, sites_at
 
 STATES = "tensors/rq1_states.safetensors"
 DIRECTIONS = ("base->tuned", "tuned->base")
@@ -33,31 +31,31 @@ DIRECTIONS = ("base->tuned", "tuned->base")
 
 @dataclass
 class RQ1Options:
-    n_prompts: int = 150
-    stride: int = 2
-    site: str = "resid_post"
-    min_shared_ratio: float = 1.0
-    layers: list[int] | None = None   # patch these layers (default: every layer)
-    all_positions: bool = False
-    standardise: bool = False
-    behaviour: bool = True
-    batch_size: int = 32
-    seed: int = 0
-    prompts: str | None = None
-    n_perm: int = 20
-    behaviour_n: int = 24
-    max_new_tokens: int = 16
-    control_layer: int | None = None
-    measure: str = "decision"   # next-token KL at the patched token (seeds); "last": end of prompt
+    n_prompts: int = opt(150, "prompts used (after the fairness filter)")
+    stride: int = opt(2, "CKA every STRIDE layers")
+    site: str = opt("resid_post", "resid_post | attn_out | mlp_out")
+    min_shared_ratio: float = opt(1.0, "keep prompts with at least this fraction of tokens in the shared "
+                                       "vocabulary (1.0 strict)")
+    layers: list[int] | None = opt(None, "patch only these layers, e.g. 10,20,24 (default: every layer)")
+    all_positions: bool = opt(False, "also patch every position (needs identical tokenisation)")
+    standardise: bool = opt(False, "standardise source / de-standardise into the destination with a "
+                                   "calibration batch before patching")
+    behaviour: bool = opt(True, "behaviour table (refusal, style, MC; generation)")
+    n_perm: int = opt(20, "row-shuffled permutations for the CKA null")
+    behaviour_n: int = opt(24, "prompts per behaviour set")
+    max_new_tokens: int = opt(16, "generated tokens per prompt in the behaviour table")
+    control_layer: int | None = opt(None, "control layer (default: the most similar layer in the first half)")
+    measure: str = opt("decision", "where next-token KL is read: decision (the patched token, as in the "
+                                   "seeds) | last (end of the prompt)")
 
 
-def check_layers(opts: RQ1Options, n_layers: int) -> None:
-    """--layers and --control-layer must index existing layers (ConfigError naming the range)."""
-    for what, ls in (("--layers", opts.layers or []), ("--control-layer",
-                                                       [] if opts.control_layer is None else [opts.control_layer])):
-        for l in ls:
-            if not 0 <= l < n_layers:
-                raise ConfigError(f"{what}: layer {l} is out of range 0..{n_layers - 1} for these models")
+def check(opts: RQ1Options, n_layers: int) -> None:
+    """Options that can be checked before any model work: layer ranges, counts, names."""
+    check_layers(n_layers, layers=opts.layers, control_layer=opts.control_layer)
+    if opts.stride < 1:
+        raise ConfigError(f"--stride must be >= 1, got {opts.stride}")
+    if opts.n_prompts < 4:
+        raise ConfigError(f"--n-prompts must be >= 4 (debiased CKA needs n > 3), got {opts.n_prompts}")
 
 
 def cka_layers(n_layers: int, stride: int) -> list[int]:
@@ -66,40 +64,42 @@ def cka_layers(n_layers: int, stride: int) -> list[int]:
     return layers if layers and layers[-1] == n_layers - 1 else layers + [n_layers - 1]
 
 
-def fair_prompts(pair: Pair, base: LoadedModel, tuned: LoadedModel, opts: RQ1Options,
-                 run: RunDir) -> tuple[SharedVocab, list[dict]]:
-    """Shared vocabulary + the prompts that pass the filter (first ``n_prompts``); fairness.json."""
-    sv = shared_vocab(base.tokenizer, tuned.tokenizer)
-    prompts = target_prompts(pair, opts.prompts)
-    kept, report = filter_prompts(prompts, base.tokenizer, tuned.tokenizer, sv, opts.min_shared_ratio)
-    kept = kept[: opts.n_prompts]
-    run.write_json("fairness.json", {"vocab": sv.report(), "filter": report,
-                                     "min_shared_ratio": opts.min_shared_ratio,
-                                     "n_used": len(kept), "prompt_ids": [p["id"] for p in kept]})
-    return sv, kept
+def fair_prompts(study: Study, n_prompts: int, min_shared_ratio: float) -> list[dict]:
+    """The first ``n_prompts`` prompts that pass the shared-vocabulary filter; writes fairness.json."""
+    kept = select_prompts(study, n_prompts, min_shared_ratio)
+    _, report = study.fair_prompts(min_shared_ratio)
+    study.run.write_json("fairness.json", {"vocab": study.vocab.report(), "filter": report,
+                                           "min_shared_ratio": min_shared_ratio,
+                                           "n_used": len(kept), "prompt_ids": [p["id"] for p in kept]})
+    return kept
 
 
-def _capture_all(side: LoadedModel, prompts, site: str, opts: RQ1Options) -> torch.Tensor:
-    """``[L, N, d]`` float32: ``site`` at every layer, last content token."""
-    sites = [f"{site}.{l}" for l in range(side.n_layers)]
-    cap = capture(side.model, side.tokenizer, prompts, sites, batch_size=opts.batch_size)
-    return torch.stack([cap[s] for s in sites])
+def _capture_step(study: Study, prompts, site: str) -> None:
+    """``[L, N, d]`` float32 per side: ``site`` at every layer, last content token."""
+    out = {}
+    for side in ("base", "tuned"):
+        sites = sites_at(site, range(study.side(side).n_layers))
+        cap = capture_sides(study, prompts, sites, sides=[side])[side]
+        out[side] = torch.stack([cap[s] for s in sites])
+    study.run.write_tensors(STATES, out)
 
 
-def _cka_step(run: RunDir, X: torch.Tensor, Y: torch.Tensor, opts: RQ1Options) -> None:
-    """Same depth: per-layer CKA with CI and null at the stride's layers; always the full matrix."""
-    out: dict = {"site": opts.site, "n": X.shape[1]}
+def _cka_step(run: RunDir, X: torch.Tensor, Y: torch.Tensor, site: str, stride: int, n_perm: int,
+              seed: int) -> None:
+    """Same depth: per-layer CKA with CI and null at the stride's layers; always the full matrix.
+    X, Y: ``[L, N, d]`` states of base and tuned."""
+    out: dict = {"site": site, "n": X.shape[1]}
     if torch.cuda.is_available():
         X, Y = X.cuda(), Y.cuda()
     if X.shape[0] == Y.shape[0]:
         rows = []
-        for l in cka_layers(X.shape[0], opts.stride):
-            r = cka_with_ci(X[l], Y[l], method="jackknife", n_perm=opts.n_perm, seed=opts.seed)
+        for l in cka_layers(X.shape[0], stride):
+            r = cka_with_ci(X[l], Y[l], method="jackknife", n_perm=n_perm, seed=seed)
             rows.append({"layer": l, **{k: r[k] for k in ("debiased", "biased", "ci_low", "ci_high", "se",
                                                           "null_mean", "null_sd", "biased_null_mean")},
                          "influential_rows": r.get("influential_rows")})
         out["per_layer"] = rows
-    lx, ly = cka_layers(X.shape[0], opts.stride), cka_layers(Y.shape[0], opts.stride)
+    lx, ly = cka_layers(X.shape[0], stride), cka_layers(Y.shape[0], stride)
     out["matrix_layers"] = {"base": lx, "tuned": ly}
     out["matrix_debiased"] = cka_matrix(X[lx], Y[ly], debiased=True).tolist()
     out["matrix_biased"] = cka_matrix(X[lx], Y[ly], debiased=False).tolist()
@@ -113,96 +113,96 @@ def _standardiser(src: torch.Tensor, dst: torch.Tensor):
     return lambda x: (x - ms) / ss * sd + md
 
 
-def _patch_step(run: RunDir, base: LoadedModel, tuned: LoadedModel, prompts, sv: SharedVocab,
-                states: dict[str, torch.Tensor], opts: RQ1Options) -> None:
+def _patch_step(study: Study, prompts, states: dict[str, torch.Tensor], opts: RQ1Options) -> None:
     """KL(dst clean || dst with src state at layer L) per prompt, both directions, every layer; and
     the clean cross-model KL(base || tuned) over the shared vocabulary in common order."""
-    layers = opts.layers or list(range(base.n_layers))
-    sides = {"base": (base, sv.a_ids), "tuned": (tuned, sv.b_ids)}
-    kl = {d: {"masked": [], "unmasked": []} for d in DIRECTIONS}
-    cross = []
+    layers = opts.layers or list(range(study.base.n_layers))
     src_values = dict(states)   # per side [L, N, d]; standardised once onto the other side's statistics
     if opts.standardise:
         for direction in DIRECTIONS:
             src, dst = direction.split("->")
             src_values[src] = torch.stack([_standardiser(states[src][l], states[dst][l])(states[src][l])
                                            for l in range(states[src].shape[0])])
-    for i in range(0, len(prompts), opts.batch_size):
-        chunk = prompts[i:i + opts.batch_size]
-        engines = {name: PatchEngine(side.model, encode(side.tokenizer, chunk), measure=opts.measure)
-                   for name, (side, _) in sides.items()}
-        cross.append(kl_shared(engines["base"].clean_logits, engines["tuned"].clean_logits, sv.a_ids, sv.b_ids))
-        for direction in DIRECTIONS:
-            src, dst = direction.split("->")
-            variants = [Patch(f"{opts.site}.{l}", src_values[src][l, i:i + len(chunk)]) for l in layers]
-            k = engines[dst].run(variants, reduce=kl_reducer(engines[dst], sides[dst][1], with_unmasked=True))
-            kl[direction]["masked"].append(k[..., 0])
-            kl[direction]["unmasked"].append(k[..., 1])
-    result: dict = {"site": opts.site, "layers": layers, "measure": opts.measure, "directions": {},
-                    "clean_cross_kl_shared": summarise(torch.cat(cross))}
+    clean: dict[str, list] = {"base": [], "tuned": []}
+    kl = {}
     for direction in DIRECTIONS:
-        km, ku = torch.cat(kl[direction]["masked"], 1), torch.cat(kl[direction]["unmasked"], 1)  # [L, N]
+        src, dst = direction.split("->")
+        kl[direction] = patch_measure(
+            study.side(dst), prompts, [Patch(Site(opts.site, l), src_values[src][l]) for l in layers],
+            batch_size=study.batch_size, measure=opts.measure, reducer=kl_to_clean(study.allowed_ids(dst)),
+            on_chunk=lambda eng, i, j, dst=dst: clean[dst].append(eng.clean_logits.cpu()))   # [L, N, 2]
+    cross = kl_shared(torch.cat(clean["base"]), torch.cat(clean["tuned"]), study.vocab.a_ids, study.vocab.b_ids)
+    result: dict = {"site": opts.site, "layers": layers, "measure": opts.measure, "directions": {},
+                    "clean_cross_kl_shared": summarise(cross)}
+    for direction in DIRECTIONS:
+        km, ku = kl[direction][..., 0], kl[direction][..., 1]   # [L, N]
         result["directions"][direction] = {
             "masked": [{"layer": l, **summarise(km[j])} for j, l in enumerate(layers)],
             "unmasked": [{"layer": l, **summarise(ku[j])} for j, l in enumerate(layers)],
             "per_prompt_masked": km.tolist()}
     if opts.all_positions:
-        result["all_positions"] = _all_positions(base, tuned, prompts, layers, sv, opts)
-    run.write_json("patch.json", result)
+        result["all_positions"] = _all_positions(study, prompts, layers, opts)
+    study.run.write_json("patch.json", result)
 
 
-def _all_positions(base, tuned, prompts, layers, sv, opts) -> dict:
+def _all_positions(study: Study, prompts, layers, opts) -> dict:
     """Patch every position (needs identical tokenisation on both sides); base->tuned only."""
     from mechdiff.sites.hooks import record
+    base, tuned = study.base, study.tuned
     bb, bt = encode(base.tokenizer, prompts), encode(tuned.tokenizer, prompts)
     if bb.input_ids.shape != bt.input_ids.shape or not torch.equal(bb.input_ids, bt.input_ids):
         raise ConfigError("--all-positions needs both tokenizers to tokenise the prompts identically; "
                           "they do not (extended vocabulary?): patch the decision token only")
-    sites = [f"{opts.site}.{l}" for l in layers]
+    sites = sites_at(opts.site, layers)
     with torch.no_grad(), record(base.model, sites) as rec:
         base.model(**bb.to(base.device).model_inputs())
     eng = PatchEngine(tuned.model, bt, measure=opts.measure)
-    kl = patch_kl(eng, [Patch(s, rec[s]) for s in sites], sv.b_ids, positions="all")
+    kl = patch_kl(eng, [Patch(s, rec[s]) for s in sites], study.allowed_ids("tuned"), positions="all")
     return {"direction": "base->tuned", "masked": [{"layer": l, **summarise(kl[j])}
                                                    for j, l in enumerate(layers)]}
 
 
-def _behaviour_step(run: RunDir, base: LoadedModel, tuned: LoadedModel, sv: SharedVocab,
-                    prompts, opts: RQ1Options) -> None:
+def _behaviour_step(study: Study, prompts, opts: RQ1Options) -> None:
     from mechdiff.analyses.behaviour import behaviour_delta, behaviour_table
     from mechdiff.data.datasets import load_prompt_set
     n = opts.behaviour_n
     sets = {"target": prompts[:n], "refusal_probe": load_prompt_set("refusal_probe")[:n],
             "mc": load_prompt_set("mc")[:n]}
-    tables = {name: behaviour_table(side.model, side.tokenizer, sets, allowed_ids=ids,
-                                    max_new_tokens=opts.max_new_tokens)
-              for name, side, ids in (("base", base, sv.a_ids), ("tuned", tuned, sv.b_ids))}
-    run.write_json("behaviour.json", {"base": tables["base"], "tuned": tables["tuned"],
-                                      "delta": behaviour_delta(tables["base"], tables["tuned"]),
-                                      "n_per_set": {k: len(v) for k, v in sets.items()}})
+    tables = {name: behaviour_table(study.side(name).model, study.side(name).tokenizer, sets,
+                                    allowed_ids=study.allowed_ids(name), max_new_tokens=opts.max_new_tokens)
+              for name in ("base", "tuned")}
+    study.run.write_json("behaviour.json", {"base": tables["base"], "tuned": tables["tuned"],
+                                            "delta": behaviour_delta(tables["base"], tables["tuned"]),
+                                            "n_per_set": {k: len(v) for k, v in sets.items()}})
 
 
-def run_rq1(pair: Pair, opts: RQ1Options, out=None, device=None, dtype=None,
-            models: tuple[LoadedModel, LoadedModel] | None = None) -> RunDir:
-    """Run RQ1 end to end (resuming finished steps) and return the run directory."""
-    from mechdiff.experiments.rq1_summary import summarise_rq1
-    base, tuned = models or open_models(pair, device, dtype)
-    check_layers(opts, min(base.n_layers, tuned.n_layers))   # before any expensive work
-    run = open_run(out, "rq1", pair, {"base": base, "tuned": tuned}, {"seed": opts.seed}, opts)
-    sv, prompts = fair_prompts(pair, base, tuned, opts, run)
-
-    def capture_step():
-        run.write_tensors(STATES, {"base": _capture_all(base, prompts, opts.site, opts),
-                                   "tuned": _capture_all(tuned, prompts, opts.site, opts)})
-    run.cached("rq1.capture", capture_step, [STATES])
-    states = run.read_tensors(STATES)
-    run.cached("rq1.cka", lambda: _cka_step(run, states["base"], states["tuned"], opts), ["cka.json"],
-               depends_on=["rq1.capture"])
-    if base.d_model == tuned.d_model and base.n_layers == tuned.n_layers:
-        run.cached("rq1.patch", lambda: _patch_step(run, base, tuned, prompts, sv, states, opts),
-                   ["patch.json"], depends_on=["rq1.capture"])
+def run_rq1_stage(study: Study, opts: RQ1Options) -> None:
+    """The RQ1 steps (finished ones are skipped on resume)."""
+    run_dir = study.run
+    prompts = fair_prompts(study, opts.n_prompts, opts.min_shared_ratio)
+    run_dir.cached("rq1.capture", lambda: _capture_step(study, prompts, opts.site), [STATES])
+    states = run_dir.read_tensors(STATES)
+    run_dir.cached("rq1.cka", lambda: _cka_step(run_dir, states["base"], states["tuned"], opts.site,
+                                                opts.stride, opts.n_perm, study.seed),
+                   ["cka.json"], depends_on=["rq1.capture"])
+    if study.same_shape:
+        run_dir.cached("rq1.patch", lambda: _patch_step(study, prompts, states, opts), ["patch.json"],
+                       depends_on=["rq1.capture"])
     if opts.behaviour:
-        run.cached("rq1.behaviour", lambda: _behaviour_step(run, base, tuned, sv, prompts, opts),
-                   ["behaviour.json"])
-    summarise_rq1(run, pair, base, tuned, opts)
-    return run
+        run_dir.cached("rq1.behaviour", lambda: _behaviour_step(study, prompts, opts), ["behaviour.json"])
+
+
+def summarise_rq1_stage(study: Study, opts: RQ1Options) -> dict:
+    from mechdiff.experiments.rq1_summary import summarise_rq1
+    return summarise_rq1(study.run, study.pair, study.base, study.tuned, opts)
+
+
+STAGE = register(Stage(
+    name="rq1", options=RQ1Options, run=run_rq1_stage, summarise=summarise_rq1_stage, check=check,
+    help="RQ1: fairness report, CKA per layer (debiased, CI, null), cross-model layer patching, behaviour.",
+    done_message="RQ1 done: {path}  (rq1.json, figures/, report.html)"))
+
+
+def run_rq1(pair, opts: RQ1Options, out=None, device=None, dtype=None, models=None, **common) -> RunDir:
+    """Run RQ1 end to end (resuming finished steps) and return the run directory (``run_stage``)."""
+    return run_stage("rq1", pair, opts, out=out, device=device, dtype=dtype, models=models, **common)

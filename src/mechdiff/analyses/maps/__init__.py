@@ -33,7 +33,7 @@ from mechdiff.analyses.maps.whiten import ScaledProcrustesMap, Whitener, check_s
 __all__ = [
     "IdentityMap", "RidgeMap", "ProcrustesMap", "PCAProcrustesMap", "ScaledProcrustesMap",
     "LogitSubspaceMap", "Whitener", "check_shrinkage", "shrink_covariance", "procrustes", "load_map",
-    "MAP_CLASSES",
+    "MAP_CLASSES", "SOLVERS", "make_map",
 ]
 
 # The registry load_map reads (saved maps record their class name). It lives in base.py so that
@@ -41,3 +41,22 @@ __all__ = [
 # map class exists.
 MAP_CLASSES.update({c.__name__: c for c in (IdentityMap, RidgeMap, ProcrustesMap, PCAProcrustesMap,
                                             ScaledProcrustesMap, LogitSubspaceMap)})
+
+# Solver names (the `--solvers` option) -> factory of a fresh, unfitted estimator. ``shrink`` is the
+# whitening shrinkage (procrustes_scaled); ``W_U`` the tuned unembedding ``[V, d]`` (logit_subspace).
+SOLVERS = {
+    "ridge": lambda shrink, W_U: RidgeMap(select="val"),
+    "procrustes": lambda shrink, W_U: ProcrustesMap(),
+    "pca_procrustes": lambda shrink, W_U: PCAProcrustesMap(q=64),
+    "procrustes_scaled": lambda shrink, W_U: ScaledProcrustesMap(shrink=shrink),
+    "logit_subspace": lambda shrink, W_U: LogitSubspaceMap(W_U(), q=256),
+}
+
+
+def make_map(solver: str, shrink: float = 0.05, W_U=None) -> _Map:
+    """A fresh, unfitted estimator for ``solver`` (a name in ``SOLVERS``). ``W_U``: a callable giving
+    the tuned unembedding ``[V, d]``, called only by solvers that need it."""
+    from mechdiff.errors import ConfigError
+    if solver not in SOLVERS:
+        raise ConfigError(f"unknown solver {solver!r}; choose from {', '.join(SOLVERS)}")
+    return SOLVERS[solver](shrink, W_U)

@@ -1,0 +1,194 @@
+"""The stage interface: a study context built once, stages in a registry.
+
+A *stage* is one module (``experiments/rq1.py``, ``rq2.py``, ...) that defines
+
+- an options dataclass whose fields carry their help text in ``metadata["help"]`` (defaults are
+  written once, there; the CLI builds its options from these fields),
+- ``run(study, opts)``: the resumable steps (``study.run.cached``) that write the stage's artifacts,
+- ``summarise(study, opts)``: the stage's summary JSON, figures and report, from artifacts alone,
+
+and registers itself with :func:`register`. :class:`Study` holds what every stage shares: the
+pair, both loaded models, the run directory, the shared vocabulary, the fair prompt set, and the
+common options (device, dtype, batch size, seed, prompt file). ``run_stage`` is the one entry
+point the CLI, the demo, the benchmarks and the Python API go through::
+
+    from mechdiff.experiments import run_stage
+    run = run_stage("rq1", "planted-cultural", n_prompts=64)       # -> RunDir
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Callable
+
+from mechdiff.artifacts import RunDir
+from mechdiff.errors import ConfigError
+from mechdiff.models.load import LoadedModel
+from mechdiff.pairs import Pair
+
+SIDES = ("base", "tuned")
+
+
+def opt(default: Any = None, help: str = "", *, flag: str | None = None, factory=None) -> Any:  # noqa: A002
+    """A stage option field: its default and its help text (``flag`` overrides the CLI spelling)."""
+    meta = {"help": help, **({"flag": flag} if flag else {})}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Common:
+    """Options every stage takes (one spelling each on the command line)."""
+
+    pair: str | None = opt(None, "built-in pair name (see `mechdiff pairs`) or a pair TOML file")
+    base: str | None = opt(None, "base model spec: hub id[@revision], local dir, .gguf, testbed name")
+    tuned: str | None = opt(None, "tuned model spec (same forms as --base)")
+    out: str | None = opt(None, "run directory (default: a new one under runs/); rerun to resume")
+    device: str | None = opt(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
+    dtype: str | None = opt(None, "float32 | bfloat16 | float16 (default: the pair's, auto)")
+    batch_size: int = opt(32, "prompts per forward pass")
+    seed: int = opt(0, "random seed (splits, permutations, random controls)")
+    prompts: str | None = opt(None, "JSONL prompt file (default: the pair's prompt set)")
+
+
+@dataclass
+class Study:
+    """What the stages of one study share. Built once by :func:`open_study`."""
+
+    pair: Pair
+    base: LoadedModel
+    tuned: LoadedModel
+    run: RunDir
+    seed: int = 0
+    batch_size: int = 32
+    prompts_path: str | None = None
+    _fair: dict = field(default_factory=dict, repr=False)
+
+    def side(self, name: str) -> LoadedModel:
+        """``"base"`` or ``"tuned"``."""
+        return {"base": self.base, "tuned": self.tuned}[name]
+
+    @property
+    def n_layers(self) -> int:
+        """Depth of the shallower model (the range every layer option is checked against)."""
+        return min(self.base.n_layers, self.tuned.n_layers)
+
+    @property
+    def same_shape(self) -> bool:
+        """Same width and depth: states can be patched across without a map."""
+        return self.base.d_model == self.tuned.d_model and self.base.n_layers == self.tuned.n_layers
+
+    @cached_property
+    def vocab(self):
+        """:class:`mechdiff.fairness.SharedVocab` of the two tokenizers."""
+        from mechdiff.fairness import shared_vocab
+        return shared_vocab(self.base.tokenizer, self.tuned.tokenizer)
+
+    def allowed_ids(self, side: str):
+        """Token ids of the shared vocabulary in ``side``'s tokenizer (common order on both sides)."""
+        return self.vocab.a_ids if side == "base" else self.vocab.b_ids
+
+    @cached_property
+    def target_prompts(self) -> list[dict]:
+        """The prompt set the stages run on (``--prompts`` file, else the pair's first dataset)."""
+        from mechdiff.experiments.common import target_prompts
+        return target_prompts(self.pair, self.prompts_path)
+
+    def fair_prompts(self, min_shared_ratio: float) -> tuple[list[dict], dict]:
+        """Prompts that pass the shared-vocabulary filter (in file order) and the filter's report."""
+        if min_shared_ratio not in self._fair:
+            from mechdiff.fairness import filter_prompts
+            self._fair[min_shared_ratio] = filter_prompts(self.target_prompts, self.base.tokenizer,
+                                                          self.tuned.tokenizer, self.vocab, min_shared_ratio)
+        return self._fair[min_shared_ratio]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One analysis: ``run(study, opts)`` then ``summarise(study, opts)``.
+
+    check(opts, n_layers): validates the options before any model work or write (ConfigError).
+    requires: stages whose artifacts this one reads (run first by ``mechdiff run``).
+    """
+
+    name: str
+    help: str
+    options: type
+    run: Callable[[Study, Any], None]
+    summarise: Callable[[Study, Any], dict]
+    check: Callable[[Any, int], None] | None = None
+    done_message: str = ""
+
+
+STAGES: dict[str, Stage] = {}
+
+
+def register(stage: Stage) -> Stage:
+    """Add ``stage`` to the registry (the CLI, the demo and the benchmarks read it)."""
+    if stage.name in STAGES and STAGES[stage.name] is not stage:
+        raise ConfigError(f"a stage named {stage.name!r} is already registered")
+    if not dataclasses.is_dataclass(stage.options):
+        raise ConfigError(f"stage {stage.name!r}: options must be a dataclass")
+    STAGES[stage.name] = stage
+    return stage
+
+
+def get_stage(name: str) -> Stage:
+    import mechdiff.experiments  # noqa: F401  (registers the built-in stages)
+    if name not in STAGES:
+        raise ConfigError(f"unknown stage {name!r}; choose from {', '.join(STAGES)}")
+    return STAGES[name]
+
+
+def open_study(pair: Pair, stage: Stage, opts: Any, *, out=None, device: str | None = None,
+               dtype: str | None = None, batch_size: int = 32, seed: int = 0, prompts: str | None = None,
+               models: tuple[LoadedModel, LoadedModel] | None = None) -> Study:
+    """Load the models (unless given), check ``opts`` against them, then open the run directory.
+
+    The manifest records ``opts`` per stage together with the common ``seed``/``prompts``/
+    ``batch_size`` (batch size is resume-safe), so a run directory resumes only with the same options.
+    """
+    from mechdiff.experiments.common import open_models, open_run
+    base, tuned = models or open_models(pair, device, dtype)
+    if stage.check is not None:
+        stage.check(opts, min(base.n_layers, tuned.n_layers))   # before any write
+    recorded = {**dataclasses.asdict(opts), "batch_size": batch_size, "seed": seed, "prompts": prompts}
+    run = open_run(out, stage.name, pair, {"base": base, "tuned": tuned}, {"seed": seed}, recorded)
+    return Study(pair=pair, base=base, tuned=tuned, run=run, seed=seed, batch_size=batch_size,
+                 prompts_path=prompts)
+
+
+def run_stage(name: str, pair: "Pair | str", opts: Any = None, *, out=None, device: str | None = None,
+              dtype: str | None = None, batch_size: int = 32, seed: int = 0, prompts: str | Path | None = None,
+              models: tuple[LoadedModel, LoadedModel] | None = None, study: Study | None = None,
+              **option_values) -> RunDir:
+    """Run the stage ``name`` end to end (finished steps are skipped) and return its run directory.
+
+    opts: the stage's options dataclass (or give its fields as keyword arguments). ``study``: an
+    already open study (the models and run directory of an earlier stage) instead of pair/out/models.
+    """
+    from mechdiff.pairs import load_pair
+    stage = get_stage(name)
+    if opts is None:
+        opts = stage.options(**option_values)
+    elif option_values:
+        opts = dataclasses.replace(opts, **option_values)
+    if not isinstance(opts, stage.options):
+        raise ConfigError(f"stage {name!r} takes {stage.options.__name__}, got {type(opts).__name__}")
+    if study is None:
+        pair = load_pair(pair) if isinstance(pair, str) else pair
+        study = open_study(pair, stage, opts, out=out, device=device, dtype=dtype, batch_size=batch_size,
+                           seed=seed, prompts=str(prompts) if prompts else None, models=models)
+    else:
+        if stage.check is not None:
+            stage.check(opts, study.n_layers)
+        from mechdiff.experiments.common import open_run
+        open_run(study.run.path, stage.name, study.pair, {"base": study.base, "tuned": study.tuned},
+                 {"seed": study.seed}, {**dataclasses.asdict(opts), "batch_size": study.batch_size,
+                                        "seed": study.seed, "prompts": study.prompts_path})
+    stage.run(study, opts)
+    stage.summarise(study, opts)
+    return study.run
