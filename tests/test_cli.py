@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from mechdiff.cli import app
 
 BUILTIN_PAIRS = ("cognitive", "cultural", "planted-cognitive", "planted-cultural", "smollm2-self",
-                 "smollm2-vs-gemma3")
+                 "smollm2-vs-gemma3", "smollm2-math-lora", "smollm2-culture-lora")
 
 
 def invoke(*args: str):
@@ -20,7 +20,7 @@ def invoke(*args: str):
     return res, " ".join(res.output.split())
 
 
-def test_pairs_lists_the_six_builtins():
+def test_pairs_lists_the_builtins():
     from mechdiff.pairs import list_pairs
 
     res, out = invoke("pairs")
@@ -28,8 +28,12 @@ def test_pairs_lists_the_six_builtins():
     assert sorted(list_pairs()) == sorted(BUILTIN_PAIRS)
     for name in BUILTIN_PAIRS:
         assert name in out, name
-    # one table row per pair: each pair's base spec is shown
+    # one row per pair (plain lines in a pipe): each pair's base spec is shown
     assert "meta-llama/Llama-3.1-8B-Instruct" in out and "gemma3-270m" in out
+    lines = [l for l in res.output.splitlines() if l.strip()]
+    assert len(lines) == len(BUILTIN_PAIRS) and all(l.split("\t")[0] in BUILTIN_PAIRS for l in lines)
+    res, _ = invoke("pairs", "--json")
+    assert sorted(r["name"] for r in json.loads(res.output)) == sorted(BUILTIN_PAIRS)
 
 
 def test_uncached_hub_models_offline_exit_2_without_artifacts(tmp_path):

@@ -5,7 +5,8 @@ import pytest
 from mechdiff.errors import ConfigError
 from mechdiff.pairs import ModelSpec, Pair, list_pairs, load_pair, pair_from_specs
 
-BUILTINS = {"cultural", "cognitive", "planted-cultural", "planted-cognitive", "smollm2-vs-gemma3", "smollm2-self"}
+BUILTINS = {"cultural", "cognitive", "planted-cultural", "planted-cognitive", "smollm2-vs-gemma3", "smollm2-self",
+            "smollm2-math-lora", "smollm2-culture-lora"}
 
 
 def test_parse_hub_with_and_without_revision():

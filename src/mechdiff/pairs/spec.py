@@ -20,6 +20,10 @@ adapter        ``BASE+ADAPTER`` (e.g.                      ``{hub = .., adapter 
 Any form can carry a PEFT ``adapter`` (a local directory or a hub id); the loader applies it to the
 base and merges it (`mechdiff.models.load.load_model`).
 
+``{pkg}`` in a spec string, a table's path / gguf / adapter, or a dataset path stands for the
+installed ``mechdiff`` package directory (`expand_pkg`), so a built-in pair can use package data,
+e.g. ``tuned = "smollm2-135m+{pkg}/finetune/adapters/smollm2-math-lora"``.
+
 A `Pair` is a base and a tuned spec plus the comparison settings (dtype, device map, tokenizer
 policy, datasets, domain). Built-in pairs live in ``pairs/builtin/*.toml``; `load_pair` also reads
 any TOML file with the same keys.
@@ -52,8 +56,16 @@ DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
 SPEC_KINDS: tuple[str, ...] = ("hub", "local", "gguf", "testbed")
 DATASET_SOURCE_KEYS: tuple[str, ...] = ("hub", "path", "builtin")
 
+PKG_PLACEHOLDER = "{pkg}"
 _HUB_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 _PLANTED_RE = re.compile(r"^(planted-[a-z0-9\-]+):(base|tuned)$")
+
+
+def expand_pkg(s: str) -> str:
+    """Replace ``{pkg}`` with the mechdiff package directory (where its package data lives)."""
+    if PKG_PLACEHOLDER not in s:
+        return s
+    return s.replace(PKG_PLACEHOLDER, str(Path(__file__).resolve().parent.parent))
 
 
 def _looks_like_path(s: str) -> bool:
@@ -107,7 +119,7 @@ class ModelSpec:
         """Parse a string: hub id[@rev], a directory, a .gguf file, a testbed name, or BASE+ADAPTER."""
         if isinstance(text, ModelSpec):
             return text
-        s = os.fspath(text).strip()
+        s = expand_pkg(os.fspath(text).strip())
         if not s:
             raise ConfigError("empty model spec; give a hub id, a directory, a .gguf file or a testbed name")
         if "+" in s and not os.path.exists(os.path.expanduser(s)):
@@ -151,6 +163,8 @@ class ModelSpec:
         unknown = set(value) - allowed
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        value = {k: expand_pkg(v) if isinstance(v, str) and k in ("path", "gguf", "adapter") else v
+                 for k, v in value.items()}
         adapter = value.get("adapter")
         if "base" in value:
             if set(value) - {"base", "adapter"}:
@@ -240,6 +254,7 @@ class DatasetRef:
     @classmethod
     def from_toml(cls, name: str, value: "str | Mapping[str, Any]") -> "DatasetRef":
         if isinstance(value, str):  # bare string: hub id, or a file path
+            value = expand_pkg(value)
             return cls(name=name, path=value) if _looks_like_path(value) or value.endswith(".jsonl") \
                 else cls(name=name, hub=value)
         if not isinstance(value, Mapping):
@@ -251,6 +266,8 @@ class DatasetRef:
         given = [k for k in DATASET_SOURCE_KEYS if k in value]
         if len(given) != 1:
             raise ConfigError(f"datasets.{name}: give exactly one of {DATASET_SOURCE_KEYS}, got {given}")
+        if isinstance(value.get("path"), str):
+            value = {**value, "path": expand_pkg(value["path"])}
         n = value.get("n")
         if n is not None and (not isinstance(n, int) or n <= 0):
             raise ConfigError(f"datasets.{name}: n must be a positive integer, got {n!r}")

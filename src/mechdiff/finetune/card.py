@@ -1,0 +1,42 @@
+"""The JSON card beside each adapter: how it was made, what it scored, and the sha256 of its files."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mechdiff.atomic import atomic_write_text, dumps_json, sha256_file
+
+CARD = "card.json"
+CARD_VERSION = 1
+
+
+def file_hashes(adapter_dir: str | Path) -> dict[str, str]:
+    """sha256 of every file in ``adapter_dir`` except the card itself (sorted by name)."""
+    d = Path(adapter_dir)
+    return {p.name: sha256_file(p) for p in sorted(d.iterdir()) if p.is_file() and p.name != CARD}
+
+
+def write_card(adapter_dir: str | Path, card: dict[str, Any]) -> Path:
+    """Write ``card.json`` with ``files`` set to the current sha256 of the adapter's files."""
+    d = Path(adapter_dir)
+    card = {"card_version": CARD_VERSION, **card, "files": file_hashes(d)}
+    return atomic_write_text(d / CARD, dumps_json(card))
+
+
+def read_card(adapter_dir: str | Path) -> dict[str, Any]:
+    return json.loads((Path(adapter_dir) / CARD).read_text(encoding="utf-8"))
+
+
+def verify_card(adapter_dir: str | Path) -> list[str]:
+    """Problems found (empty: the card lists exactly the files present, each with its sha256)."""
+    d = Path(adapter_dir)
+    if not (d / CARD).is_file():
+        return [f"{d} has no {CARD}"]
+    want = read_card(d).get("files", {})
+    have = file_hashes(d)
+    problems = [f"{n}: listed in the card but missing" for n in sorted(set(want) - set(have))]
+    problems += [f"{n}: present but not listed in the card" for n in sorted(set(have) - set(want))]
+    problems += [f"{n}: sha256 {have[n][:12]}… != card {want[n][:12]}…" for n in sorted(set(want) & set(have))
+                 if want[n] != have[n]]
+    return problems
