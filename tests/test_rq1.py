@@ -91,6 +91,35 @@ def test_planted_layer_choice_and_control(rq1_planted):
 
 
 @pytest.mark.real
+def test_planted_entry_layer_is_the_first_planted_layer_above_an_exact_floor(rq1_planted):
+    """The entry layer is the first layer whose KL exceeds the self-patch floor (exactly 0) by 2 SE;
+    the chosen layers follow the stated rule (entry, steepest rise, peak) at or after it."""
+    layers = rq1_planted["rq1"]["layers"]
+    assert layers["entry"] == FIRST, layers["evidence"]
+    assert layers["evidence"]["floor"] == 0.0
+    assert min(layers["chosen"]) == FIRST and max(layers["chosen"]) < N_LAYERS - 1
+    for v in rq1_planted["patch"]["directions"].values():
+        assert v["floor"]["max"] == 0.0            # the destination's own state written back: exactly 0
+    assert "enters at" in " ".join(rq1_planted["rq1"]["headline"])
+
+
+@pytest.mark.real
+def test_planted_both_readouts_and_the_gap_closed(rq1_planted):
+    """Both readouts are reported. Read at the patched token, patching the final residual closes the
+    whole gap (the destination then outputs the source's distribution there); read at the first reply
+    token it closes none (the last layer's state at an earlier position reaches no later position).
+    Patching below the change closes none of it at either readout."""
+    patch = rq1_planted["patch"]
+    assert set(patch["readouts"]) == {"decision", "last"}
+    for m, r in patch["readouts"].items():
+        for d, v in r["directions"].items():
+            share = {x["layer"]: x["share"] for x in v["gap_closed"]}
+            assert share[N_LAYERS - 1] == pytest.approx(1.0 if m == "decision" else 0.0, abs=1e-3), (m, d)
+            assert all(abs(share[l]) < 1e-6 for l in range(FIRST)), (m, d)
+            assert v["meaning"].startswith("the " + d.split("->")[0])
+
+
+@pytest.mark.real
 def test_planted_fairness_report(rq1_planted, planted_cultural):
     fair = rq1_planted["fairness"]
     v = fair["vocab"]
@@ -115,7 +144,12 @@ def test_planted_fairness_report(rq1_planted, planted_cultural):
     ids_t = tuned.tokenizer(texts, add_special_tokens=False)["input_ids"]
     clean = [a == b and max(b) < BASE_VOCAB for a, b in zip(ids_b, ids_t)]
     assert fair["filter"]["kept"] == sum(clean) < len(rows)
-    assert fair["prompt_ids"] == [r["id"] for r, ok in zip(rows, clean) if ok][:32]
+    from mechdiff.experiments.steps import group_of, stratified
+    kept_rows = [r for r, ok in zip(rows, clean) if ok]
+    assert fair["prompt_ids"] == [r["id"] for r in stratified(kept_rows, 32, seed=0)]
+    # stratified by topic and language: 32 prompts cover many topics, not the first few in file order
+    used = [r for r in kept_rows if r["id"] in set(fair["prompt_ids"])]
+    assert len({group_of(r) for r in used}) >= min(16, len({group_of(r) for r in kept_rows}))
     head = rq1_planted["rq1"]["headline"]
     assert head["vocab base / tuned"] == "49152 / 49197" and head["shared tokens"] == 49151
 
@@ -174,6 +208,10 @@ def test_self_pair_cka_one_and_kl_zero_everywhere(smollm2_loaded, tmp_path_facto
         assert per_prompt.shape == (N_LAYERS, 16)
         assert float(per_prompt.abs().max()) < 1e-6, d
         assert max(abs(r["mean"]) for r in v["unmasked"]) < 1e-6, d
+    layers = _read(out, "rq1.json")["layers"]
+    assert layers["entry"] is None and layers["chosen"] == [], layers   # no divergence found
+    assert _read(out, "rq1.json")["headline"]["divergence enters at"] == "no divergence found"
+    assert all(x["share"] is None for x in patch["directions"]["base->tuned"]["gap_closed"])  # no gap
     fair = _read(out, "fairness.json")["vocab"]
     assert fair["vocab_a"] == fair["vocab_b"] == BASE_VOCAB and fair["pct_increase"] == 0
     assert fair["shared"] == BASE_VOCAB - 1  # all but the unknown token

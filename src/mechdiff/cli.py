@@ -104,16 +104,25 @@ def _stage_command(stage) -> None:
 
 
 @app.command()
-def pairs() -> None:
-    """List the built-in pairs."""
+def pairs(as_json: bool = typer.Option(False, "--json", help="one JSON list of the pairs")) -> None:
+    """List the built-in pairs (a table on a terminal; one pair per line in a pipe)."""
+    import json
+    import sys
     from mechdiff.pairs import list_pairs, load_pair
-    table = Table()
-    for col in ("name", "domain", "base", "tuned", "tokenizer policy"):
-        table.add_column(col, overflow="fold")
-    for name in list_pairs():
-        p = load_pair(name)
-        table.add_row(name, p.domain, str(p.base), str(p.tuned), p.tokenizer_policy)
-    console.print(table)
+    rows = [{"name": n, "domain": p.domain, "base": str(p.base), "tuned": str(p.tuned),
+             "tokenizer_policy": p.tokenizer_policy} for n, p in ((n, load_pair(n)) for n in list_pairs())]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=1))
+    elif not sys.stdout.isatty():
+        for r in rows:
+            typer.echo("\t".join(r.values()))
+    else:
+        table = Table()
+        for col in ("name", "domain", "base", "tuned", "tokenizer policy"):
+            table.add_column(col, overflow="fold")
+        for r in rows:
+            table.add_row(*r.values())
+        console.print(table)
 
 
 @app.command()
@@ -122,6 +131,21 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
     from mechdiff.report import write_report
     html, md = _run(write_report, run_dir)
     console.print(f"report: {html}  {md}")
+
+
+@app.command()
+def finetune(task: str = typer.Argument(..., help="math | culture"),
+             out: Optional[Path] = OutOpt, device: Optional[str] = DeviceOpt,
+             base: Optional[str] = typer.Option(None, "--base", help="base model spec (default: smollm2-135m)"),
+             seed: int = typer.Option(0, "--seed"),
+             smoke: bool = typer.Option(False, "--smoke", help="a few steps on a tiny random model (CPU check)"),
+             max_steps: Optional[int] = typer.Option(None, "--max-steps", help="stop after this many steps"),
+             evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="base vs tuned evaluation")) -> None:
+    """Train a LoRA fine-tune of the base (the testbed's math or culture recipe) and write its card."""
+    from mechdiff.finetune import finetune as run_finetune
+    card = _run(run_finetune, task, out, base=base, seed=seed, smoke=smoke, device=device,
+                evaluate=evaluate, max_steps=max_steps)
+    console.print(f"finetune done: {card.get('headline', '')}")
 
 
 @app.command()

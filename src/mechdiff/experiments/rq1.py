@@ -21,8 +21,11 @@ from mechdiff.artifacts import RunDir
 from mechdiff.data.prompts import encode
 from mechdiff.errors import ConfigError
 from mechdiff.experiments.stage import Stage, Study, opt, register, run_stage
-from mechdiff.experiments.steps import capture_sides, check_layers, kl_to_clean, patch_measure, select_prompts
+from mechdiff.experiments.stage import SIDES
+from mechdiff.experiments.steps import (capture_sides, check_layers, clean_run, group_ids, kl_and_gap, patch_measure,
+                                        prompt_digest, select_prompts)
 from mechdiff.patching import Patch, PatchEngine, patch_kl
+from mechdiff.progress import warn
 from mechdiff.sites.names import Site, sites_at
 
 STATES = "tensors/rq1_states.safetensors"
@@ -65,12 +68,14 @@ def cka_layers(n_layers: int, stride: int) -> list[int]:
 
 
 def fair_prompts(study: Study, n_prompts: int, min_shared_ratio: float) -> list[dict]:
-    """The first ``n_prompts`` prompts that pass the shared-vocabulary filter; writes fairness.json."""
-    kept = select_prompts(study, n_prompts, min_shared_ratio)
+    """``n_prompts`` prompts that pass the shared-vocabulary filter, stratified by topic and language
+    (seeded); writes fairness.json (fewer than asked: a warning and ``n_asked`` beside ``n_used``)."""
+    kept = select_prompts(study, n_prompts, min_shared_ratio, seed=study.seed)
     _, report = study.fair_prompts(min_shared_ratio)
     study.run.write_json("fairness.json", {"vocab": study.vocab.report(), "filter": report,
-                                           "min_shared_ratio": min_shared_ratio,
-                                           "n_used": len(kept), "prompt_ids": [p["id"] for p in kept]})
+                                           "min_shared_ratio": min_shared_ratio, "n_asked": n_prompts,
+                                           "n_used": len(kept), "prompt_ids": [p["id"] for p in kept],
+                                           "sampling": "stratified by topic and language, seeded"})
     return kept
 
 
@@ -85,16 +90,19 @@ def _capture_step(study: Study, prompts, site: str) -> None:
 
 
 def _cka_step(run: RunDir, X: torch.Tensor, Y: torch.Tensor, site: str, stride: int, n_perm: int,
-              seed: int) -> None:
+              seed: int, groups: torch.Tensor) -> None:
     """Same depth: per-layer CKA with CI and null at the stride's layers; always the full matrix.
-    X, Y: ``[L, N, d]`` states of base and tuned."""
-    out: dict = {"site": site, "n": X.shape[1]}
+    X, Y: ``[L, N, d]`` states of base and tuned; groups ``[N]``: prompt clusters (the jackknife
+    deletes whole clusters). The null uses its own seed at each layer (an independence null)."""
+    out: dict = {"site": site, "n": X.shape[1], "n_groups": int(groups.max()) + 1 if len(groups) else 0,
+                 "null": "row-shuffled independence null, a fresh permutation seed per layer"}
     if torch.cuda.is_available():
         X, Y = X.cuda(), Y.cuda()
     if X.shape[0] == Y.shape[0]:
         rows = []
         for l in cka_layers(X.shape[0], stride):
-            r = cka_with_ci(X[l], Y[l], method="jackknife", n_perm=n_perm, seed=seed)
+            r = cka_with_ci(X[l], Y[l], groups=groups if int(groups.max()) + 1 >= 4 else None,
+                            method="jackknife", n_perm=n_perm, seed=seed * 1000 + l)
             rows.append({"layer": l, **{k: r[k] for k in ("debiased", "biased", "ci_low", "ci_high", "se",
                                                           "null_mean", "null_sd", "biased_null_mean")},
                          "influential_rows": r.get("influential_rows")})
@@ -113,33 +121,66 @@ def _standardiser(src: torch.Tensor, dst: torch.Tensor):
     return lambda x: (x - ms) / ss * sd + md
 
 
-def _patch_step(study: Study, prompts, states: dict[str, torch.Tensor], opts: RQ1Options) -> None:
-    """KL(dst clean || dst with src state at layer L) per prompt, both directions, every layer; and
-    the clean cross-model KL(base || tuned) over the shared vocabulary in common order."""
-    layers = opts.layers or list(range(study.base.n_layers))
-    src_values = dict(states)   # per side [L, N, d]; standardised once onto the other side's statistics
+READOUTS = {"decision": "the next-token distribution at the patched token itself (the last token of the "
+                         "user's text; the seeds' protocol, where the next token is mostly end-of-turn)",
+            "last": "the first reply token: the end of the prompt, after the assistant header (what "
+                    "shapes the answer)"}
+MEANING = {"base->tuned": "the base model's state written into the tuned model; KL to the tuned model's "
+                          "own clean output, and gap closed towards the base model's output",
+           "tuned->base": "the tuned model's state written into the base model; KL to the base model's "
+                          "own clean output, and gap closed towards the tuned model's output"}
+
+
+def _readout(study: Study, prompts, layers: list[int], opts: RQ1Options, measure: str) -> dict:
+    """Layer patching read at ``measure``, both directions: per layer KL(dst clean || patched)
+    (masked to the shared vocabulary and unmasked), KL(src clean || patched) and the share of the
+    clean gap KL(src || dst) it closes, plus the self-patch floor (dst's own state written back)."""
+    sites = sites_at(opts.site, layers)
+    clean, own = {}, {}
+    for side in SIDES:   # patch sources along the destination engines' own path (exact no-ops)
+        clean[side], own[side] = clean_run(study.side(side), prompts, sites, batch_size=study.batch_size,
+                                           measure=measure)
+    src_values = {side: torch.stack([own[side][str(s)] for s in sites]).float() for side in SIDES}
     if opts.standardise:
-        for direction in DIRECTIONS:
-            src, dst = direction.split("->")
-            src_values[src] = torch.stack([_standardiser(states[src][l], states[dst][l])(states[src][l])
-                                           for l in range(states[src].shape[0])])
-    clean: dict[str, list] = {"base": [], "tuned": []}
-    kl = {}
+        src_values = {src: torch.stack([_standardiser(src_values[src][j], src_values[dst][j])(src_values[src][j])
+                                        for j in range(len(layers))])
+                      for src, dst in (d.split("->") for d in DIRECTIONS)}
+    floor_at = sorted({layers[0], layers[len(layers) // 2], layers[-1]})
+    ids = {side: study.allowed_ids(side) for side in SIDES}
+    cross = kl_shared(clean["base"], clean["tuned"], ids["base"], ids["tuned"])
+    out: dict = {"measure": measure, "meaning": READOUTS[measure], "clean_cross_kl_shared": summarise(cross),
+                 "floor_layers": floor_at, "directions": {}}
     for direction in DIRECTIONS:
         src, dst = direction.split("->")
-        kl[direction] = patch_measure(
-            study.side(dst), prompts, [Patch(Site(opts.site, l), src_values[src][l]) for l in layers],
-            batch_size=study.batch_size, measure=opts.measure, reducer=kl_to_clean(study.allowed_ids(dst)),
-            on_chunk=lambda eng, i, j, dst=dst: clean[dst].append(eng.clean_logits.cpu()))   # [L, N, 2]
-    cross = kl_shared(torch.cat(clean["base"]), torch.cat(clean["tuned"]), study.vocab.a_ids, study.vocab.b_ids)
-    result: dict = {"site": opts.site, "layers": layers, "measure": opts.measure, "directions": {},
-                    "clean_cross_kl_shared": summarise(cross)}
-    for direction in DIRECTIONS:
-        km, ku = kl[direction][..., 0], kl[direction][..., 1]   # [L, N]
-        result["directions"][direction] = {
+        variants = [Patch(s, src_values[src][j]) for j, s in enumerate(sites)] + \
+                   [Patch(sites[layers.index(l)], own[dst][str(sites[layers.index(l)])]) for l in floor_at]
+        k = patch_measure(study.side(dst), prompts, variants, batch_size=study.batch_size, measure=measure,
+                          reducer=kl_and_gap(ids[dst], clean[src], ids[src]))   # [L + F, N, 3]
+        gap = kl_shared(clean[src], clean[dst], ids[src], ids[dst])            # [N] KL(src || dst clean)
+        km, ku, ko, floor = k[:len(layers), :, 0], k[:len(layers), :, 1], k[:len(layers), :, 2], k[len(layers):, :, 0]
+        g = float(gap.mean())
+        out["directions"][direction] = {
+            "meaning": MEANING[direction],
             "masked": [{"layer": l, **summarise(km[j])} for j, l in enumerate(layers)],
             "unmasked": [{"layer": l, **summarise(ku[j])} for j, l in enumerate(layers)],
+            "kl_to_source": [{"layer": l, **summarise(ko[j])} for j, l in enumerate(layers)],
+            "gap_closed": [{"layer": l, "share": (1 - float(ko[j].mean()) / g) if g > 0 else None}
+                           for j, l in enumerate(layers)],
+            "clean_gap_kl": summarise(gap),
+            "floor": {"layers": floor_at, "max": float(floor.max()), "mean": float(floor.mean())},
             "per_prompt_masked": km.tolist()}
+    return out
+
+
+def _patch_step(study: Study, prompts, opts: RQ1Options) -> None:
+    """Layer patching at every layer (or ``opts.layers``), both directions, read at both readouts;
+    ``directions`` holds the ``opts.measure`` readout (the file's original layout), ``readouts`` both."""
+    layers = opts.layers or list(range(study.base.n_layers))
+    readouts = {m: _readout(study, prompts, layers, opts, m) for m in (opts.measure, *(set(READOUTS) - {opts.measure}))}
+    main = readouts[opts.measure]
+    result: dict = {"site": opts.site, "layers": layers, "measure": opts.measure, "directions": main["directions"],
+                    "clean_cross_kl_shared": main["clean_cross_kl_shared"], "readouts": readouts,
+                    "groups": group_ids(prompts).tolist()}
     if opts.all_positions:
         result["all_positions"] = _all_positions(study, prompts, layers, opts)
     study.run.write_json("patch.json", result)
@@ -180,16 +221,26 @@ def run_rq1_stage(study: Study, opts: RQ1Options) -> None:
     """The RQ1 steps (finished ones are skipped on resume)."""
     run_dir = study.run
     prompts = fair_prompts(study, opts.n_prompts, opts.min_shared_ratio)
-    run_dir.cached("rq1.capture", lambda: _capture_step(study, prompts, opts.site), [STATES])
+    digest = prompt_digest(prompts)   # every step's key covers the prompts' content, not only their ids
+    run_dir.cached("rq1.capture", lambda: _capture_step(study, prompts, opts.site), [STATES],
+                   info={"prompts": digest, "site": opts.site})
     states = run_dir.read_tensors(STATES)
     run_dir.cached("rq1.cka", lambda: _cka_step(run_dir, states["base"], states["tuned"], opts.site,
-                                                opts.stride, opts.n_perm, study.seed),
-                   ["cka.json"], depends_on=["rq1.capture"])
+                                                opts.stride, opts.n_perm, study.seed, group_ids(prompts)),
+                   ["cka.json"], depends_on=["rq1.capture"],
+                   info={"stride": opts.stride, "n_perm": opts.n_perm, "seed": study.seed})
     if study.same_shape:
-        run_dir.cached("rq1.patch", lambda: _patch_step(study, prompts, states, opts), ["patch.json"],
-                       depends_on=["rq1.capture"])
+        run_dir.cached("rq1.patch", lambda: _patch_step(study, prompts, opts), ["patch.json"],
+                       info={"prompts": digest, "site": opts.site, "layers": opts.layers, "measure": opts.measure,
+                             "standardise": opts.standardise, "all_positions": opts.all_positions})
+    else:
+        warn(f"layer patching skipped: the models differ in width or depth (base d={study.base.d_model}, "
+             f"L={study.base.n_layers}; tuned d={study.tuned.d_model}, L={study.tuned.n_layers}); use "
+             "`mechdiff mapped-patch`, which maps states between widths")
     if opts.behaviour:
-        run_dir.cached("rq1.behaviour", lambda: _behaviour_step(study, prompts, opts), ["behaviour.json"])
+        run_dir.cached("rq1.behaviour", lambda: _behaviour_step(study, prompts, opts), ["behaviour.json"],
+                       info={"prompts": digest, "behaviour_n": opts.behaviour_n,
+                             "max_new_tokens": opts.max_new_tokens})
 
 
 def summarise_rq1_stage(study: Study, opts: RQ1Options) -> dict:

@@ -1,6 +1,8 @@
 """RQ1 summary: rq1.json (headline, chosen layers), figures and the report, from the step outputs."""
 from __future__ import annotations
 
+import torch
+
 from mechdiff.artifacts import RunDir
 from mechdiff.models.load import LoadedModel
 from mechdiff.pairs import Pair
@@ -17,35 +19,71 @@ def planted_layers(pair: Pair) -> list[int] | None:
     return list(ground_truth(planted[0]).get("layers") or []) or None
 
 
-def choose_layers(patch: dict | None, cka: dict, n_layers: int, control: int | None, top: int = 3) -> dict:
-    """Top-divergence layers and a high-similarity control.
+def _mean_se(values: torch.Tensor, groups: list[int] | None) -> tuple[float, float]:
+    """Mean over prompts and its delete-one-cluster jackknife SE (whole topic groups are dropped)."""
+    from mechdiff.analyses.resample import delete_group_jackknife
+    v = values.double()
+    if v.numel() < 2:
+        return float(v.mean()), float("nan")
+    g = torch.tensor(groups) if groups is not None and len(set(groups)) >= 2 else None
+    r = delete_group_jackknife(lambda idx: float(v[idx].mean()), v.numel(), groups=g,
+                               n_groups=10 ** 6)
+    return r["estimate"], r["se"]
 
-    With patching: the layers where the base->tuned patch KL *enters* (largest increase over the
-    previous layer's KL, both directions averaged), since KL stays high after the change is complete.
-    Without: the lowest debiased CKA. Control: ``control`` or the most similar layer in the first
-    half (highest debiased CKA; with patching, lowest KL), never one of the chosen layers.
+
+def choose_layers(patch: dict | None, cka: dict, n_layers: int, control: int | None, z: float = 2.0) -> dict:
+    """Where the divergence enters, and the layers the later stages use, by a stated rule.
+
+    With patching: per layer the mean patch KL over prompts (both directions averaged) with its
+    cluster-jackknife SE; the *entry layer* is the first layer whose ``mean - z * SE`` exceeds the
+    measured floor (the largest KL of a self-patch, the destination's own state written back, which
+    the engine computes as exactly 0). None exceeds it: "no divergence found" and no chosen layers.
+    Chosen = {entry, steepest rise (largest increase over the previous layer), peak}, at or after the
+    entry and below the last layer (patching the final residual replaces the output). Without
+    patching (different widths/depths): the lowest debiased CKA. Control: ``control`` or the most
+    similar layer in the first half, never a chosen one.
     """
     if patch:
+        import torch
         layers = patch["layers"]
-        mean = [sum(d["masked"][j]["mean"] for d in patch["directions"].values()) / len(patch["directions"])
-                for j in range(len(layers))]
-        inc = [mean[0]] + [mean[j] - mean[j - 1] for j in range(1, len(mean))]
-        # The last layer is excluded: patching the final residual replaces the output directly.
-        order = sorted((j for j in range(len(layers)) if layers[j] < n_layers - 1), key=lambda j: -inc[j])
-        chosen = sorted(layers[j] for j in order[:top])
-        score = {layers[j]: mean[j] for j in range(len(layers))}
+        dirs = list(patch["directions"].values())
+        per_prompt = torch.tensor([d["per_prompt_masked"] for d in dirs], dtype=torch.float64).mean(0)  # [L, N]
+        groups = patch.get("groups")
+        stats = [_mean_se(per_prompt[j], groups) for j in range(len(layers))]
+        floor = max((d.get("floor") or {}).get("max", 0.0) for d in dirs)
+        lower = [m - z * (se if se == se else 0.0) for m, se in stats]
+        usable = [j for j in range(len(layers)) if layers[j] < n_layers - 1] or list(range(len(layers)))
+        above = [j for j in usable if lower[j] > floor]
+        score = {layers[j]: stats[j][0] for j in range(len(layers))}
+        evidence = {"floor": floor, "z": z, "per_layer": [{"layer": l, "mean": stats[j][0], "se": stats[j][1],
+                                                            "lower": lower[j]} for j, l in enumerate(layers)]}
+        if not above:
+            chosen, entry = [], None
+            rule = "no divergence found: no layer's patch KL exceeds the floor by z SE"
+        else:
+            e = above[0]
+            entry = layers[e]
+            after = [j for j in usable if j >= e]
+            rise = {j: stats[j][0] - (stats[j - 1][0] if j > 0 else 0.0) for j in after}
+            steep = max(after, key=lambda j: rise[j])
+            peak = max(after, key=lambda j: stats[j][0])
+            chosen = sorted({entry, layers[steep], layers[peak]})
+            evidence.update(entry=entry, steepest=layers[steep], steepest_rise=rise[steep], peak=layers[peak],
+                            peak_kl=stats[peak][0])
+            rule = "entry layer (first above the floor), steepest rise, peak"
         pick_ctrl = lambda cands: min(cands, key=lambda l: score[l])  # noqa: E731
-        basis = "patch KL increase"
+        basis = "patch KL: " + rule
     else:
         rows = cka.get("per_layer") or []
-        chosen = sorted(r["layer"] for r in sorted(rows, key=lambda r: r["debiased"])[:top])
+        chosen = sorted(r["layer"] for r in sorted(rows, key=lambda r: r["debiased"])[:3])
         score = {r["layer"]: r["debiased"] for r in rows}
         pick_ctrl = lambda cands: max(cands, key=lambda l: score[l])  # noqa: E731
-        basis = "lowest debiased CKA"
+        basis = "lowest debiased CKA (patching needs equal widths)"
+        entry, evidence = None, None
     if control is None:
         cands = [l for l in score if l < n_layers // 2 and l not in chosen and l > 0]
         control = pick_ctrl(cands) if cands else None
-    return {"chosen": chosen, "control": control, "basis": basis}
+    return {"chosen": chosen, "control": control, "basis": basis, "entry": entry, "evidence": evidence}
 
 
 def summarise_rq1(run: RunDir, pair: Pair, base: LoadedModel, tuned: LoadedModel, opts) -> dict:
@@ -79,7 +117,13 @@ def summarise_rq1(run: RunDir, pair: Pair, base: LoadedModel, tuned: LoadedModel
         "vocab increase %": fair["vocab"]["pct_increase"],
         "shared tokens": fair["vocab"]["shared"],
         "chosen layers": choice["chosen"], "control layer": choice["control"],
+        "divergence enters at": (f"layer {choice['entry']}" if choice["entry"] is not None else
+                                 "no divergence found" if patch else "n/a (no patching)"),
     }
+    if choice["entry"] is not None:
+        ev = next(x for x in choice["evidence"]["per_layer"] if x["layer"] == choice["entry"])
+        headline["entry evidence"] = (f"KL {ev['mean']:.3g} +- {ev['se']:.2g} (SE over topic groups) vs "
+                                      f"floor {choice['evidence']['floor']:.3g}")
     if cka.get("per_layer"):
         low = min(cka["per_layer"], key=lambda x: x["debiased"])
         headline["min debiased CKA (layer)"] = f"{low['debiased']:.3f} ({low['layer']})"

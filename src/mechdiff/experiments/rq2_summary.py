@@ -68,6 +68,11 @@ def _fmt(x, spec="7.3f"):
     return " " * 7 if x is None else format(x, spec)
 
 
+def _drop_text(x, spec=".1f") -> str:
+    """A drop % or, where the raw KL is 0 (nothing to drop), a word instead of a blank."""
+    return "n/a: no gap" if x is None else format(x, spec) + "%"
+
+
 def summary_text(t: dict, side: list[dict] | None, stop: dict, meta: dict) -> str:
     """The one summary TXT of the plan (section 5)."""
     L = [f"RQ2 — alpha sweep summary (val, n={meta['n_val']}, solver={meta['solver']}, "
@@ -75,21 +80,21 @@ def summary_text(t: dict, side: list[dict] | None, stop: dict, meta: dict) -> st
          "layer site        alpha   KL_raw   KL_mapped   delta    drop%"]
     for r in t["rows"]:
         L.append(f"{r['layer']:>5} {r['site']:<11} {str(r['alpha']):>5} {_fmt(r['kl_raw'])}  "
-                 f"{_fmt(r['kl_mapped'], '9.3f')}  {_fmt(r['delta'])}  {_fmt(r['drop_pct'], '6.1f')}")
+                 f"{_fmt(r['kl_mapped'], '9.3f')}  {_fmt(r['delta'])}  {_drop_text(r['drop_pct'], '6.1f')}")
     L += ["", "best per (layer, site):"]
     for r in t["best"]:
         L.append(f"  L{r['layer']} {r['site']}: alpha={r['alpha']} ({r['alpha_value']:.3f}) "
-                 f"KL {_fmt(r['kl_raw'], '.3f')} -> {r['kl_mapped']:.3f} (drop {_fmt(r['drop_pct'], '.1f')}%)")
+                 f"KL {_fmt(r['kl_raw'], '.3f')} -> {r['kl_mapped']:.3f} (drop {_drop_text(r['drop_pct'])})")
     w = t["winner"]
     if w:
-        L.append(f"winner: L{w['layer']} {w['site']} alpha={w['alpha']} drop {_fmt(w['drop_pct'], '.1f')}%")
+        L.append(f"winner: L{w['layer']} {w['site']} alpha={w['alpha']} drop {_drop_text(w['drop_pct'])}")
     for s in side or []:
         L.append(f"side effects L{s['layer']} {s['site']} alpha={s['alpha']}: "
                  f"d refusal {s['d_refusal_pp_unmasked']:+.1f} pp (masked {s['d_refusal_pp_masked']:+.1f}), "
                  f"d mc_dlogp {s['d_mc_dlogp_unmasked']:+.3f} (masked {s['d_mc_dlogp_masked']:+.3f})")
     for c in t["controls"]:
         L.append(f"control {c['control']}: map L{c['map_layer']} at L{c['layer']} {c['site']}: "
-                 f"KL {_fmt(c['kl_raw'], '.3f')} -> {c['kl_mapped']:.3f} (drop {_fmt(c['drop_pct'], '.1f')}%)")
+                 f"KL {_fmt(c['kl_raw'], '.3f')} -> {c['kl_mapped']:.3f} (drop {_drop_text(c['drop_pct'])})")
     L.append(f"stop conditions met: {stop['met']} (large drop: {stop['large_drop']}, side effects small: "
              f"{stop['side_effects_small']}, controls not comparable: {stop['controls_not_comparable']})")
     return "\n".join(L) + "\n"

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mechdiff.artifacts import RunDir
-from mechdiff.errors import ConfigError
+from mechdiff.errors import ConfigError, MechdiffError
 from mechdiff.models.load import LoadedModel
 from mechdiff.pairs import Pair
 
@@ -101,9 +101,27 @@ class Study:
         """Prompts that pass the shared-vocabulary filter (in file order) and the filter's report."""
         if min_shared_ratio not in self._fair:
             from mechdiff.fairness import filter_prompts
+            self.check_lengths(self.target_prompts)
             self._fair[min_shared_ratio] = filter_prompts(self.target_prompts, self.base.tokenizer,
                                                           self.tuned.tokenizer, self.vocab, min_shared_ratio)
         return self._fair[min_shared_ratio]
+
+    def check_lengths(self, prompts: list[dict], margin: int = 64) -> None:
+        """DataError naming the prompts longer than either model's context (a too-long prompt would
+        pad its whole batch to that length and ask for an out-of-memory allocation)."""
+        from mechdiff.errors import DataError
+        limit = min(getattr(getattr(m.model, "config", None), "max_position_embeddings", None) or 10 ** 9
+                    for m in (self.base, self.tuned))
+        limit = min(limit, 32768)
+        texts = [str(p.get("text", "")) for p in prompts]
+        if not texts or max(map(len, texts)) < limit:      # a token holds at least one character
+            return
+        lens = [len(ids) for ids in self.base.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        long = [(p.get("id"), n) for p, n in zip(prompts, lens) if n + margin > limit]
+        if long:
+            shown = ", ".join(f"{i} ({n} tokens)" for i, n in long[:5])
+            raise DataError(f"{len(long)} prompt(s) are longer than the models' context of {limit} tokens "
+                            f"(chat template included): {shown}; shorten or remove them")
 
 
 @dataclass(frozen=True)
@@ -151,14 +169,45 @@ def open_study(pair: Pair, stage: Stage, opts: Any, *, out=None, device: str | N
     The manifest records ``opts`` per stage together with the common ``seed``/``prompts``/
     ``batch_size`` (batch size is resume-safe), so a run directory resumes only with the same options.
     """
-    from mechdiff.experiments.common import open_models, open_run
+    from mechdiff.experiments.common import open_models, open_run, target_prompts
+    check_common(device=device, batch_size=batch_size)
+    if stage.check is not None:
+        stage.check(opts, 10 ** 9)          # everything but layer ranges, before the models load
+    rows = target_prompts(pair, prompts)    # a bad prompt file fails here, before any model work
     base, tuned = models or open_models(pair, device, dtype)
     if stage.check is not None:
-        stage.check(opts, min(base.n_layers, tuned.n_layers))   # before any write
+        stage.check(opts, min(base.n_layers, tuned.n_layers))   # layer ranges, before any write
     recorded = {**dataclasses.asdict(opts), "batch_size": batch_size, "seed": seed, "prompts": prompts}
     run = open_run(out, stage.name, pair, {"base": base, "tuned": tuned}, {"seed": seed}, recorded)
-    return Study(pair=pair, base=base, tuned=tuned, run=run, seed=seed, batch_size=batch_size,
-                 prompts_path=prompts)
+    study = Study(pair=pair, base=base, tuned=tuned, run=run, seed=seed, batch_size=batch_size,
+                  prompts_path=prompts)
+    study.__dict__["target_prompts"] = rows    # the cached_property, already read
+    return study
+
+
+def check_common(device: str | None, batch_size: int) -> None:
+    """The common options: a CUDA device needs a GPU, a batch holds at least one prompt."""
+    import torch
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu "
+                          "(or install a CUDA build of torch on a machine with a GPU)")
+
+
+def _forget_options(run: RunDir, stage: str, before: dict | None) -> None:
+    """Put back the stage's recorded options as they were before a failed attempt, so a corrected
+    rerun into the same directory is not refused for the failed run's options."""
+    m = run.read_manifest()
+    if m is None:
+        return
+    opts = dict(m.get("options", {}))
+    if before is None:
+        opts.pop(stage, None)
+    else:
+        opts[stage] = before
+    m["options"] = opts
+    run.write_manifest(m)
 
 
 def run_stage(name: str, pair: "Pair | str", opts: Any = None, *, out=None, device: str | None = None,
@@ -178,17 +227,25 @@ def run_stage(name: str, pair: "Pair | str", opts: Any = None, *, out=None, devi
         opts = dataclasses.replace(opts, **option_values)
     if not isinstance(opts, stage.options):
         raise ConfigError(f"stage {name!r} takes {stage.options.__name__}, got {type(opts).__name__}")
+    before = None
     if study is None:
         pair = load_pair(pair) if isinstance(pair, str) else pair
+        if out is not None and (Path(out) / "manifest.json").is_file():
+            before = ((RunDir(out).read_manifest() or {}).get("options") or {}).get(stage.name)
         study = open_study(pair, stage, opts, out=out, device=device, dtype=dtype, batch_size=batch_size,
                            seed=seed, prompts=str(prompts) if prompts else None, models=models)
     else:
+        before = ((study.run.read_manifest() or {}).get("options") or {}).get(stage.name)
         if stage.check is not None:
             stage.check(opts, study.n_layers)
         from mechdiff.experiments.common import open_run
         open_run(study.run.path, stage.name, study.pair, {"base": study.base, "tuned": study.tuned},
                  {"seed": study.seed}, {**dataclasses.asdict(opts), "batch_size": study.batch_size,
                                         "seed": study.seed, "prompts": study.prompts_path})
-    stage.run(study, opts)
-    stage.summarise(study, opts)
+    try:
+        stage.run(study, opts)
+        stage.summarise(study, opts)
+    except MechdiffError:
+        _forget_options(study.run, stage.name, before)
+        raise
     return study.run

@@ -30,10 +30,79 @@ def check_layers(n_layers: int, **layer_lists: "Iterable[int] | int | None") -> 
                                   f"0..{n_layers - 1} for these models")
 
 
-def select_prompts(study, n: int, min_shared_ratio: float) -> list[dict]:
-    """The first ``n`` prompts that pass the shared-vocabulary filter."""
+def group_of(p: dict) -> str:
+    """A prompt's cluster: its ``topic`` (a translation group shares one), else ``category``, else
+    its id. Resampling and splits keep a cluster together."""
+    return str(p.get("topic") or p.get("category") or p.get("id"))
+
+
+def group_ids(prompts: Sequence[dict]) -> torch.Tensor:
+    """``[N]`` long: the cluster of each prompt as consecutive ids (for the group jackknife)."""
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(group_of(p), len(ids)) for p in prompts], dtype=torch.long)
+
+
+def stratified(prompts: Sequence[dict], n: int, seed: int) -> list[dict]:
+    """``n`` prompts sampled with ``seed``, stratified by (cluster, language): strata are visited
+    round-robin in a seeded order and each gives its prompts in a seeded order, so 96 prompts from a
+    set of 50 topics cover ~50 topics rather than the first few in file order."""
+    import random
+    strata: dict[tuple, list] = {}
+    for p in prompts:
+        strata.setdefault((group_of(p), str(p.get("lang", ""))), []).append(p)
+    rng = random.Random(seed)
+    keys = sorted(strata)
+    rng.shuffle(keys)
+    for k in keys:
+        rng.shuffle(strata[k])
+    out: list[dict] = []
+    depth = 0
+    while len(out) < min(n, len(prompts)):
+        for k in keys:
+            if depth < len(strata[k]) and len(out) < n:
+                out.append(strata[k][depth])
+        depth += 1
+    return out
+
+
+def prompt_digest(prompts: Sequence[dict]) -> str:
+    """sha256 of the prompts' ids, texts and messages in order: a step keyed on it reruns when the
+    prompt file's content changes, not only its name."""
+    import hashlib
+    import json
+    rows = [[str(p.get("id")), p.get("text"), p.get("messages"), p.get("system")] for p in prompts]
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def select_prompts(study, n: int, min_shared_ratio: float, seed: int = 0) -> list[dict]:
+    """``n`` prompts that pass the shared-vocabulary filter, stratified by cluster and language
+    (:func:`stratified`). Fewer than ``n`` pass: all of them, with a printed warning."""
     kept, _ = study.fair_prompts(min_shared_ratio)
-    return kept[:n]
+    if len(kept) < n:
+        from mechdiff.progress import warn
+        warn(f"only {len(kept)} prompts pass the shared-vocabulary filter (min_shared_ratio="
+             f"{min_shared_ratio}); using {len(kept)} of the {n} asked for")
+    return stratified(kept, n, seed)
+
+
+def clean_run(side: LoadedModel, prompts: Sequence, sites: Sequence = (), *, batch_size: int,
+              measure: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The clean run of :func:`patch_measure`'s engines, chunk by chunk: ``[N, V]`` float32 logits at
+    the measured position and ``{site: [N, d]}`` states at the decision token (model dtype), on CPU.
+
+    The states are computed along the destination engines' own path, so a patch source taken from
+    here at a layer both models share is bit-for-bit the destination's clean state: the engine sees
+    a no-op and the patch KL is exactly 0 (states from a plain forward differ in the last bits)."""
+    from mechdiff.data.prompts import encode
+    logits, states = [], {str(s): [] for s in sites}
+    for i in range(0, len(prompts), batch_size):
+        eng = PatchEngine(side.model, encode(side.tokenizer, prompts[i:i + batch_size]), measure=measure,
+                          record_sites=list(states))
+        logits.append(eng.clean_logits.cpu())
+        for k, v in eng.clean_states(list(states)).items():
+            states[k].append(v.cpu())
+        del eng
+    return torch.cat(logits), {k: torch.cat(v) for k, v in states.items()}
 
 
 def fair_split(study, n_train: int, n_val: int | None, min_shared_ratio: float, seed: int
@@ -73,6 +142,26 @@ def kl_to_clean(allowed_ids) -> Reducer:
     """Reducer factory: KL(clean || patched) per prompt, masked to ``allowed_ids`` and unmasked
     (last axis ``[masked, unmasked]``)."""
     return lambda eng, i, j: kl_reducer(eng, allowed_ids, with_unmasked=True)
+
+
+def kl_and_gap(allowed_ids, other_logits: torch.Tensor, other_ids) -> Reducer:
+    """Reducer factory: last axis ``[masked, unmasked, to_other]``: KL(clean || patched) masked to
+    ``allowed_ids`` and unmasked (as :func:`kl_to_clean`), and KL(other || patched) over the shared
+    vocabulary, where ``other_logits`` ``[N, V_other]`` are the other model's clean logits on the same
+    prompts (``other_ids``: the shared vocabulary in its tokenizer, same order as ``allowed_ids``).
+    The share of the gap a patch closes is ``1 - to_other / KL(other || clean)``."""
+    from mechdiff.analyses.kl import kl_shared
+
+    def factory(eng: PatchEngine, i: int, j: int):
+        base = kl_reducer(eng, allowed_ids, with_unmasked=True)
+        other = other_logits[i:j]
+
+        def reduce(logits: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+            k = base(logits, rows) if ref is None else base(logits, rows, ref)
+            o = other.to(logits.device)[rows.to(logits.device)][None].expand(logits.shape[0], -1, -1)
+            return torch.cat([k, kl_shared(o, logits, other_ids, allowed_ids)[..., None]], -1)
+        return reduce
+    return factory
 
 
 def patch_measure(side: LoadedModel, prompts: Sequence, variants: list, *, batch_size: int,
