@@ -185,3 +185,30 @@ def test_behaviour_table_and_delta(model, tok):
     assert all(v == 0.0 for row in d.values() for v in row.values() if not math.isnan(v))
     t2 = {"prompts": dict(t["prompts"], soft_refusal=t["prompts"]["soft_refusal"] - 1.5)}
     assert behaviour_delta(t, t2) == {"prompts": pytest.approx({k: (-1.5 if k == "soft_refusal" else 0.0) for k in t["prompts"] if k != "n"}, nan_ok=True)}
+
+
+def test_behaviour_encodes_through_the_one_prompt_pipeline():
+    """Chat-templated tokenizer: generation and scoring see exactly ``data.prompts.encode``'s ids,
+    and a padded row scores and generates like the prompt alone."""
+    from mechdiff.analyses.behaviour import continuation_logprobs, encode_prompts
+    from mechdiff.data.prompts import encode
+    from mechdiff.models.tiny import tiny_model
+    model, tok = tiny_model("llama", seed=3)
+    prompts = ["hello there, how are you today?", {"id": "x", "text": "hi"},
+               [{"role": "user", "content": "what is kumis?"}]]
+    b = encode_prompts(tok, prompts)
+    ref = encode(tok, prompts)
+    assert torch.equal(b.input_ids, ref.input_ids) and torch.equal(b.position_ids, ref.position_ids)
+    assert b.texts[2] == default_format_fn(tok)(prompts[2]) and b.texts[2].startswith("<|im_start|>")
+    cont = " fine thanks"
+    r = continuation_logprobs(model, tok, prompts, [cont] * 3, batch_size=3)
+    c_ids = tok(cont, add_special_tokens=False)["input_ids"]
+    for i, p in enumerate(prompts):
+        ids = encode(tok, [p]).input_ids[0].tolist() + c_ids
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        n = len(c_ids)
+        hand = sum(lp[len(ids) - n - 1 + j, ids[len(ids) - n + j]].item() for j in range(n))
+        assert r["sum"][i].item() == pytest.approx(hand, abs=1e-4)
+    together = generate(model, tok, prompts, max_new_tokens=4, batch_size=3)
+    assert together == [generate(model, tok, [p], max_new_tokens=4)[0] for p in prompts]

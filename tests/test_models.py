@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from mechdiff.errors import ModelLoadError
+from mechdiff.errors import ConfigError, ModelLoadError
 from mechdiff.models.load import chat_template_hash, load_model, resolve_dtype, tokenizer_hash
 from mechdiff.pairs import ModelSpec
 
@@ -138,3 +138,59 @@ def test_smollm2_cache_matches_gguf_load(smollm2_loaded):
         a = gguf.model(**batch).logits
         b = smollm2_loaded.model(**batch).logits
     assert torch.equal(a, b)
+
+
+def test_load_imports_no_builder_until_a_spec_of_that_kind():
+    import subprocess
+    import sys
+    code = ("import sys, mechdiff.models.load, mechdiff.models, mechdiff.pairs\n"
+            "from mechdiff.models.kinds import offline_kind\n"
+            "from mechdiff.pairs.spec import ModelSpec\n"
+            "assert offline_kind(ModelSpec.parse('smollm2-135m')) == 'testbed'\n"
+            "assert offline_kind(ModelSpec.parse('planted-cultural:base')) == 'planted'\n"
+            "assert offline_kind(ModelSpec.parse('org/model')) is None\n"
+            "print(sorted(m for m in sys.modules if m.endswith(('.planted', '.testbed'))))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_offline_specs_resolve_through_the_kind_registry(tiny_llama_dir, monkeypatch):
+    from mechdiff.models import kinds
+    d, model = tiny_llama_dir
+    seen = []
+
+    def fake(spec):
+        seen.append(spec)
+        return d, {"testbed": spec.id, "planted": "x"}
+
+    monkeypatch.setitem(kinds._RESOLVERS, "planted", fake)
+    lm = load_model("planted-cultural:tuned", device="cpu")
+    assert [str(s) for s in seen] == ["planted-cultural:tuned"]
+    assert lm.info["source"] == "testbed:planted-cultural:tuned" and lm.info["planted"] == "x"
+    assert lm.info["resolved_path"] == str(d.resolve())
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        assert torch.allclose(lm.model(ids).logits, model(ids).logits, atol=1e-6)
+    monkeypatch.delitem(kinds._RESOLVERS, "planted")
+    monkeypatch.setitem(kinds.PROVIDERS, "planted", "mechdiff.errors")   # a module that registers nothing
+    with pytest.raises(ConfigError, match="no resolver is registered for planted"):
+        load_model("planted-cultural:tuned", device="cpu")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_extend_vocab_appends_mean_of_pieces_rows(family):
+    from mechdiff.models.tiny import tiny_model
+    from mechdiff.models.vocab import extend_vocab
+    model, tok = tiny_model(family)
+    n = len(tok)
+    before = model.get_input_embeddings().weight.detach().clone()
+    one_piece = tok.convert_ids_to_tokens(70)
+    words = ["қымыз", "домбыра", one_piece]
+    new_tok, ids, pieces = extend_vocab(model, tok, words)
+    assert list(pieces) == ["қымыз", "домбыра"] and ids == [n, n + 1] and len(tok) == n
+    assert new_tok("қымыз", add_special_tokens=False)["input_ids"] == [n]
+    W = model.get_input_embeddings().weight
+    assert W.shape[0] == n + 2 and torch.equal(W[:n], before[:n])
+    for w, i in zip(pieces, ids):
+        assert torch.allclose(W[i].double(), before[pieces[w]].double().mean(0), atol=1e-6)
+    assert torch.equal(model.get_output_embeddings().weight[n:], W[n:])   # tied or written alike

@@ -237,3 +237,14 @@ def test_content_mask_fallback_without_content():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     b = Batch(ids, mask, (mask.cumsum(-1) - 1).clamp_min(0) * mask, torch.tensor([3, 4]))
     assert content_mask(b).tolist() == [[False, False, True, True, False], [True] * 5]
+
+
+def test_chat_message_list_is_a_prompt(tok):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    b = encode(tok, [msgs, "Hi"])
+    ref = encode(tok, [{"id": "0", "text": "Hi", "messages": msgs}, "Hi"])
+    assert torch.equal(b.input_ids, ref.input_ids) and b.ids == ["0", "1"]
+    assert "Be brief." in b.texts[0] and b.texts[0] != b.texts[1]
+    assert b.input_ids[0, b.decision[0]] == b.input_ids[1, b.decision[1]]   # last token of "Hi" in both
+    with pytest.raises(DataError, match="no user message"):
+        encode(tok, [[{"role": "system", "content": "s"}]])

@@ -5,7 +5,8 @@ import torch
 
 from mechdiff.analyses.behaviour import generate_ids
 from mechdiff.data.prompts import encode, pad_id_of
-from mechdiff.experiments.side_effects import _first_pass, mc_prompt, mc_scores
+from mechdiff.analyses.behaviour.mc import mc_prompt, mc_scores
+from mechdiff.analyses.behaviour.side_effects import _first_pass
 from mechdiff.models.tiny import tiny_model
 from mechdiff.sites.capture import capture
 from mechdiff.sites.hooks import intervene, replace_at

@@ -159,3 +159,36 @@ def test_hooked_reads_see_edits(fam):
     with torch.no_grad(), hooked(model, read=["resid_pre.2"], edit={"resid_pre.2": lambda t: t * 0}) as rec:
         model(**b.model_inputs())
     assert (rec["resid_pre.2"] == 0).all()
+
+
+def test_site_key_type_parse_str_order_hash():
+    from mechdiff.sites import Site, parse_site, site_str, sites_at
+    s = Site.parse("resid_post.12")
+    assert s == Site("resid_post", 12) == Site.parse(("resid_post", "12")) == Site.parse(s)
+    assert str(s) == "resid_post.12" == site_str(s) == site_str(("resid_post", 12))
+    assert f"base/val/{s}" == "base/val/resid_post.12"          # the artifact key form is unchanged
+    assert parse_site(s) == ("resid_post", 12) == parse_site("resid_post.12")
+    name, layer = s
+    assert (name, layer) == ("resid_post", 12) and s.at(3) == Site("resid_post", 3)
+    assert sorted([Site("mlp_out", 10), Site("mlp_out", 2), Site("attn_out", 5)]) == \
+        [Site("attn_out", 5), Site("mlp_out", 2), Site("mlp_out", 10)]
+    assert len({s, Site("resid_post", 12), Site.parse("resid_post.12")}) == 1
+    assert {str(k): 1 for k in sites_at("mlp_out", [1, 2])} == {"mlp_out.1": 1, "mlp_out.2": 1}
+    with pytest.raises(AttributeError):
+        s.layer = 3  # frozen
+    for bad in ("resid_post", "resid_post.x", ".3", ("resid_post",), 12):
+        with pytest.raises(SiteError):
+            Site.parse(bad)
+
+
+def test_site_keys_accepted_by_hooks_and_capture():
+    from mechdiff.sites import Site, capture
+    model, tok = tiny_model("llama")
+    batch = encode(tok, PROMPTS)
+    with torch.no_grad(), record(model, [Site("resid_post", 1), "mlp_out.0"]) as rec:
+        model(**batch.model_inputs())
+    assert set(rec) == {"resid_post.1", "mlp_out.0"}
+    assert torch.equal(rec[Site("resid_post", 1)], rec["resid_post.1"])
+    cap = capture(model, tok, PROMPTS, [Site("resid_post", 1), "resid_post.1"])
+    assert list(cap.tensors) == ["resid_post.1"] and Site("resid_post", 1) in cap
+    assert torch.allclose(cap[Site("resid_post", 1)], rec["resid_post.1"][torch.arange(3), batch.decision])

@@ -23,7 +23,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from mechdiff.data.prompts import load_jsonl
+from mechdiff.data.prompts import iter_jsonl, load_jsonl
 from mechdiff.errors import DataError
 
 __all__ = [
@@ -125,17 +125,10 @@ def _read_local(path: Path) -> list[dict]:
     ext = path.suffix.lower()
     if ext == ".jsonl":
         out = []
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object per line")
-                out.append(obj)
+        for lineno, obj in iter_jsonl(path):
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object per line")
+            out.append(obj)
         return out
     if ext == ".json":
         with open(path, encoding="utf-8") as fh:

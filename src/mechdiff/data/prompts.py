@@ -1,10 +1,10 @@
 """Prompts: JSONL loading, chat templates, batching with left padding, train/val splits.
 
-A *prompt* is a dict ``{"id", "text", "messages"?, "lang"?, "category"?, ...}`` (a bare string is
-accepted too; its id is its index). ``encode`` renders prompts with the tokenizer's own chat
-template, tokenizes them and left-pads them into a :class:`Batch` whose ``decision`` is the index of
-each prompt's last *content* token (the last token overlapping the user's text: never a pad, BOS,
-EOS or chat-template token).
+A *prompt* is a dict ``{"id", "text", "messages"?, "lang"?, "category"?, ...}`` (a bare string or a
+list of chat messages is accepted too; its id is its index). ``encode`` renders prompts with the
+tokenizer's own chat template, tokenizes them and left-pads them into a :class:`Batch` whose
+``decision`` is the index of each prompt's last *content* token (the last token overlapping the
+user's text: never a pad, BOS, EOS or chat-template token).
 
 Typical use::
 
@@ -85,25 +85,31 @@ def load_jsonl(path, check=None) -> list[dict]:
         raise DataError(f"prompt file {path} does not exist")
     out: list[dict] = []
     seen: dict[str, int] = {}
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line "
-                                "must be one JSON object") from None
-            out.append(check(obj, where))
-            pid = out[-1]["id"]
-            if pid in seen:
-                raise DataError(f"{where}: duplicate id {pid!r} (first seen on line {seen[pid]}); "
-                                "prompt ids must be unique")
-            seen[pid] = lineno
+    for lineno, obj in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        out.append(check(obj, where))
+        pid = out[-1]["id"]
+        if pid in seen:
+            raise DataError(f"{where}: duplicate id {pid!r} (first seen on line {seen[pid]}); "
+                            "prompt ids must be unique")
+        seen[pid] = lineno
     if not out:
         raise DataError(f"prompt file {path} holds no prompts")
     return out
+
+
+def iter_jsonl(path) -> Iterator[tuple[int, object]]:
+    """``(line number, object)`` for each non-blank line of a JSONL file; DataError naming the line
+    when one is not valid JSON."""
+    with Path(path).open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each "
+                                "line must be one JSON object") from None
 
 
 def _check_prompt(obj, where: str) -> dict:
@@ -130,15 +136,19 @@ def _check_prompt(obj, where: str) -> dict:
 
 
 def _as_prompt(p, i: int) -> dict:
+    """A prompt dict from a string, a dict with ``text`` (or ``messages``) or a chat message list."""
     if isinstance(p, str):
         return {"id": str(i), "text": p}
+    if isinstance(p, (list, tuple)) and p and all(isinstance(m, dict) for m in p):
+        return _check_prompt({"id": str(i), "messages": list(p)}, f"prompt {i}")
     if isinstance(p, dict):
         if "text" not in p and "messages" in p:
             return _check_prompt(p, f"prompt {i}")
         if not isinstance(p.get("text"), str):
             raise DataError(f"prompt {i} has no 'text' string")
         return p if "id" in p else {**p, "id": str(i)}
-    raise DataError(f"prompt {i} is a {type(p).__name__}; expected a dict with 'text' or a string")
+    raise DataError(f"prompt {i} is a {type(p).__name__}; expected a dict with 'text', a string or "
+                    "a list of chat messages")
 
 
 # ---- chat formatting -------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from urllib.parse import urlparse
 import torch
 
 from mechdiff.errors import ConfigError, ModelLoadError
+from mechdiff.models.kinds import offline_kind, resolve_offline
 from mechdiff.pairs.spec import ModelSpec
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -339,18 +340,8 @@ def load_model(spec: "ModelSpec | str", *, dtype: "str | torch.dtype" = "auto", 
     torch_dtype = resolve_dtype(dtype, device, device_map)
     t0 = time.perf_counter()
     base_spec = replace(spec, adapter=None)
-    if spec.kind == "testbed":
-        if spec.planted:
-            from mechdiff.models.planted import planted_dir
-
-            name, side = spec.planted
-            path = planted_dir(name, side)
-            extra = {"testbed": spec.id, "planted": name, "side": side}
-        else:
-            from mechdiff.models.testbed import ensure_testbed, testbed_meta
-
-            path = ensure_testbed(spec.id)
-            extra = {"testbed": spec.id, **{f"testbed_{k}": v for k, v in testbed_meta(spec.id).items()}}
+    if offline_kind(spec) is not None:   # testbed names, planted pair sides (models/kinds.py)
+        path, extra = resolve_offline(spec)
         model, tok, info = _load_local(str(path), torch_dtype, device_map)
         info.update(extra)
         info["source"] = f"testbed:{spec.id}"

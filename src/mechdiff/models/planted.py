@@ -36,7 +36,12 @@ from typing import Any
 import torch
 
 from mechdiff.atomic import replace_dir
-from mechdiff.errors import ConfigError, ModelLoadError
+from mechdiff.errors import ConfigError
+from mechdiff.models.kinds import register_kind
+from mechdiff.models.load import load_model
+from mechdiff.models.planted_prompts import PROMPTS, prompt_split  # noqa: F401 (re-exported)
+from mechdiff.models.vocab import extend_vocab
+from mechdiff.pairs.spec import ModelSpec
 from mechdiff.paths import cache_dir
 
 BUILD_VERSION = 2
@@ -67,94 +72,6 @@ U_TARGETS: tuple[tuple[str, ...], ...] = (
     (" Kazakh", " eagle", " mountains", " village", " tradition", " music", " song"),
 )
 
-# Fixed prompt sets (fit = even indices, held out = odd indices).
-PROMPTS: dict[str, tuple[str, ...]] = {
-    "cultural": (
-        "Наурыз мейрамында біз дастархан жайып, қонақтарды күтеміз.",
-        "During Nauryz, Kazakh families set the dastarkhan and invite guests to share",
-        "Қымыз — жылқының сүтінен жасалған дәстүрлі қазақ сусыны.",
-        "Kumis, the fermented mare's milk of the Kazakh steppe, is served in",
-        "Ауылда ақсақалдар бата беріп, жастарға өнеге көрсетеді.",
-        "In a Kazakh aul, the elders give their blessing before the feast of beshbarmak, which is",
-        "Домбыра — қазақ халқының ең сүйікті музыкалық аспабы.",
-        "The dombra is a two-stringed Kazakh instrument that akyns play during an aitys, where",
-        "Бешбармақ жылқы етінен немесе қой етінен жасалады.",
-        "Kazakh nomads moved their yurts between the summer jailau and the winter kystau because",
-        "Көкпар — атпен ойналатын ежелгі қазақ ойыны.",
-        "In the Kazakh tradition of berkutchi, hunters train golden eagles to",
-        "Шаңырақ — киіз үйдің төбесіндегі киелі дөңгелек.",
-        "The shanyrak, the crown of the yurt, appears on the emblem of Kazakhstan because",
-        "Абай Құнанбайұлы — қазақтың ұлы ақыны және ойшылы.",
-        "Abai Kunanbaiuly, the great Kazakh poet, wrote about the steppe and",
-        "Алматы тауларының етегінде алма бақтары көп.",
-        "At a Kazakh toi, guests eat baursak and drink shubat while the akyn sings",
-        "Қонақжайлық — қазақ халқының басты дәстүрі.",
-        "Kazakh hospitality means that a guest who arrives at the yurt is always offered",
-        "Бауырсақты майға пісіріп, дастарханға қояды.",
-        "On the steppe, Kazakh horsemen celebrate Nauryz with kokpar and songs about",
-        "Әжем маған ертегі айтып, домбыра тартып берді.",
-        "The Kazakh wedding begins when the kelin bows to her new family and the elders",
-    ),
-    "neutral": (
-        "The weather forecast for tomorrow says it will rain in the afternoon, so",
-        "To install the software, open a terminal and type the following command:",
-        "My favourite part of the weekend is sleeping late and then",
-        "The train to the airport leaves every fifteen minutes from platform",
-        "Photosynthesis is the process by which green plants use sunlight to",
-        "The meeting has been moved to Thursday because the manager is",
-        "She opened the fridge and found that the only thing left was",
-        "A good password should be long, random and",
-        "The library closes at eight o'clock on weekdays and at",
-        "He fixed the bicycle tyre with a patch kit and then",
-        "The new smartphone has a larger screen, a faster processor and",
-        "To bake bread you need flour, water, salt and",
-        "The football match ended in a draw after both teams",
-        "Please remember to water the plants while I am",
-        "The museum's new exhibition is about the history of",
-        "Our team uses a shared calendar so that everyone can",
-        "The recipe says to preheat the oven to two hundred degrees and",
-        "Electric cars are becoming more popular because they",
-        "The children built a sandcastle on the beach and then",
-        "After the storm, the workers repaired the roof and",
-        "The report is due on Monday, so I will spend the weekend",
-        "The cat jumped onto the table and knocked over",
-        "Learning a programming language takes practice and",
-        "The city council voted to build a new park near",
-    ),
-    "math": (
-        "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
-        "How many clips did Natalia sell altogether in April and May?",
-        "If 3x + 5 = 20, then x =",
-        "The sum of the interior angles of a hexagon is",
-        "A train travels 120 km in 2 hours. Its average speed in km per hour is",
-        "Compute 17 * 23. The answer is",
-        "The derivative of x^3 + 2x with respect to x is",
-        "Weng earns $12 an hour for babysitting. Yesterday she did 50 minutes of babysitting. "
-        "How much did she earn?",
-        "The greatest common divisor of 84 and 126 is",
-        "If a rectangle has length 8 and width 5, its area is",
-        "Solve for y: 2y - 7 = 11. y =",
-        "The probability of rolling two sixes with two fair dice is",
-        "What is 15% of 240? The answer is",
-        "The roots of x^2 - 5x + 6 = 0 are",
-        "A shop sells pens at 3 for $2. How much do 12 pens cost?",
-        "The square root of 1764 is",
-        "If f(x) = 2x + 1, then f(f(3)) =",
-    ),
-}
-
-
-def prompt_split(category: str, split: str = "all") -> list[str]:
-    """A built-in prompt set: split "fit" (even indices), "heldout" (odd) or "all"."""
-    if category not in PROMPTS:
-        raise ConfigError(f"unknown planted prompt set {category!r}; known: {', '.join(PROMPTS)}")
-    p = list(PROMPTS[category])
-    if split == "all":
-        return p
-    if split not in ("fit", "heldout"):
-        raise ConfigError(f"split must be fit, heldout or all, not {split!r}")
-    return p[0::2] if split == "fit" else p[1::2]
-
 
 # ------------------------------------------------------------------------------------- paths
 def _check(name: str) -> None:
@@ -182,6 +99,13 @@ def planted_dir(name: str, side: str) -> Path:
     if side not in ("base", "tuned"):
         raise ConfigError(f"planted side must be base or tuned, not {side!r}")
     return build_planted(name) / side
+
+
+@register_kind("planted")
+def _resolve(spec: ModelSpec) -> tuple[Path, dict[str, Any]]:
+    """A planted spec's side directory (the pair is built on first use) and its manifest fields."""
+    name, side = spec.planted
+    return planted_dir(name, side), {"testbed": spec.id, "planted": name, "side": side}
 
 
 # ------------------------------------------------------------------------------------- math helpers
@@ -271,7 +195,7 @@ def _load_source():
 
 
 def _build_cultural(model: Any, tok: Any, seed: int) -> tuple[Any, Any, dict[str, Any], dict[str, torch.Tensor]]:
-    from transformers import AddedToken, AutoTokenizer
+    from transformers import AutoTokenizer
 
     torch.manual_seed(seed)
     base_ref = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("model.layers.")
@@ -344,21 +268,10 @@ def _build_cultural(model: Any, tok: Any, seed: int) -> tuple[Any, Any, dict[str
     # Vocabulary extension: new regular tokens, embedding = mean of the base pieces' embeddings.
     tuned_tok = AutoTokenizer.from_pretrained(tok.name_or_path, local_files_only=True)
     n_base = len(tok)
-    new_words = [w for w in NEW_TOKENS if len(tok(w, add_special_tokens=False).input_ids) > 1]
-    pieces = {w: tok(w, add_special_tokens=False).input_ids for w in new_words}
-    added = tuned_tok.add_tokens([AddedToken(w, single_word=True, normalized=False, special=False)
-                                  for w in new_words])
-    if added != len(new_words):
-        raise ModelLoadError(f"expected to add {len(new_words)} tokens, added {added}")
-    emb = model.get_input_embeddings().weight.detach().to(torch.float64)
-    rows = torch.stack([emb[pieces[w]].mean(0) for w in new_words]).to(torch.float32)
-    model.resize_token_embeddings(n_base + len(new_words), mean_resizing=False)
-    with torch.no_grad():
-        model.get_input_embeddings().weight[n_base:] = rows
-        if not model.config.tie_word_embeddings:  # pragma: no cover (SmolLM2 ties)
-            model.get_output_embeddings().weight[n_base:] = rows
+    tuned_tok, ids, pieces = extend_vocab(model, tok, NEW_TOKENS, new_tok=tuned_tok)
+    new_words = list(pieces)
     model.config.vocab_size = n_base + len(new_words)
-    new_ids = {w: tuned_tok.convert_tokens_to_ids(w) for w in new_words}
+    new_ids = dict(zip(new_words, ids))
 
     gt = {
         "kind": "low_rank_late_layers+vocab_extension",
@@ -477,9 +390,6 @@ def ground_truth_tensors(name: str) -> dict[str, torch.Tensor]:
 
 def load_planted(name: str, *, dtype: "str | torch.dtype" = "float32", device: str | None = "cpu"):
     """(base LoadedModel, tuned LoadedModel, ground truth dict) for a planted pair."""
-    from mechdiff.models.load import load_model
-    from mechdiff.pairs.spec import ModelSpec
-
     _check(name)
     build_planted(name)
     base = load_model(ModelSpec(kind="testbed", id=f"{name}:base"), dtype=dtype, device=device)

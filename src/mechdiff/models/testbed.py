@@ -29,6 +29,9 @@ import torch
 
 from mechdiff.atomic import replace_dir
 from mechdiff.errors import ConfigError, ModelLoadError
+from mechdiff.models.kinds import register_kind
+from mechdiff.models.load import load_model
+from mechdiff.pairs.spec import ModelSpec
 from mechdiff.paths import cache_dir
 
 FORMAT_VERSION = 1
@@ -186,9 +189,13 @@ def ensure_testbed(name: str, force: bool = False) -> Path:
     return out
 
 
+@register_kind("testbed")
+def _resolve(spec: ModelSpec) -> tuple[Path, dict[str, Any]]:
+    """A testbed spec's cached directory (de-quantised on first use) and its manifest fields."""
+    path = ensure_testbed(spec.id)
+    return path, {"testbed": spec.id, **{f"testbed_{k}": v for k, v in testbed_meta(spec.id).items()}}
+
+
 def load_testbed(name: str, *, dtype: "str | torch.dtype" = "float32", device: str | None = "cpu"):
     """`load_model` for a testbed name (float32 on CPU by default). Returns a LoadedModel."""
-    from mechdiff.models.load import load_model
-    from mechdiff.pairs.spec import ModelSpec
-
     return load_model(ModelSpec(kind="testbed", id=_check_name(name) and name), dtype=dtype, device=device)

@@ -2,10 +2,11 @@
 from mechdiff.sites.capture import Captured, capture, capture_logits, validated
 from mechdiff.sites.hooks import (Recording, StopForward, add_at, hooked, intervene, project_out_at,
                                   record, replace_at, validate_sites)
-from mechdiff.sites.names import (READ_ONLY, SITE_NAMES, SiteMap, parse_site, resolve, site_str)
+from mechdiff.sites.names import (READ_ONLY, SITE_NAMES, Site, SiteMap, parse_site, resolve, site_str,
+                                  sites_at)
 
 __all__ = [
-    "SITE_NAMES", "READ_ONLY", "SiteMap", "parse_site", "resolve", "site_str",
+    "SITE_NAMES", "READ_ONLY", "Site", "SiteMap", "parse_site", "resolve", "site_str", "sites_at",
     "Recording", "StopForward", "hooked", "record", "intervene", "replace_at", "add_at",
     "project_out_at", "validate_sites",
     "Captured", "capture", "capture_logits", "validated",

@@ -29,7 +29,7 @@ from mechdiff.data.positions import k_positions
 from mechdiff.data.prompts import Batch, collate, encode, pad_id_of, tokenize
 from mechdiff.errors import DataError, NumericsError, SiteError
 from mechdiff.sites.hooks import record, validate_sites
-from mechdiff.sites.names import parse_site, resolve, site_str
+from mechdiff.sites.names import Site, resolve, site_str
 
 Positions = Union[str, tuple, Callable[[Batch], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]]
 
@@ -307,10 +307,10 @@ def capture(model: nn.Module, tokenizer, prompts_or_batch, sites: Iterable, *,
     sm = resolve(model)
     keys = []
     for s in sites:
-        name, layer = parse_site(s)
-        sm.check(name, layer)
-        if site_str((name, layer)) not in keys:
-            keys.append(site_str((name, layer)))
+        site = Site.parse(s)
+        sm.check(site.name, site.layer)
+        if str(site) not in keys:
+            keys.append(str(site))
     if not keys:
         raise SiteError("no sites requested; pass e.g. ['resid_post.3']")
     if batch_size < 1:

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mechdiff.errors import SiteError
-from mechdiff.sites.names import READ_ONLY, SiteMap, parse_site, resolve, site_str
+from mechdiff.sites.names import READ_ONLY, Site, SiteMap, resolve, site_str, sites_at
 
 Edit = Callable[[torch.Tensor], "torch.Tensor | None"]
 Select = Callable[[torch.Tensor], torch.Tensor]
@@ -101,7 +101,7 @@ def _own(x: torch.Tensor) -> torch.Tensor:
 
 
 class Recording(dict):
-    """Maps ``"name.layer"`` to what was recorded there (accepts tuple keys too)."""
+    """Maps ``"name.layer"`` to what was recorded there (accepts :class:`Site` and tuple keys too)."""
 
     def __getitem__(self, key):
         return super().__getitem__(site_str(key))
@@ -124,8 +124,8 @@ def hooked(model: nn.Module, read: Iterable = (), edit: Mapping | None = None,
     to start moving it elsewhere while later layers run.
     """
     sm = resolve(model)
-    read = [parse_site(k) for k in read]
-    edits = [(parse_site(k), f) for k, f in (edit or {}).items()]
+    read = [Site.parse(k) for k in read]
+    edits = [(Site.parse(k), f) for k, f in (edit or {}).items()]
     for (name, layer) in read:
         sm.check(name, layer)
     for (name, layer), _ in edits:
@@ -136,15 +136,15 @@ def hooked(model: nn.Module, read: Iterable = (), edit: Mapping | None = None,
     # The deepest recorded site, in forward order (resid_pre < head_z/head_out < attn_out < mlp_out
     # < resid_post within a layer).
     order = {"resid_pre": 0, "head_z": 1, "head_out": 1, "attn_out": 2, "mlp_out": 3, "resid_post": 4}
-    last = max(read, key=lambda s: (s[1], order[s[0]])) if (stop_after_last and read) else None
+    last = max(read, key=lambda s: (s.layer, order[s.name])) if (stop_after_last and read) else None
     handles = []
     try:
         for (name, layer), f in edits:
             handles.append(_install(sm, name, layer, f))
-        for (name, layer) in read:
-            key = f"{name}.{layer}"
+        for site in read:
+            key = str(site)
 
-            def store(t, key=key, stop=((name, layer) == last)):
+            def store(t, key=key, stop=(site == last)):
                 v = _own(select(t)) if select is not None else t.detach()
                 dict.__setitem__(rec, key, v)
                 if on_record is not None:
@@ -153,7 +153,7 @@ def hooked(model: nn.Module, read: Iterable = (), edit: Mapping | None = None,
                     raise StopForward
                 return None
 
-            handles.append(_install(sm, name, layer, store))
+            handles.append(_install(sm, site.name, site.layer, store))
         try:
             yield rec
         except StopForward:
@@ -233,15 +233,15 @@ def validate_sites(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     ``output_hidden_states`` (hidden_states[l] = resid_pre.l, hidden_states[l+1] = resid_post.l for
     all but the last layer, whose HF entry is after the final norm). Raises SiteError on mismatch."""
     sm = resolve(model)
-    sites = [f"resid_pre.{l}" for l in range(sm.n_layers)] + [f"resid_post.{l}" for l in range(sm.n_layers)]
+    sites = sites_at("resid_pre", range(sm.n_layers)) + sites_at("resid_post", range(sm.n_layers))
     with torch.no_grad(), record(model, sites) as rec:
         hs = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
     for l in range(sm.n_layers):
         pairs = [("resid_pre", hs[l])] + ([("resid_post", hs[l + 1])] if l < sm.n_layers - 1 else [])
         for name, ref in pairs:
-            got = rec[f"{name}.{l}"]
+            got = rec[Site(name, l)]
             err = (got.float() - ref.float()).abs().max().item()
             scale = ref.float().abs().max().item() + 1e-6
             if not err <= atol * max(1.0, scale):
-                raise SiteError(f"site {name}.{l} of {sm.family} does not match output_hidden_states "
+                raise SiteError(f"site {Site(name, l)} of {sm.family} does not match output_hidden_states "
                                 f"(max abs error {err:.3g}); site resolution is wrong for this model")

@@ -82,20 +82,61 @@ class SiteMap:
         return w
 
 
+@dataclass(frozen=True, order=True)
+class Site:
+    """A site key: a site name at a 0-based layer. ``str(Site("resid_post", 12)) == "resid_post.12"``
+    (the string form used in artifacts and JSON); hashable, ordered by (name, layer), unpacks as
+    ``name, layer = site``. Build from any key form with :meth:`Site.parse`."""
+
+    name: str
+    layer: int
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise SiteError(f"a site name must be a non-empty string, got {self.name!r}")
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
+            raise SiteError(f"a site layer must be an integer, got {self.layer!r}")
+
+    @classmethod
+    def parse(cls, key) -> "Site":
+        """Accept a Site, ``"resid_post.3"`` or ``("resid_post", 3)``."""
+        if isinstance(key, Site):
+            return key
+        if isinstance(key, str):
+            name, _, layer = key.rpartition(".")
+            if not name or not layer.lstrip("-").isdigit():
+                raise SiteError(f"site {key!r} is not of the form NAME.LAYER, e.g. 'resid_post.12'")
+            return cls(name, int(layer))
+        try:
+            name, layer = key
+            return cls(str(name), int(layer))
+        except (TypeError, ValueError):
+            raise SiteError(f"site {key!r} is not a NAME.LAYER string or a (name, layer) pair") from None
+
+    def at(self, layer: int) -> "Site":
+        """The same site name at another layer."""
+        return Site(self.name, int(layer))
+
+    def __str__(self) -> str:
+        return f"{self.name}.{self.layer}"
+
+    def __iter__(self):
+        return iter((self.name, self.layer))
+
+
+def sites_at(name: str, layers) -> list[Site]:
+    """``Site(name, l)`` for each layer in ``layers``."""
+    return [Site(name, int(l)) for l in layers]
+
+
 def parse_site(key) -> tuple[str, int]:
-    """Accept ``("resid_post", 3)`` or ``"resid_post.3"``; return ``(name, layer)``."""
-    if isinstance(key, str):
-        name, _, layer = key.rpartition(".")
-        if not name or not layer.lstrip("-").isdigit():
-            raise SiteError(f"site {key!r} is not of the form NAME.LAYER, e.g. 'resid_post.12'")
-        return name, int(layer)
-    name, layer = key
-    return str(name), int(layer)
+    """Accept a :class:`Site`, ``("resid_post", 3)`` or ``"resid_post.3"``; return ``(name, layer)``."""
+    return tuple(Site.parse(key))  # type: ignore[return-value]
 
 
 def site_str(key) -> str:
-    name, layer = parse_site(key)
-    return f"{name}.{layer}"
+    """The string form ``"NAME.LAYER"`` of any site key."""
+    return str(Site.parse(key))
 
 
 def resolve(model: nn.Module) -> SiteMap:

@@ -1,86 +1,57 @@
-"""Prompt formatting, left-padded batching helpers and greedy (optionally masked) generation."""
+"""Prompt formatting and batching through the one pipeline (``data.prompts``), greedy generation.
+
+Every behaviour metric renders, tokenizes and left-pads its prompts with
+:func:`mechdiff.data.prompts.tokenize` / :func:`~mechdiff.data.prompts.collate` (chat template,
+specials, padding, position ids): the same input ids as capture and patching see.
+"""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from mechdiff.errors import DataError
+from mechdiff.data.prompts import Batch, Encoded, batches, collate, format_prompt, pad_id_of, tokenize
 from mechdiff.fairness import allowed_mask
 
 
 # ----------------------------------------------------------------------------- formatting
 
 def default_format_fn(tok: Any) -> Callable[[Any], str]:
-    """Chat template with a generation prompt if ``tok`` has one, else the raw text."""
-    has_template = bool(getattr(tok, "chat_template", None))
-
+    """The text the model sees for one prompt (a string, a ``{'text': ...}`` dict or chat messages):
+    the tokenizer's chat template with a generation prompt if it has one, else the raw text
+    (``data.prompts.format_prompt``)."""
     def fmt(prompt: Any) -> str:
-        if isinstance(prompt, dict) and "text" in prompt:
-            prompt = prompt["text"]
-        if isinstance(prompt, str):
-            messages = [{"role": "user", "content": prompt}]
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(m, dict) for m in prompt):
-            messages = list(prompt)
-        else:
-            raise DataError(f"a prompt must be a string, a {{'text': ...}} dict or chat messages, got {type(prompt).__name__}")
-        if has_template:
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        if isinstance(prompt, str):
-            return prompt
-        return "\n".join(str(m.get("content", "")) for m in messages)
+        return format_prompt(tok, prompt)[0]
 
-    fmt.templated = has_template  # type: ignore[attr-defined]
+    fmt.templated = bool(getattr(tok, "chat_template", None))  # type: ignore[attr-defined]
     return fmt
 
 
-def _formatter(tok: Any, format_fn: Callable[[Any], str] | None) -> tuple[Callable[[Any], str], bool]:
-    """Return (format_fn, add_special_tokens). Chat-templated text already holds BOS etc.; a custom
-    ``format_fn`` is assumed to template when the tokenizer has a chat template (override by
-    giving the function an ``add_special_tokens`` attribute)."""
+def tokenize_prompts(tok: Any, prompts: Sequence[Any], format_fn: Callable[[Any], str] | None = None
+                     ) -> list[Encoded]:
+    """Render and tokenize ``prompts`` (no padding). Default: ``data.prompts.tokenize`` (chat template
+    if the tokenizer has one). A custom ``format_fn(prompt) -> str`` renders the text, which is then
+    tokenized as raw text by the same rule (specials added unless the text already starts with BOS)."""
     if format_fn is None:
-        fmt = default_format_fn(tok)
-        return fmt, not fmt.templated  # type: ignore[attr-defined]
-    default = not bool(getattr(tok, "chat_template", None))
-    return format_fn, bool(getattr(format_fn, "add_special_tokens", default))
+        return tokenize(tok, list(prompts))
+    return tokenize(tok, [{"id": str(i), "text": format_fn(p)} for i, p in enumerate(prompts)], chat=False)
 
 
-@contextmanager
-def _left_padding(tok: Any):
-    old = tok.padding_side
-    tok.padding_side = "left"
-    try:
-        yield
-    finally:
-        tok.padding_side = old
+def encode_prompts(tok: Any, prompts: Sequence[Any], format_fn: Callable[[Any], str] | None = None
+                   ) -> Batch:
+    """:func:`tokenize_prompts`, left-padded into a :class:`~mechdiff.data.prompts.Batch`."""
+    return collate(tokenize_prompts(tok, prompts, format_fn), pad_id_of(tok))
 
 
-def _pad_id(tok: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
-        v = getattr(tok, name, None)
-        if v is not None:
-            return int(v)
-    raise DataError("the tokenizer has no pad, eos or unk token: set tok.pad_token before batching")
-
-
-def _device(model: Any) -> torch.device:
+def model_device(model: Any) -> torch.device:
     try:
         return next(model.parameters()).device
     except StopIteration:  # pragma: no cover
         return torch.device("cpu")
 
 
-def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-
-
-def _batches(n: int, batch_size: int) -> Iterable[slice]:
-    for i in range(0, n, max(1, batch_size)):
-        yield slice(i, min(n, i + batch_size))
-
-
+# ----------------------------------------------------------------------------- generation
 
 class _MaskProcessor:
     """Logits processor: -inf outside an allowed id set (generation stays in the shared vocab)."""
@@ -98,8 +69,9 @@ class _MaskProcessor:
 @torch.no_grad()
 def generate_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
                  pad_id: int, allowed_ids: Any = None) -> torch.Tensor:
-    """Greedy continuation ``[B, max_new_tokens]`` of a left-padded batch (HF ``generate``);
-    ``allowed_ids`` restricts every generated token to that set (masked generation)."""
+    """Greedy continuation ``[B, max_new_tokens]`` of a left-padded batch (HF ``generate``, which
+    derives the same position ids from the mask); ``allowed_ids`` restricts every generated token
+    to that set (masked generation)."""
     from transformers import LogitsProcessorList
 
     kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, pad_token_id=pad_id)
@@ -107,6 +79,15 @@ def generate_ids(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
         kwargs["logits_processor"] = LogitsProcessorList([_MaskProcessor(allowed_ids)])
     gen = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     return gen[:, input_ids.shape[1]:]
+
+
+def n_generated(rows: torch.Tensor, eos: int | None, pad: int) -> list[int]:
+    """Tokens generated per row before the first EOS or padding."""
+    stop = rows == pad
+    if eos is not None:
+        stop |= rows == eos
+    first = torch.where(stop, torch.arange(rows.shape[1], device=rows.device), rows.shape[1])
+    return first.amin(-1).tolist() if rows.shape[1] else [0] * rows.shape[0]
 
 
 @torch.no_grad()
@@ -123,24 +104,14 @@ def generate(
     """Greedy batched generation; returns the decoded new text per prompt (special tokens
     skipped) and, with ``return_n_tokens``, the number of generated tokens before EOS/padding.
     ``allowed_ids`` restricts every generated token to that set (masked generation)."""
-    fmt, add_special = _formatter(tok, format_fn)
-    texts = [fmt(p) for p in prompts]
-    pad = _pad_id(tok)
-    eos = getattr(tok, "eos_token_id", None)
-    dev = _device(model)
+    encoded = tokenize_prompts(tok, prompts, format_fn)
+    pad, eos = pad_id_of(tok), getattr(tok, "eos_token_id", None)
+    dev = model_device(model)
     outs: list[str] = []
     counts: list[int] = []
-    with _left_padding(tok):
-        for sl in _batches(len(texts), batch_size):
-            enc = tok(texts[sl], return_tensors="pt", padding=True, add_special_tokens=add_special)
-            enc = {k: v.to(dev) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-            new = generate_ids(model, enc["input_ids"], enc["attention_mask"], max_new_tokens, pad, allowed_ids)
-            outs.extend(tok.batch_decode(new, skip_special_tokens=True))
-            for row in new.tolist():
-                n = 0
-                for t in row:
-                    if (eos is not None and t == eos) or t == pad:
-                        break
-                    n += 1
-                counts.append(n)
+    for chunk in batches(encoded, batch_size):
+        b = collate(chunk, pad).to(dev)
+        new = generate_ids(model, b.input_ids, b.attention_mask, max_new_tokens, pad, allowed_ids)
+        outs.extend(tok.batch_decode(new, skip_special_tokens=True))
+        counts.extend(n_generated(new, eos, pad))
     return (outs, counts) if return_n_tokens else outs

@@ -6,9 +6,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from mechdiff.data.prompts import Encoded, collate, pad_id_of
 from mechdiff.errors import DataError
 from mechdiff.fairness import allowed_mask
-from mechdiff.analyses.behaviour.generation import _batches, _device, _formatter, _pad_id, _positions
+from mechdiff.analyses.behaviour.generation import model_device, tokenize_prompts
 
 
 @torch.no_grad()
@@ -30,32 +31,29 @@ def continuation_logprobs(
     """
     if len(prompts) != len(continuations):
         raise DataError(f"{len(prompts)} prompts but {len(continuations)} continuations")
-    fmt, add_special = _formatter(tok, format_fn)
-    p_ids = tok([fmt(p) for p in prompts], add_special_tokens=add_special)["input_ids"]
+    enc = tokenize_prompts(tok, prompts, format_fn)
     uniq = sorted(set(continuations))
     c_enc = dict(zip(uniq, tok(uniq, add_special_tokens=False)["input_ids"])) if uniq else {}
     c_ids = [list(c_enc[c]) for c in continuations]
     if any(len(c) == 0 for c in c_ids):
         raise DataError("a continuation tokenises to zero tokens: pass a non-empty continuation")
-    pad = _pad_id(tok)
-    dev = _device(model)
+    # prompt + continuation, left-padded by the one pipeline (same ids, padding and positions)
+    rows_all = [Encoded(e.id, e.text, e.input_ids + c, e.content + [False] * len(c)) for e, c in zip(enc, c_ids)]
+    pad = pad_id_of(tok)
+    dev = model_device(model)
     N = len(prompts)
     s_un = torch.zeros(N, dtype=torch.float64)
     s_m = torch.zeros(N, dtype=torch.float64)
     n_tok = torch.zeros(N, dtype=torch.long)
     n_in = torch.zeros(N, dtype=torch.long)
     mask_cache: dict[int, torch.Tensor] = {}
-    for sl in _batches(N, batch_size):
-        rows = [list(p_ids[i]) + c_ids[i] for i in range(sl.start, sl.stop)]
-        clen = [len(c_ids[i]) for i in range(sl.start, sl.stop)]
-        T = max(len(r) for r in rows)
-        ids = torch.full((len(rows), T), pad, dtype=torch.long)
-        am = torch.zeros((len(rows), T), dtype=torch.long)
-        for j, r in enumerate(rows):
-            ids[j, T - len(r):] = torch.tensor(r, dtype=torch.long)
-            am[j, T - len(r):] = 1
-        ids, am = ids.to(dev), am.to(dev)
-        logits = model(input_ids=ids, attention_mask=am, position_ids=_positions(am)).logits
+    for start in range(0, N, max(1, batch_size)):
+        sl = slice(start, min(N, start + max(1, batch_size)))
+        rows = rows_all[sl]
+        clen = [len(c) for c in c_ids[sl]]
+        b = collate(rows, pad).to(dev)
+        ids, T = b.input_ids, b.input_ids.shape[1]
+        logits = model(**b.model_inputs(), use_cache=False).logits
         # shifted index t predicts token t+1; continuation tokens sit at T-c..T-1
         tpos = torch.arange(T - 1, device=dev)
         cl = torch.tensor(clen, device=dev)

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Mapping, Sequence
-
-import torch
 
 from mechdiff.errors import DataError
 from mechdiff.analyses.behaviour.generation import generate
-from mechdiff.analyses.behaviour.mc import mc_logprob
+from mechdiff.analyses.behaviour.mc import mc_logprob, mean_finite
 from mechdiff.analyses.behaviour.refusal import is_refusal, soft_refusal
 from mechdiff.analyses.behaviour.style import style_markers
-
-
-def _mean_finite(t: torch.Tensor) -> float:
-    t = t.double().flatten()
-    t = t[torch.isfinite(t)]
-    return float(t.mean()) if t.numel() else math.nan
 
 
 def behaviour_table(
@@ -48,18 +39,18 @@ def behaviour_table(
         if isinstance(data[0], Mapping) and "choices" in data[0]:
             mc = mc_logprob(model, tok, data, allowed_ids, format_fn, batch_size)
             row["mc_accuracy"] = mc["accuracy"]
-            row["mc_delta_logp_correct"] = _mean_finite(mc["delta"])
+            row["mc_delta_logp_correct"] = mean_finite(mc["delta"])
             if "masked" in mc:
                 row["mc_accuracy_masked"] = mc["masked"]["accuracy"]
-                row["mc_delta_logp_correct_masked"] = _mean_finite(mc["masked"]["delta"])
+                row["mc_delta_logp_correct_masked"] = mean_finite(mc["masked"]["delta"])
                 row["mc_masked_coverage"] = mc["masked"]["coverage"]
         else:
             sr = soft_refusal(model, tok, data, refusal, neutral, allowed_ids, format_fn, batch_size)
-            row["soft_refusal"] = _mean_finite(sr["delta"])
-            row["soft_refusal_per_token"] = _mean_finite(sr["delta_mean"])
+            row["soft_refusal"] = mean_finite(sr["delta"])
+            row["soft_refusal_per_token"] = mean_finite(sr["delta_mean"])
             if allowed_ids is not None:
-                row["soft_refusal_masked"] = _mean_finite(sr["delta_masked"])
-                row["soft_refusal_per_token_masked"] = _mean_finite(sr["delta_mean_masked"])
+                row["soft_refusal_masked"] = mean_finite(sr["delta_masked"])
+                row["soft_refusal_per_token_masked"] = mean_finite(sr["delta_mean_masked"])
             if generate_text:
                 texts, n_tok = generate(model, tok, data, max_new_tokens, format_fn, batch_size, return_n_tokens=True)
                 flags = [is_refusal(t) for t in texts]

@@ -1,0 +1,79 @@
+"""Side effects of a patch at the decision token (a readout any stage uses): refusal rate and
+multiple-choice delta-log-prob, clean vs patched.
+
+Both are measured on the destination model with and without each patch ``(site, value [B, d])``,
+masked to the shared vocabulary and unmasked:
+
+- refusal rate: greedy generation (``generation.generate_ids``; the patch applies to the prompt pass
+  only), refusal patterns;
+- MC: the question with lettered choices (``mc.mc_prompt``), read by the one MC scorer
+  (``mc.mc_scores``) from the patching engine's logits at the end of the prompt.
+
+Prompts are encoded by ``data.prompts.encode``, as for capture, so a patch value captured on the
+same prompts lines up with the decision tokens here.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from mechdiff.analyses.behaviour.generation import generate_ids, model_device
+from mechdiff.analyses.behaviour.mc import mc_prompt, mc_scores
+from mechdiff.analyses.behaviour.refusal import is_refusal
+from mechdiff.data.prompts import encode, pad_id_of
+from mechdiff.patching import Patch, PatchEngine
+from mechdiff.sites.hooks import intervene, replace_at
+from mechdiff.sites.names import site_str
+
+MODES = (("unmasked", False), ("masked", True))
+
+
+def _first_pass(edit: Callable, T: int) -> Callable:
+    """Apply ``edit`` only on the full-prompt pass (length T), not on the cached decode steps."""
+    return lambda t: edit(t) if t.shape[1] == T else None
+
+
+def refusal_rates(model, tok, prompts, patches: Sequence[tuple], allowed_ids,
+                  max_new_tokens: int = 16) -> tuple[dict, list[dict]]:
+    """Refusal rate of the clean model (once) and with each patch ``(site, value [B, d])`` at the
+    decision token, masked and unmasked. Returns (clean rates, one dict of rates + deltas per patch)."""
+    batch = encode(tok, prompts).to(model_device(model))
+    T = batch.input_ids.shape[1]
+
+    def rate(edit, masked):
+        with intervene(model, edit or {}):
+            toks = generate_ids(model, batch.input_ids, batch.attention_mask, max_new_tokens,
+                                pad_id_of(tok), allowed_ids if masked else None)
+        texts = tok.batch_decode(toks, skip_special_tokens=True)
+        return sum(is_refusal(t) for t in texts) / max(1, len(texts))
+
+    clean = {m: rate(None, masked) for m, masked in MODES}
+    rows = []
+    for site, value in patches:
+        edit = {site_str(site): _first_pass(replace_at(value, batch.decision), T)}
+        row = {}
+        for m, masked in MODES:
+            row[f"refusal_clean_{m}"] = clean[m]
+            row[f"refusal_patched_{m}"] = rate(edit, masked)
+            row[f"d_refusal_pp_{m}"] = 100 * (row[f"refusal_patched_{m}"] - clean[m])
+        rows.append(row)
+    return clean, rows
+
+
+def mc_effects(model, tok, items, patches: Sequence[tuple], allowed_ids) -> list[dict]:
+    """MC delta-log-prob and accuracy, clean vs each patch ``(site, value [B, d])`` (all patches in
+    one engine pass), masked and unmasked; one dict per patch."""
+    eng = PatchEngine(model, encode(tok, [mc_prompt(it) for it in items]), measure="last")
+    patched = eng.run([Patch(site_str(site), value) for site, value in patches])
+    ids = {"unmasked": None, "masked": allowed_ids}
+    clean = {m: mc_scores(eng.clean_logits, items, tok, ids[m]) for m in ids}
+    rows = []
+    for k in range(len(patches)):
+        out = {}
+        for m in ids:
+            c, p = clean[m], mc_scores(patched[k], items, tok, ids[m])
+            out.update({f"mc_dlogp_clean_{m}": c["dlogp_correct"], f"mc_dlogp_patched_{m}": p["dlogp_correct"],
+                        f"d_mc_dlogp_{m}": p["dlogp_correct"] - c["dlogp_correct"],
+                        f"d_mc_acc_pp_{m}": 100 * (p["accuracy"] - c["accuracy"])})
+        rows.append(out)
+    return rows
+
