@@ -48,8 +48,10 @@ class RQ1Options:
     behaviour_n: int = opt(24, "prompts per behaviour set")
     max_new_tokens: int = opt(16, "generated tokens per prompt in the behaviour table")
     control_layer: int | None = opt(None, "control layer (default: the most similar layer in the first half)")
-    measure: str = opt("decision", "where next-token KL is read: decision (the patched token, as in the "
-                                   "seeds) | last (end of the prompt)")
+    measure: str = opt("decision", "the main readout, where next-token KL is read: decision (the patched "
+                                   "token, as in the seeds) | last (the first reply token, end of the prompt)")
+    readouts: list[str] = opt(help="readouts reported in patch.json (the main one always): decision,last",
+                              factory=lambda: ["decision", "last"])
 
 
 def check(opts: RQ1Options, n_layers: int) -> None:
@@ -57,6 +59,9 @@ def check(opts: RQ1Options, n_layers: int) -> None:
     check_layers(n_layers, layers=opts.layers, control_layer=opts.control_layer)
     if opts.stride < 1:
         raise ConfigError(f"--stride must be >= 1, got {opts.stride}")
+    bad = [m for m in [opts.measure, *opts.readouts] if m not in READOUTS]
+    if bad:
+        raise ConfigError(f"--measure/--readouts: unknown readout(s) {bad}; use decision or last")
     if opts.n_prompts < 4:
         raise ConfigError(f"--n-prompts must be >= 4 (debiased CKA needs n > 3), got {opts.n_prompts}")
 
@@ -176,7 +181,7 @@ def _patch_step(study: Study, prompts, opts: RQ1Options) -> None:
     """Layer patching at every layer (or ``opts.layers``), both directions, read at both readouts;
     ``directions`` holds the ``opts.measure`` readout (the file's original layout), ``readouts`` both."""
     layers = opts.layers or list(range(study.base.n_layers))
-    readouts = {m: _readout(study, prompts, layers, opts, m) for m in (opts.measure, *(set(READOUTS) - {opts.measure}))}
+    readouts = {m: _readout(study, prompts, layers, opts, m) for m in dict.fromkeys([opts.measure, *opts.readouts])}
     main = readouts[opts.measure]
     result: dict = {"site": opts.site, "layers": layers, "measure": opts.measure, "directions": main["directions"],
                     "clean_cross_kl_shared": main["clean_cross_kl_shared"], "readouts": readouts,
@@ -232,6 +237,7 @@ def run_rq1_stage(study: Study, opts: RQ1Options) -> None:
     if study.same_shape:
         run_dir.cached("rq1.patch", lambda: _patch_step(study, prompts, opts), ["patch.json"],
                        info={"prompts": digest, "site": opts.site, "layers": opts.layers, "measure": opts.measure,
+                             "readouts": opts.readouts,
                              "standardise": opts.standardise, "all_positions": opts.all_positions})
     else:
         warn(f"layer patching skipped: the models differ in width or depth (base d={study.base.d_model}, "

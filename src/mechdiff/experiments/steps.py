@@ -94,8 +94,10 @@ def clean_run(side: LoadedModel, prompts: Sequence, sites: Sequence = (), *, bat
     here at a layer both models share is bit-for-bit the destination's clean state: the engine sees
     a no-op and the patch KL is exactly 0 (states from a plain forward differ in the last bits)."""
     from mechdiff.data.prompts import encode
+    from mechdiff.progress import progress
     logits, states = [], {str(s): [] for s in sites}
-    for i in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for i in progress(starts, f"clean run ({len(prompts)} prompts)", total=len(starts)):
         eng = PatchEngine(side.model, encode(side.tokenizer, prompts[i:i + batch_size]), measure=measure,
                           record_sites=list(states))
         logits.append(eng.clean_logits.cpu())
@@ -117,7 +119,7 @@ def capture_sides(study, prompts: Sequence, sites: Sequence[Site | str], *, posi
                   sides: Sequence[str] = ("base", "tuned")) -> dict[str, Captured]:
     """``{side: Captured}``: ``sites`` of each side on ``prompts`` (float32, CPU)."""
     return {s: capture(study.side(s).model, study.side(s).tokenizer, prompts, sites, positions=positions,
-                       batch_size=study.batch_size, seed=seed) for s in sides}
+                       batch_size=study.batch_size, seed=seed, progress=True) for s in sides}
 
 
 def _slice(p: Patch, i: int, j: int) -> Patch:
@@ -166,24 +168,28 @@ def kl_and_gap(allowed_ids, other_logits: torch.Tensor, other_ids) -> Reducer:
 
 def patch_measure(side: LoadedModel, prompts: Sequence, variants: list, *, batch_size: int,
                   measure: str = "decision", reducer: Reducer, record_sites: Sequence[Site | str] = (),
-                  on_chunk: Callable[[PatchEngine, int, int], None] | None = None) -> torch.Tensor:
+                  positions: str = "decision", on_chunk: Callable[[PatchEngine, int, int], None] | None = None) -> torch.Tensor:
     """The chunked patch-and-measure loop: ``variants`` (Patch or list of Patch whose per-prompt
     tensors are ``[N, ...]`` over all ``prompts``) run through one :class:`PatchEngine` per chunk of
     ``batch_size`` prompts; ``reducer(engine, i, j)`` gives the ``reduce`` for prompts ``i:j``.
 
     Returns ``[n_variants, N, ...]`` (on CPU). ``on_chunk(engine, i, j)`` sees each chunk's engine
-    (e.g. to read its clean logits or recorded states) before the variants run.
+    (e.g. to read its clean logits or recorded states) before the variants run. positions:
+    "decision" (patch the decision token) or "all" (every position; the engine's full-recompute path).
     """
     from mechdiff.data.prompts import encode
+    from mechdiff.progress import progress
     out = []
-    for i in range(0, len(prompts), batch_size):
+    starts = range(0, len(prompts), batch_size)
+    for i in progress(starts, f"patch ({len(variants)} variants x {len(prompts)} prompts)", total=len(starts)):
         chunk = prompts[i:i + batch_size]
         j = i + len(chunk)
         eng = PatchEngine(side.model, encode(side.tokenizer, chunk), measure=measure,
                           record_sites=record_sites)
         if on_chunk is not None:
             on_chunk(eng, i, j)
-        res = eng.run([_variant_slice(v, i, j) for v in variants], reduce=reducer(eng, i, j))
+        res = eng.run([_variant_slice(v, i, j) for v in variants], positions=positions,
+                      reduce=reducer(eng, i, j))
         out.append(res.cpu())
     if not out:
         raise ConfigError("no prompts to patch: the prompt set is empty after the fairness filter")

@@ -1,0 +1,281 @@
+"""Rank-k steering and ablation handles: the math (directions, bases, projections, logit lens) and
+the :class:`Handle` artifact.
+
+Shapes: activations ``H`` are ``[N, d]`` (one position per prompt) or ``[..., d]``; a basis ``U`` is
+``[d, k]`` with orthonormal columns (``U^T U = I_k``). Bases are built in float64, returned float32.
+
+Directions:
+
+- :func:`difference_in_means` ``(A [Na, d], B [Nb, d]) -> [d]``: unit ``mean(A) - mean(B)``.
+- :func:`orthonormal_around` ``(D [N, d], first [d], k) -> [d, k]``: ``first`` (normalised) as the first
+  column, then the top right singular vectors of ``D`` with ``first`` projected out. Because the mean
+  of the difference data points along ``first``, projecting it out also centres the data, so this is
+  the SVD of the centred difference data orthogonalised against the mean-difference direction.
+- :func:`contrast_basis` (labelled: aligned ``A`` vs neutral ``B`` states, ``D = A - mean(B)``),
+  :func:`diff_basis` (no labels: the same prompts through both models, ``D = tuned - base``; both in
+  one width, so for models of different widths build contrast bases in the tuned model's space) and
+  :func:`random_basis` (a seeded orthonormal control of the same k).
+
+Interventions on one state ``h`` (what :meth:`Handle.apply` hooks in and :meth:`Handle.patch` hands
+to the patching engine):
+
+- ``steer``:  ``h + alpha (h U) U^T``      (:func:`project_in`: amplify the state's own component)
+- ``add``:    ``h + alpha s u``             (``u`` = the first column, the mean-difference direction;
+  ``s`` = the handle's ``scale``, the mean ``||h||`` at the site on the fit prompts: a fixed vector, so
+  the sweep and the deployed handle add exactly the same thing)
+- ``ablate``: ``h - alpha (h U) U^T``      (:func:`project_out`; alpha = 1 removes the span exactly)
+"""
+from __future__ import annotations
+
+import json
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from mechdiff.errors import ConfigError, DataError, NumericsError, SiteError
+
+MODES = ("steer", "add", "ablate")
+FORMAT = "mechdiff.handle"
+VERSION = 1
+
+
+# ---------------------------------------------------------------------------------------- math
+def _rows(X: torch.Tensor, name: str) -> torch.Tensor:
+    if X.dim() != 2 or X.shape[0] < 1:
+        raise DataError(f"{name} must be [N, d] with N >= 1, got shape {tuple(X.shape)}")
+    if not torch.isfinite(X).all():
+        raise NumericsError(f"{name} contains NaN/Inf")
+    return X.double()
+
+
+def _unit(v: torch.Tensor, what: str) -> torch.Tensor:
+    n = float(v.norm())
+    if not n > 1e-12 * max(1.0, float(v.abs().max())) or not math.isfinite(n):
+        raise NumericsError(f"{what} is zero: the two activation sets do not differ on average, so there "
+                            "is no direction to steer along")
+    return v / n
+
+
+def difference_in_means(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Unit vector ``(mean(A) - mean(B)) / ||.||``: ``[d]`` float32 from ``A [Na, d]``, ``B [Nb, d]``."""
+    A, B = _rows(A, "A"), _rows(B, "B")
+    if A.shape[1] != B.shape[1]:
+        raise DataError(f"A and B have different widths ({A.shape[1]} vs {B.shape[1]})")
+    return _unit(A.mean(0) - B.mean(0), "mean(A) - mean(B)").float()
+
+
+def orthonormal_around(D: torch.Tensor, first: torch.Tensor, k: int) -> torch.Tensor:
+    """``[d, k]`` orthonormal basis: column 0 = ``first / ||first||``, columns 1.. = the top ``k - 1``
+    right singular vectors of ``D [N, d]`` after projecting ``first`` out of its rows.
+
+    NumericsError when fewer than ``k - 1`` directions carry variance (too few rows, or data that
+    lives in fewer dimensions)."""
+    D = _rows(D, "difference data")
+    if k < 1 or k > D.shape[1]:
+        raise ConfigError(f"k must be in 1..{D.shape[1]} (the width), got {k}")
+    u = _unit(first.double().flatten(), "the first direction")
+    if u.numel() != D.shape[1]:
+        raise DataError(f"first direction has width {u.numel()}, data has {D.shape[1]}")
+    if k == 1:
+        return u[:, None].float()
+    R = D - (D @ u)[:, None] * u[None, :]
+    _, S, Vh = torch.linalg.svd(R, full_matrices=False)
+    # rank tolerance at float32 precision (the states come from float32 or lower)
+    tol = max(float(S[0]) if S.numel() else 0.0, 1e-30) * max(R.shape) * torch.finfo(torch.float32).eps
+    r = int((S > tol).sum())
+    if r < k - 1:
+        raise NumericsError(f"only {r} directions besides the mean difference carry variance in {D.shape[0]} "
+                            f"rows; use k <= {r + 1} or more prompts")
+    Q, _ = torch.linalg.qr(torch.cat([u[:, None], Vh[:k - 1].T], 1))
+    Q = Q * torch.sign(torch.diagonal(Q.T @ torch.cat([u[:, None], Vh[:k - 1].T], 1)))[None, :]
+    return Q.float()
+
+
+def contrast_basis(A: torch.Tensor, B: torch.Tensor, k: int) -> torch.Tensor:
+    """Labelled handle ``[d, k]``: aligned states ``A [Na, d]`` vs neutral states ``B [Nb, d]``
+    (difference data ``A - mean(B)``, mean-difference direction first)."""
+    u = difference_in_means(A, B)
+    return orthonormal_around(A.double() - B.double().mean(0), u, k)
+
+
+def diff_basis(tuned: torch.Tensor, base: torch.Tensor, k: int) -> torch.Tensor:
+    """Label-free handle ``[d, k]`` from the same prompts through both models: ``D = tuned - base``
+    (``[N, d]`` each, row i = prompt i on both sides), mean difference first."""
+    if tuned.shape != base.shape:
+        raise ConfigError(f"diff_basis needs paired states of one width, got {tuple(tuned.shape)} and "
+                          f"{tuple(base.shape)}; for models of different widths use contrast_basis in "
+                          "the tuned model's space")
+    D = _rows(tuned, "tuned") - _rows(base, "base")
+    return orthonormal_around(D, _unit(D.mean(0), "mean(tuned - base)"), k)
+
+
+def random_basis(d: int, k: int, seed: int = 0) -> torch.Tensor:
+    """A random orthonormal ``[d, k]`` basis (QR of a seeded Gaussian): the control of the same rank.
+    The basis for k is the first k columns of the basis for any larger k (same seed)."""
+    if not 1 <= k <= d:
+        raise ConfigError(f"k must be in 1..{d}, got {k}")
+    g = torch.Generator().manual_seed(int(seed))
+    G = torch.stack([torch.randn(d, generator=g, dtype=torch.float64) for _ in range(k)], 1)  # nested in k
+    Q, Rm = torch.linalg.qr(G)
+    return (Q * torch.sign(torch.diagonal(Rm))[None, :]).float()
+
+
+def project_in(H: torch.Tensor, U: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``H + alpha (H U) U^T``: ``H [..., d]``, ``U [d, k]`` -> ``[..., d]`` (dtype of H, math in float32)."""
+    Hf, Uf = H.float(), U.to(H.device).float()
+    return (Hf + float(alpha) * (Hf @ Uf) @ Uf.T).to(H.dtype)
+
+
+def project_out(H: torch.Tensor, U: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``H - alpha (H U) U^T``: ``H [..., d]``, ``U [d, k]`` -> ``[..., d]``; alpha = 1 removes span(U)."""
+    return project_in(H, U, -float(alpha))
+
+
+def _final_norm(model) -> torch.nn.Module:
+    inner = getattr(model, "base_model", model)
+    for name in ("norm", "ln_f", "final_layer_norm", "final_norm"):
+        m = getattr(inner, name, None)
+        if isinstance(m, torch.nn.Module):
+            return m
+    raise SiteError(f"{type(model).__name__}: no final norm found (looked for norm, ln_f, final_layer_norm)")
+
+
+@torch.no_grad()
+def logit_lens(model, tokenizer, basis: torch.Tensor, top: int = 8) -> list[dict]:
+    """What each basis vector says in words: ``u`` read through the model's final norm and unembedding
+    (``W_U (norm(u) - norm(0))``; norm(0) removes a LayerNorm bias), one dict per column with the
+    ``top`` promoted and suppressed tokens (decoded) and their logit scores."""
+    head = model.get_output_embeddings()
+    if head is None:
+        raise SiteError(f"{type(model).__name__} has no output embeddings (LM head)")
+    norm = _final_norm(model)
+    W = head.weight
+    U = basis.to(W.device, torch.float32)
+    if U.shape[0] != W.shape[1]:
+        raise SiteError(f"basis width {U.shape[0]} does not match the model's width {W.shape[1]}")
+    x = U.T.to(W.dtype)[None]                                          # [1, k, d]
+    y = (norm(x) - norm(torch.zeros_like(x)))[0].float()              # [k, d]
+    logits = (y.to(W.dtype) @ W.T).float()                            # [k, V] (no float32 copy of W_U)
+    n = min(top, logits.shape[1])
+    out = []
+    for row in logits:
+        hi, lo = row.topk(n), (-row).topk(n)
+        dec = lambda ids: [tokenizer.decode([int(i)]) for i in ids]  # noqa: E731
+        out.append({"promoted": dec(hi.indices), "promoted_logit": [round(float(v), 4) for v in hi.values],
+                    "suppressed": dec(lo.indices), "suppressed_logit": [round(-float(v), 4) for v in lo.values]})
+    return out
+
+
+# ---------------------------------------------------------------------------------------- handle
+@dataclass
+class Handle:
+    """A rank-k handle at one site: ``basis [d, k]`` plus how to apply it (``mode``, ``alpha``).
+
+    Two lines from Python::
+
+        h = Handle.load("runs/x/handles/L24_resid_post_diff_k2_ablate")
+        with h.apply(model): model.generate(...)       # every position, every forward in the block
+        with h.apply(model, batch.decision): ...       # the decision token only, as in the sweep
+    """
+
+    layer: int
+    site: str
+    basis: torch.Tensor
+    mode: str = "ablate"
+    alpha: float = 1.0
+    scale: float = 1.0
+    provenance: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"handle mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if not (math.isfinite(float(self.alpha)) and math.isfinite(float(self.scale))):
+            raise NumericsError(f"handle alpha / scale are not finite ({self.alpha}, {self.scale})")
+        U = self.basis
+        if U.dim() != 2 or U.shape[1] < 1:
+            raise DataError(f"handle basis must be [d, k], got {tuple(U.shape)}")
+        err = float((U.double().T @ U.double() - torch.eye(U.shape[1], dtype=torch.float64)).abs().max())
+        if not err < 1e-3:
+            raise NumericsError(f"handle basis columns are not orthonormal (max |U^T U - I| = {err:.2g})")
+        self.basis = U.detach().float().cpu().contiguous()
+        self.alpha, self.scale = float(self.alpha), float(self.scale)
+
+    @property
+    def k(self) -> int:
+        return int(self.basis.shape[1])
+
+    @property
+    def key(self) -> str:
+        return f"{self.site}.{self.layer}"
+
+    def edit(self, t: torch.Tensor) -> torch.Tensor:
+        """The intervention on a site tensor ``[..., d]`` (``[B, T, H, hd]`` head sites are flattened)."""
+        flat = t.reshape(*t.shape[:-2], -1) if self.site == "head_z" else t
+        U = self.basis.to(flat.device)
+        if self.mode == "add":
+            new = (flat.float() + self.alpha * self.scale * U[:, 0]).to(t.dtype)
+        else:
+            new = project_in(flat, U, self.alpha if self.mode == "steer" else -self.alpha)
+        return new.reshape(t.shape)
+
+    @contextmanager
+    def apply(self, model, positions: torch.Tensor | None = None) -> Iterator[None]:
+        """Apply the handle inside the ``with`` block: at every position of every forward pass, or with
+        ``positions [B]`` (e.g. ``batch.decision``, what the sweep patches) at those positions of
+        passes that contain them (the prompt pass; later cached decoding steps are left alone)."""
+        from mechdiff.sites.hooks import intervene
+
+        def at_positions(t):
+            if t.shape[1] <= int(positions.max()):
+                return None
+            rows, pos = torch.arange(t.shape[0], device=t.device), positions.to(t.device)
+            out = t.clone()
+            out[rows, pos] = self.edit(t[rows, pos])
+            return out
+        with intervene(model, {self.key: self.edit if positions is None else at_positions}):
+            yield
+
+    def patch(self):
+        """The same intervention as a :class:`mechdiff.patching.Patch` for the patching engine."""
+        from mechdiff.patching import Patch
+        if self.mode == "add":
+            return Patch(self.key, self.scale * self.basis[:, 0], mode="add", alpha=self.alpha)
+        return Patch(self.key, mode="project_out", basis=self.basis,
+                     alpha=-self.alpha if self.mode == "steer" else self.alpha)
+
+    # ---- artifact: <prefix>.safetensors (basis) + <prefix>.json (everything else)
+    def save(self, prefix) -> tuple[Path, Path]:
+        from safetensors.torch import save
+
+        from mechdiff.atomic import atomic_write_bytes, atomic_write_text, dumps_json
+        prefix = Path(prefix)
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "version": VERSION, "layer": int(self.layer), "site": self.site, "k": self.k,
+                "d": int(self.basis.shape[0]), "mode": self.mode, "alpha": self.alpha, "scale": self.scale,
+                "provenance": self.provenance}
+        st = atomic_write_bytes(prefix.with_name(prefix.name + ".safetensors"), save({"basis": self.basis}))
+        js = atomic_write_text(prefix.with_name(prefix.name + ".json"), dumps_json(meta))
+        return st, js
+
+    @classmethod
+    def load(cls, prefix, mode: str | None = None, alpha: float | None = None) -> "Handle":
+        """Load ``<prefix>.json`` + ``<prefix>.safetensors`` (``mode``/``alpha`` override the saved ones)."""
+        from safetensors.torch import load_file
+        prefix = Path(prefix)
+        js, st = prefix.with_name(prefix.name + ".json"), prefix.with_name(prefix.name + ".safetensors")
+        if not js.is_file() or not st.is_file():
+            raise DataError(f"no handle at {prefix} (need {js.name} and {st.name})")
+        meta: dict[str, Any] = json.loads(js.read_text(encoding="utf-8"))
+        if meta.get("format") != FORMAT:
+            raise DataError(f"{js} is not a mechdiff handle (format {meta.get('format')!r})")
+        basis = load_file(str(st))["basis"]
+        if tuple(basis.shape) != (meta["d"], meta["k"]):
+            raise DataError(f"{st}: basis shape {tuple(basis.shape)} does not match the JSON "
+                            f"({meta['d']}, {meta['k']})")
+        return cls(layer=meta["layer"], site=meta["site"], basis=basis, mode=mode or meta["mode"],
+                   alpha=meta["alpha"] if alpha is None else alpha, scale=meta.get("scale", 1.0),
+                   provenance=meta.get("provenance", {}))

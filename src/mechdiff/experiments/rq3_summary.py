@@ -1,0 +1,210 @@
+"""RQ3 summary, from the step outputs alone: every cell's dev/test share and side effects, the alpha
+chosen on dev, the minimal k per handle, controls, transfer, handles/, the figure, rq3.json and
+rq3_summary.txt (see :mod:`mechdiff.experiments.rq3`)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mechdiff.analyses import readouts as R
+from mechdiff.experiments.rq3 import BASES, SWEEP, handle_of
+
+
+def _share(kl: torch.Tensor, gap: torch.Tensor, min_gap: float) -> float | None:
+    """``1 - mean KL(other || patched) / mean KL(other || self)``; None when there is no gap."""
+    if kl.numel() == 0 or not float(gap.mean()) > min_gap:
+        return None
+    return 1.0 - float(kl.double().mean()) / float(gap.double().mean())
+
+
+def _rows(meta: dict, sweep: dict, side_rows: list, opts) -> list[dict]:
+    n_dev, langs = meta["n_dev"], meta["eval_lang"]
+    n = len(langs)
+    test_lang = {lang: [i for i in range(n_dev, n) if langs[i] == lang] for lang in sorted({str(x) for x in langs})}
+    count, rows = {"base": 0, "tuned": 0}, []
+    for c, se in zip(meta["cells"], side_rows):
+        kl, gap = sweep[f"{c['side']}/kl"][count[c["side"]]], sweep[f"{c['side']}/gap"]
+        count[c["side"]] += 1
+        row = {**c, "dev_share": _share(kl[:n_dev], gap[:n_dev], opts.min_gap_kl),
+               "test_share": _share(kl[n_dev:], gap[n_dev:], opts.min_gap_kl),
+               "test_kl": float(kl[n_dev:].mean()), "test_gap_kl": float(gap[n_dev:].mean()),
+               "test_share_by_lang": {g: _share(kl[ix], gap[ix], opts.min_gap_kl) for g, ix in test_lang.items()
+                                      if ix and len(test_lang) > 1}, **se}
+        row["within"] = R.within(se, opts.max_ppl_pct, opts.max_mc_drop_pp) if se else None   # None: not measured
+        rows.append(row)
+    return rows
+
+
+def choose_alpha(rows: list[dict]) -> list[dict]:
+    """Per (layer, basis layer, kind, fit_lang, mode, k): the alpha with the best dev share among those within the
+    side-effect thresholds (else the best dev share, ``within`` False)."""
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault((r["layer"], r["basis_layer"], r["kind"], r["fit_lang"], r["mode"], r["k"]), []).append(r)
+    best = []
+    for g in groups.values():
+        scored = [r for r in g if r["dev_share"] is not None]
+        ok = [r for r in scored if r["within"]] or scored
+        best.append(max(ok, key=lambda r: r["dev_share"]) if ok else g[0])
+    return best
+
+
+def minimal_k(chosen: list[dict], threshold: float) -> int | None:
+    """Smallest k whose chosen cell closes >= threshold of the gap on test within the side effects."""
+    ks = [r["k"] for r in sorted(chosen, key=lambda r: r["k"])
+          if r["within"] and r["test_share"] is not None and r["test_share"] >= threshold]
+    return ks[0] if ks else None
+
+
+def _pick(chosen: list[dict], **key) -> list[dict]:
+    return sorted((r for r in chosen if all(r[k] == v for k, v in key.items())), key=lambda r: r["k"])
+
+
+def _headline(chosen: list[dict], mode: str, layers: list[int], control: int, thr: float) -> dict | None:
+    """The handle of ``mode`` with the smallest minimal k (ties: larger test share) at the chosen
+    layers, with its random control and the same handle at the control layer."""
+    cands = []
+    for l in layers:
+        for kind in sorted({r["kind"] for r in chosen if r["kind"] != "random"}):
+            cur = _pick(chosen, layer=l, basis_layer=l, kind=kind, fit_lang=None, mode=mode)
+            if cur:
+                k = minimal_k(cur, thr)
+                best = max(cur, key=lambda r: -math.inf if r["test_share"] is None else r["test_share"])
+                at = next(r for r in cur if r["k"] == k) if k is not None else best
+                cands.append((k is None, k or 0, -(at["test_share"] or 0.0), l, kind, at))
+    if not cands:
+        return None
+    none, k, _, l, kind, at = min(cands, key=lambda c: c[:3])
+    curve = _pick(chosen, layer=l, basis_layer=l, kind=kind, fit_lang=None, mode=mode)
+    ok = [r for r in curve if r["within"] and r["test_share"] is not None]
+    top = max((r["test_share"] for r in ok), default=None)
+    sat = next((r["k"] for r in ok if top is not None and top > 0 and r["test_share"] >= 0.9 * top), None)
+    ctrl = lambda **kw: next(iter(_pick(chosen, mode=mode, k=at["k"], fit_lang=None, **kw)), None)  # noqa: E731
+    return {"mode": mode, "layer": l, "kind": kind, "minimal_k": None if none else k, "k_saturation": sat, "cell": at,
+            "random": ctrl(layer=l, basis_layer=l, kind="random"),
+            "control_layer": ctrl(layer=control, basis_layer=l, kind=kind),
+            "curve": curve,
+            "random_curve": _pick(chosen, layer=l, basis_layer=l, kind="random", fit_lang=None, mode=mode)}
+
+
+def _fmt(x, pct=True) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{100 * x:.1f}%" if pct else f"{x:.3g}"
+
+
+def _line(h: dict, thr: float) -> str:
+    c, rnd, ctl = h["cell"], h["random"], h["control_layer"]
+    what = f"{h['mode']} ({'base' if c['side'] == 'base' else 'tuned'}), {h['kind']} handle at L{h['layer']}"
+    at = [k for k in c if k.startswith("ppl_change_pct_unmasked_at_")]
+    side = f"neutral ppl {c.get('ppl_change_pct_unmasked', float('nan')):+.2f}%" + \
+        (f" (at the patched token {c[at[0]]:+.1f}%)" if at else "") + \
+        f", MC {-c.get('mc_drop_pp_unmasked', 0.0):+.1f} pt"
+    ctrl = f"random basis of the same k: {_fmt(rnd and rnd['test_share'])}; at control layer: " \
+           f"{_fmt(ctl and ctl['test_share'])}"
+    if h["minimal_k"] is None:
+        return f"{what}: none does: no k closes >= {100 * thr:.0f}% within the side-effect thresholds " \
+               f"(best: k={c['k']}, {_fmt(c['test_share'])}, {side}); {ctrl}"
+    return f"{what}: minimal k = {h['minimal_k']} closes {_fmt(c['test_share'])} of the gap on held-out prompts " \
+           f"(alpha {c['alpha']:g} chosen on dev; {side}); the effect saturates (>= 90% of its best) at k = " \
+           f"{h['k_saturation']}; {ctrl}"
+
+
+def _transfer(chosen: list[dict], h: dict, lang: str | None) -> list[dict]:
+    """The same handle fitted on ``lang`` prompts only, read on every language, beside the all-language one."""
+    if not lang:
+        return []
+    out = []
+    for fit_lang in (None, lang):
+        r = next(iter(_pick(chosen, layer=h["layer"], basis_layer=h["layer"], kind=h["kind"], mode=h["mode"],
+                            k=h["cell"]["k"], fit_lang=fit_lang)), None)
+        if r is not None:
+            out.append({"handle_fit_on": fit_lang or "all languages", "mode": h["mode"], "layer": h["layer"],
+                        "kind": h["kind"], "k": r["k"], "alpha": r["alpha"], **{f"share_{g}": s for g, s in
+                                                                                r["test_share_by_lang"].items()}})
+    return out
+
+
+def _handles(study, chosen: list[dict], heads: list[dict], opts, meta: dict) -> list[str]:
+    bases, saved = study.run.read_tensors(BASES), []
+    for h in heads:
+        c = h["cell"]
+        name = f"handles/L{c['layer']}_{opts.site}_{c['kind']}_k{c['k']}_{c['mode']}"
+        prov = {"pair": study.pair.name, "base": str(study.pair.base), "tuned": str(study.pair.tuned),
+                "kind": c["kind"], "fit_prompts": opts.n_fit, "seed": study.seed, "dev_share": c["dev_share"],
+                "test_share": c["test_share"], "measure": opts.measure, "positions": opts.positions,
+                "side_effects": {k: v for k, v in c.items() if k.startswith(("ppl_", "mc_"))}}
+        h = handle_of(c, bases, opts.site)
+        h.provenance = prov
+        h.save(study.run.file(name))
+        saved.append(name)
+    return saved
+
+
+def summarise(study, opts) -> dict:
+    from mechdiff.plots import plot_steer_vs_k
+    from mechdiff.report import write_report
+    run = study.run
+    meta, prompts = run.read_json("rq3_cells.json"), run.read_json("rq3_prompts.json")
+    lens = run.read_json("rq3_bases.json") if run.exists("rq3_bases.json") else {}
+    gap = meta["gap_mean"]
+    head = {"pair": study.pair.name, "layers / control": f"{prompts['layers']} / {prompts['control_layer']}",
+            "fit / dev / test prompts": f"{len(prompts['fit'])} / {len(prompts['dev'])} / {len(prompts['test'])}",
+            "clean KL(tuned || base) / KL(base || tuned)": f"{gap['base']:.4g} / {gap['tuned']:.4g} nats"}
+    out = {"title": "RQ3 — causal handle: rank-k steering and ablation", "headline": head, "gap_kl": gap,
+           "options": {k: getattr(opts, k) for k in opts.__dataclass_fields__}, "logit_lens": lens}
+    lines = [out["title"], ""] + [f"{k}: {v}" for k, v in head.items()] + [""]
+    if meta["nothing_to_steer"] or not meta["handles"]:
+        msg = (f"nothing to steer: the two models do not differ on these prompts (mean KL {max(gap.values()):.2g} "
+               f"nats <= --min-gap-kl {opts.min_gap_kl:g}); no share of a gap is defined") if meta["nothing_to_steer"] \
+            else "no handle could be built (see rq3_bases.json: " + "; ".join(
+                f"{k}: {v['skipped']}" for k, v in lens.items() if "skipped" in v) + ")"
+        out.update(result={"status": "nothing to steer" if meta["nothing_to_steer"] else "no handle",
+                           "minimal_k": None, "text": msg}, table=[])
+        head["result"] = out["summary"] = msg
+        lines.append(msg)
+    else:
+        rows = _rows(meta, run.read_tensors(SWEEP), run.read_json("rq3_side.json")["rows"], opts)
+        chosen = choose_alpha(rows)
+        heads = [h for m in opts.modes if (h := _headline(chosen, m, prompts["layers"], prompts["control_layer"],
+                                                           opts.gap_threshold))]
+        mins = [h["minimal_k"] for h in heads if h["minimal_k"] is not None]
+        status = "found" if mins else "none does"
+        result = {"status": status, "minimal_k": min(mins) if mins else None,
+                  "by_mode": {h["mode"]: {k: v for k, v in h.items() if not k.endswith("curve")} for h in heads},
+                  "text": [_line(h, opts.gap_threshold) for h in heads]}
+        transfer = [t for h in heads for t in _transfer(chosen, h, opts.transfer_lang if prompts["fit_lang"] else None)]
+        out.update(result=result, table=rows, chosen=chosen, transfer=transfer, summary=" ".join(result["text"]),
+                   handles=_handles(study, chosen, heads, opts, meta),
+                   tables={"alpha chosen on dev, per layer / handle / mode / k (test shares)": [
+                       {k: r.get(k) for k in ("layer", "basis_layer", "kind", "fit_lang", "mode", "k", "alpha",
+                                              "dev_share", "test_share", "ppl_change_pct_unmasked",
+                                              "mc_drop_pp_unmasked", "within")} for r in chosen],
+                       "transfer": transfer})
+        head["minimal k"] = result["minimal_k"] if mins else \
+            f"none does (>= {100 * opts.gap_threshold:.0f}% of the gap)"
+        lines += result["text"]
+        if transfer:
+            lines += ["", f"transfer (handle fitted on {opts.transfer_lang} prompts; share of the gap per test "
+                          "language):"]
+            lines += ["  " + ", ".join(f"{k}={_fmt(v) if k.startswith('share_') else v}" for k, v in t.items())
+                      for t in transfer]
+        if heads:
+            series = {f"{h['mode']} ({h['kind']}, L{h['layer']})": h["curve"] for h in heads}
+            series.update({f"{h['mode']} random basis": h["random_curve"] for h in heads})
+            plot_steer_vs_k({name: ([r["k"] for r in cur], [r["test_share"] for r in cur],
+                                    [r.get("ppl_change_pct_unmasked") for r in cur]) for name, cur in series.items()},
+                            run.figure("steer_vs_k.png"), threshold=opts.gap_threshold, max_side=opts.max_ppl_pct)
+            out["figures"] = {"steer_vs_k.png": "share of the gap closed vs k (test), side effects below"}
+    for key, info in lens.items():
+        if "lens" in info and "@" not in key and not key.startswith("random"):
+            lines.append(f"logit lens {key}: " + " | ".join(
+                f"u{i}: +[{', '.join(x.strip() for x in v['promoted'][:5])}] "
+                f"-[{', '.join(x.strip() for x in v['suppressed'][:5])}]"
+                for i, v in enumerate(info["lens"])))
+    run.write_json("rq3.json", out)
+    from mechdiff.atomic import atomic_write_text
+    atomic_write_text(run.file("rq3_summary.txt"), "\n".join(lines) + "\n")
+    write_report(run.path)
+    return out

@@ -1,0 +1,154 @@
+"""Known-answer tests of the RQ3 stage (``steer``) on the offline pairs.
+
+Ground truth (tests/conftest.py fixtures): ``planted-cultural`` adds a rank-2 change along a shared
+residual subspace U at layers 20/22/24 that fires on culture prompts; ``planted-cognitive`` adds small
+random changes to 60 heads spread over 20 layers; ``smollm2-self`` is a model against itself. So at
+layer 24 the tuned-minus-base handle of rank ~2 must remove most of the cultural gap when ablated
+(a random basis of the same rank must not, nor the same handle at the early control layer), the
+cognitive change must not be caught by a small k, and a model against itself has nothing to steer.
+Runs are kept small (one layer, the diff handle, k <= 3) and shared per module.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mechdiff.errors import ConfigError
+
+SMALL = dict(layers=[24], bases=["diff"], ks=[1, 2, 3], alphas=[0.5, 1.0, 2.0], n_fit=16, n_dev=6, n_test=12,
+             n_neutral=8, n_mc=8)
+
+
+def _read(path, name):
+    return json.loads((path / name).read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def cultural(planted_cultural, tmp_path_factory):
+    from mechdiff.experiments import run_stage
+    from mechdiff.pairs import load_pair
+    base, tuned, truth = planted_cultural
+    run = run_stage("steer", load_pair("planted-cultural"), out=tmp_path_factory.mktemp("rq3_cultural"),
+                    models=(base, tuned), **SMALL)
+    return {"path": run.path, "rq3": _read(run.path, "rq3.json"), "truth": truth}
+
+
+@pytest.fixture(scope="module")
+def cognitive(planted_cognitive, tmp_path_factory):
+    """Ablation only, on the shipped neutral set's English prompts (the distributed change moves them;
+    the pair's own 16 math prompts are too few to split)."""
+    from mechdiff.data.datasets import load_prompt_set
+    from mechdiff.experiments import run_stage
+    from mechdiff.pairs import load_pair
+    base, tuned, _ = planted_cognitive
+    out = tmp_path_factory.mktemp("rq3_cognitive")
+    prompts = out / "neutral_en.jsonl"
+    prompts.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in load_prompt_set("neutral")
+                               if r["lang"] == "en"), encoding="utf-8")
+    run = run_stage("steer", load_pair("planted-cognitive"), out=out, models=(base, tuned), prompts=prompts,
+                    **dict(SMALL, modes=["ablate"], transfer_lang=None))
+    return _read(run.path, "rq3.json")
+
+
+@pytest.mark.real
+def test_planted_cultural_minimal_k_is_the_planted_rank_and_ablation_removes_most_of_it(cultural):
+    res, rank = cultural["rq3"]["result"], cultural["truth"]["rank"]
+    assert res["status"] == "found"
+    ab = res["by_mode"]["ablate"]
+    assert ab["layer"] == 24 and ab["kind"] == "diff"
+    assert abs(ab["minimal_k"] - rank) <= 1
+    cell = ab["cell"]
+    assert cell["test_share"] > 0.5 and cell["within"]              # most of the gap, side effects in bounds
+    assert cell["ppl_change_pct_unmasked"] <= 5.0 and cell["mc_drop_pp_unmasked"] <= 5.0
+    # controls: a random basis of the same k, and the same handle at the early control layer (< 20)
+    assert ab["random"]["k"] == cell["k"] and ab["random"]["test_share"] < 0.25 * cell["test_share"]
+    ctl = ab["control_layer"]
+    assert ctl["layer"] < 20 and ctl["basis_layer"] == 24 and ctl["test_share"] < 0.25 * cell["test_share"]
+    # every cell is in rq3.json with dev and test shares; alpha was chosen on dev
+    table = cultural["rq3"]["table"]
+    modes = {r["mode"] for r in table}
+    assert modes == {"steer", "add", "ablate"} and all(r["dev_share"] is not None for r in table)
+    same = [r for r in table if r["mode"] == "ablate" and r["layer"] == 24 and r["kind"] == "diff"
+            and r["fit_lang"] is None and r["k"] == cell["k"] and r["within"]]
+    assert cell["dev_share"] == max(r["dev_share"] for r in same)
+    text = (cultural["path"] / "rq3_summary.txt").read_text(encoding="utf-8")
+    assert f"minimal k = {ab['minimal_k']}" in text and (cultural["path"] / "figures" / "steer_vs_k.png").is_file()
+
+
+@pytest.mark.real
+def test_planted_cultural_handle_transfers_from_kazakh_prompts(cultural):
+    rows = {(t["handle_fit_on"], t["mode"]): t for t in cultural["rq3"]["transfer"]}
+    kk, every = rows[("kk", "ablate")], rows[("all languages", "ablate")]
+    assert {"share_kk", "share_ru", "share_en"} <= set(kk)
+    # the planted change is language-independent: a handle fitted on Kazakh prompts only also
+    # removes a clear share of the gap on Russian and English prompts it never saw
+    assert kk["share_kk"] > 0.3 and kk["share_ru"] > 0.2 and kk["share_en"] > 0.2
+    assert {"share_kk", "share_ru", "share_en"} <= set(every)
+
+
+@pytest.mark.real
+def test_saved_handle_loads_and_applies_in_two_lines(cultural, planted_cultural):
+    """The saved ablation handle, applied in two lines at the decision token, reproduces the sweep's
+    per-prompt KL(base || tuned patched) for its cell on the test prompts."""
+    from mechdiff.analyses.kl import kl_shared
+    from mechdiff.analyses.steering import Handle
+    from mechdiff.artifacts import RunDir
+    from mechdiff.data.datasets import load_prompt_set
+    from mechdiff.data.prompts import encode
+    from mechdiff.fairness import shared_vocab
+    base, tuned, _ = planted_cultural
+    path, cell = cultural["path"], cultural["rq3"]["result"]["by_mode"]["ablate"]["cell"]
+    prefix = path / next(h for h in cultural["rq3"]["handles"] if h.endswith("_ablate"))
+    meta = _read(path, "rq3_cells.json")
+    keys = ("layer", "basis_layer", "kind", "fit_lang", "mode", "k", "alpha")
+    row = [c for c in meta["cells"] if c["side"] == "tuned"].index({**{k: cell[k] for k in keys}, "side": "tuned",
+                                                                      "control_layer": False})
+    want = RunDir(path).read_tensors("tensors/rq3_sweep.safetensors")["tuned/kl"][row]
+    by_id = {p["id"]: p for p in load_prompt_set("cultural")}
+    idx = list(range(meta["n_dev"], meta["n_dev"] + 4))                  # four test prompts
+    prompts = [by_id[meta["eval_ids"][i]] for i in idx]
+    bb, bt = encode(base.tokenizer, prompts), encode(tuned.tokenizer, prompts)
+    sv, ar = shared_vocab(base.tokenizer, tuned.tokenizer), torch.arange(len(prompts))
+    with torch.no_grad():
+        lb = base.model(**bb.model_inputs()).logits[ar, bb.decision]
+        with Handle.load(prefix).apply(tuned.model, bt.decision):         # the two lines
+            la = tuned.model(**bt.model_inputs()).logits[ar, bt.decision]
+        lt = tuned.model(**bt.model_inputs()).logits[ar, bt.decision]
+    got = kl_shared(lb, la, sv.a_ids, sv.b_ids)
+    assert torch.allclose(got, want[idx], rtol=1e-3, atol=1e-4), (got, want[idx])
+    assert float(got.mean()) < float(kl_shared(lb, lt, sv.a_ids, sv.b_ids).mean())   # it moved toward the base
+
+
+@pytest.mark.real
+def test_planted_cognitive_no_small_k_does_as_well(cultural, cognitive):
+    cult = cultural["rq3"]["result"]["by_mode"]["ablate"]["cell"]["test_share"]
+    best = max(r["test_share"] for r in cognitive["chosen"] if r["mode"] == "ablate" and r["k"] <= 3
+               and r["layer"] == 24 and r["kind"] == "diff")
+    assert best < 0.5 * cult
+    ab = cognitive["result"]["by_mode"]["ablate"]
+    assert ab["minimal_k"] is None or ab["cell"]["test_share"] < 0.5 * cult
+
+
+@pytest.mark.real
+def test_model_against_itself_has_nothing_to_steer(smollm2_loaded, tmp_path):
+    from mechdiff.experiments import run_stage
+    from mechdiff.pairs import load_pair
+    run = run_stage("steer", load_pair("smollm2-self"), out=tmp_path, models=(smollm2_loaded, smollm2_loaded),
+                    **dict(SMALL, n_fit=4, n_dev=2, n_test=4))
+    out = _read(run.path, "rq3.json")
+    assert out["result"]["status"] == "nothing to steer" and out["result"]["minimal_k"] is None
+    assert out["gap_kl"] == {"base": 0.0, "tuned": 0.0} and out["table"] == []
+    assert "nothing to steer" in (run.path / "rq3_summary.txt").read_text(encoding="utf-8")
+    assert not (run.path / "figures" / "steer_vs_k.png").exists()
+
+
+@pytest.mark.parametrize("bad", [dict(ks=[0]), dict(layers=[99]), dict(modes=["zap"]), dict(bases=["pca"]),
+                                 dict(n_fit=3), dict(positions="some"), dict(gap_threshold=0.0)])
+def test_bad_options_raise_config_error_before_model_work(bad, tmp_path):
+    from mechdiff.experiments.rq3 import RQ3Options, check
+    with pytest.raises(ConfigError):
+        check(RQ3Options(**dict(SMALL, **bad)), 30)
+    with pytest.raises(ConfigError, match="--alpha"):
+        RQ3Options(alphas=["x"])
