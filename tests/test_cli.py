@@ -109,18 +109,61 @@ def test_report_rewrites_the_report(planted_rq1):
     assert "report.html" in out
 
 
+def test_run_with_a_bad_config_exits_2_before_model_work(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[rq1]\nn_promts = 8\n", encoding="utf-8")
+    res, out = invoke("run", "--pair", "planted-cultural", "--config", cfg, "--out", tmp_path / "run")
+    assert res.exit_code == 2 and "unknown option 'n_promts'" in out and "Traceback" not in res.output
+    assert not (tmp_path / "run").exists()
+    res, out = invoke("run", "--pair", "planted-cultural", "--stages", "rq1,nope", "--out", tmp_path / "run")
+    assert res.exit_code == 2 and "unknown stage(s) 'nope'" in out
+
+
+def test_compare_needs_run_directories(tmp_path):
+    res, out = invoke("compare", tmp_path, tmp_path / "other")
+    assert res.exit_code == 2 and "not a run directory" in out
+
+
 @pytest.mark.real
-def test_demo_quick_runs_end_to_end(tmp_path):
+def test_demo_quick_runs_the_study_on_both_pairs_and_compares(tmp_path):
     out = tmp_path / "demo"
     res, text = invoke("demo", "--quick", "--out", out, "--device", "cpu")
     assert res.exit_code == 0, res.output
-    for f in ("report.html", "rq1.json", "alpha_sweep.json", "rq2_summary.txt", "maps.json", "manifest.json"):
-        assert (out / f).is_file(), f
     assert "demo done" in text
-    rq1 = json.loads((out / "rq1.json").read_text(encoding="utf-8"))
-    assert 20 in rq1["layers"]["chosen"]  # the first planted layer is found
-    sweep = json.loads((out / "alpha_sweep.json").read_text(encoding="utf-8"))
-    assert "stop_conditions" in sweep
-    used = json.loads((out / "rq2_prompts.json").read_text(encoding="utf-8"))["layers"]
-    assert used == rq1["layers"]["chosen"]  # RQ2 ran on the layers RQ1 chose
-    assert "stop conditions met" in (out / "rq2_summary.txt").read_text(encoding="utf-8")
+    for pair in ("planted-cultural", "planted-cognitive"):
+        run = out / pair
+        for f in ("report.html", "report.md", "RUN.md", "run_config.toml", "rq1.json", "alpha_sweep.json",
+                  "rq3.json", "rq4.json", "manifest.json"):
+            assert (run / f).is_file(), (pair, f)
+        assert str((run / "report.html").resolve()) in text      # absolute report paths printed
+        rq1 = json.loads((run / "rq1.json").read_text(encoding="utf-8"))
+        used = json.loads((run / "rq2_prompts.json").read_text(encoding="utf-8"))["layers"]
+        assert used == rq1["layers"]["chosen"]                   # RQ2 ran on the layers RQ1 chose
+        assert json.loads((run / "rq4.json").read_text(encoding="utf-8"))["layers"] == rq1["layers"]["chosen"]
+        html = (run / "report.html").read_text(encoding="utf-8")
+        assert html.count("data:image/png;base64,") >= 8 and "Executive summary" in html
+    cult = json.loads((out / "planted-cultural" / "rq1.json").read_text(encoding="utf-8"))
+    assert cult["layers"]["entry"] == 20                         # the first planted layer is found
+    assert str((out / "compare" / "compare.html").resolve()) in text
+    table = {r["quantity"]: r for r in json.loads((out / "compare" / "compare.json").read_text())["table"]}
+    assert table["divergence enters at layer"]["planted-cultural"] == 20
+    heads = table["changed heads (share)"]
+    assert heads["planted-cognitive"] > heads["planted-cultural"]      # the seeds' churn contrast
+
+
+def test_stage_commands_parse_list_options_from_their_defaults_and_flags():
+    """Every list option of every stage command turns its CLI text into the field's list (defaults too)."""
+    import dataclasses
+
+    import mechdiff.cli as cli
+    from mechdiff.experiments.stage import STAGES
+    for stage in STAGES.values():
+        for f, hint in cli._fields(stage.options):
+            param, conv = cli._cli_param(f, hint)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if isinstance(default, list):
+                assert conv(param.default.default) == [type(default[0])(x) for x in default] if default else True, \
+                    (stage.name, f.name)
+    _, conv = cli._cli_param(next(f for f, _ in cli._fields(STAGES["mapped-patch"].options) if f.name == "solvers"),
+                             list[str])
+    assert conv("ridge,procrustes") == ["ridge", "procrustes"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -36,6 +37,16 @@ def _ints(text: Optional[str], flag: str) -> Optional[list[int]]:
         raise ConfigError(f"{flag} takes a comma list of integers (e.g. 10,20,24), got {text!r}") from None
 
 
+def _floats(text: Optional[str], flag: str) -> Optional[list[float]]:
+    """A comma list of numbers (``--alpha 0.5,1,2``); ConfigError naming the flag otherwise."""
+    if not text:
+        return None
+    try:
+        return [float(x) for x in _split(text)]
+    except ValueError:
+        raise ConfigError(f"{flag} takes a comma list of numbers (e.g. 0.5,1,2), got {text!r}") from None
+
+
 def _run(fn, *args, **kwargs):
     """Call a runner; turn mechdiff errors into a one-line message on stderr and exit code 2."""
     try:
@@ -56,13 +67,14 @@ def _cli_param(f: dataclasses.Field, hint) -> tuple[inspect.Parameter, Callable[
     if flag != "--" + f.name.replace("_", "-"):
         names.append("--" + f.name.replace("_", "-"))
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    args = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
-    base = args[0]
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    base = next(t for t in typing.get_args(hint) if t is not type(None)) if union else hint   # Optional[X] -> X
     help_ = f.metadata.get("help", "")
     if typing.get_origin(base) is list:
         item = typing.get_args(base)[0]
         cli_default = ",".join(str(x) for x in default) if default else None
-        conv = (lambda v, flag=flag: _ints(v, flag)) if item is int else (lambda v: _split(v) if v else None)
+        conv = (lambda v, flag=flag: _ints(v, flag)) if item is int else \
+            (lambda v, flag=flag: _floats(v, flag)) if item is float else (lambda v: _split(v) if v else None)
         option = typer.Option(cli_default, *names, help=help_)
         return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
                                  annotation=Optional[str]), conv
@@ -133,6 +145,39 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
     console.print(f"report: {html}  {md}")
 
 
+@app.command("run")
+def run_cmd(pair: Optional[str] = typer.Option(None, "--pair", help="built-in pair name (see `mechdiff pairs`) or a pair TOML file"),
+            base: Optional[str] = typer.Option(None, "--base", help="base model spec (instead of --pair)"),
+            tuned: Optional[str] = typer.Option(None, "--tuned", help="tuned model spec (instead of --pair)"),
+            config: Optional[Path] = typer.Option(None, "--config", help="TOML run config: one table per stage "
+                                                  "(rq1, mapped-patch, steer, heads) of option = value lines"),
+            stages: Optional[str] = typer.Option(None, "--stages", help="comma list of stages (default: rq1, "
+                                                 "mapped-patch, steer, heads; those registered)"),
+            out: Optional[Path] = OutOpt, device: Optional[str] = DeviceOpt,
+            dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: the pair's)"),
+            batch_size: int = typer.Option(32, "--batch-size", help="prompts per forward pass"),
+            seed: int = typer.Option(0, "--seed", help="random seed (splits, permutations, random controls)"),
+            prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL prompt file (default: the pair's)")) -> None:
+    """The whole study in one run directory: RQ1 -> RQ2 (maps, mapped patching) -> RQ3 -> RQ4, then the report."""
+    from mechdiff.experiments.common import resolve_pair
+    from mechdiff.experiments.study import run_study
+    from mechdiff.report.summary import terminal_summary
+    the_pair = _run(resolve_pair, pair, base, tuned)
+    run = _run(run_study, the_pair, config, stages, out, device=device, dtype=dtype, batch_size=batch_size,
+               seed=seed, prompts=prompts)
+    console.print(terminal_summary(run.path), markup=False, highlight=False)
+
+
+@app.command()
+def compare(run_dirs: list[Path] = typer.Argument(..., help="two or more run directories"),
+            out: Optional[Path] = typer.Option(None, "--out", help="output directory (default: a new runs/compare-*)")) -> None:
+    """Two or more runs side by side: overlaid figures and one table -> compare.html / .md / .json."""
+    from mechdiff.compare import compare_runs
+    path = _run(compare_runs, run_dirs, out)
+    console.print(f"compare: {(path / 'compare.html').resolve()}  {(path / 'compare.md').resolve()}", markup=False,
+                  highlight=False)
+
+
 @app.command()
 def finetune(task: str = typer.Argument(..., help="math | culture"),
              out: Optional[Path] = OutOpt, device: Optional[str] = DeviceOpt,
@@ -159,10 +204,10 @@ def testbed(force: bool = typer.Option(False, "--force", help="rebuild even if c
 @app.command()
 def demo(out: Optional[Path] = OutOpt, device: Optional[str] = DeviceOpt,
          quick: bool = typer.Option(False, "--quick", help="fewer prompts (for CI smoke runs)")) -> None:
-    """Run the offline demo on planted-cultural: RQ1, maps, mapped patching, report."""
+    """The whole study offline on planted-cultural and planted-cognitive, then the comparison."""
     from mechdiff.demo import run_demo
     path = _run(run_demo, out=out, device=device, quick=quick)
-    console.print(f"demo done: results in {path}  (open {path}/report.html)")
+    console.print(f"demo done: results in {path.resolve()}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _register_stages() -> None:
