@@ -1,0 +1,405 @@
+"""RQ4 — structure change: which attention heads matter in each model, and which heads changed.
+
+Did fine-tuning rewire circuits (many heads change) or turn a knob (few)? Per head of the analysed
+layers, in both models, on the target readout at the decision token (``analyses.attribution.Target``):
+
+- ablation: the head's ``head_z`` slice zeroed (``zero``) or set to its mean over prompts (``mean``);
+  effect = readout(clean) - readout(ablated);
+- cross-model head patching (same shapes only), effect = readout(patched) - readout(clean):
+  ``swap`` puts in the other model's head output (from its own forward pass); ``own`` puts in the
+  other model's head applied to *this* model's residual stream (needs identical tokenisation), so
+  it isolates the head's own change from changes upstream of it. Where the attention output is
+  the sum of the heads' contributions (checked on the recorded states) the contribution is swapped
+  (``attn_out += out_src[h] - out_dst[h]``, so output-projection changes count), else the slice of
+  ``head_z``;
+- attribution: grad x act (or integrated gradients) of the readout on each head's ``head_z``.
+
+All heads (and layers) of a model run as batched variants of the one patching engine. Summary
+(:mod:`mechdiff.analyses.heads`): **changed heads** = share of heads whose own change (``own``,
+else ``swap``) moves the readout past the importance rule (z >= 2 within the layer or |effect| >=
+0.5 nat / 5 points, above the noise floor); **importance churn** per measurement = share of heads
+whose important label flips between the models; top-k Jaccard; Spearman over all heads.
+
+Steps (resumable; ``info`` records the options each one depends on):
+
+1. ``rq4.targets``     readout token ids per prompt and side   -> tensors/rq4_targets.safetensors
+2. ``rq4.states``      head_z / head_out (+ "own" heads)        -> tensors/rq4_states.safetensors
+3. ``rq4.ablate``      zero / mean / swap / own, every head     -> tensors/rq4_ablation.safetensors
+4. ``rq4.attribution`` grad x act or IG, every head             -> tensors/rq4_attribution.safetensors
+5. ``rq4.cumulative``  top-k heads ablated / swapped together   -> tensors/rq4_cumulative.safetensors
+6. ``rq4.path``        path patching of the ``--path`` heads     -> rq4_path.json
+then ``rq4.json``, ``rq4_summary.txt`` and figures (:func:`summarise`).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+
+import torch
+
+from mechdiff.analyses.attribution import Target, first_token, grad_x_act, integrated_gradients
+from mechdiff.analyses.heads import change_score, patches, rank
+from mechdiff.errors import ConfigError, DataError
+from mechdiff.experiments.stage import SIDES, Stage, Study, opt, register
+from mechdiff.experiments.steps import (check_layers, clean_run, patch_measure, prompt_digest, select_prompts,
+                                        study_layers)
+
+TARGETS = ("top", "answer", "continuation", "refusal")
+ABLATIONS, SWAPS = ("zero", "mean"), ("swap", "own")
+ATTRIBUTIONS = ("grad_x_act", "ig", "none")
+TARGETS_T, STATES = "tensors/rq4_targets.safetensors", "tensors/rq4_states.safetensors"
+ABLATION, ATTRIB = "tensors/rq4_ablation.safetensors", "tensors/rq4_attribution.safetensors"
+CUMUL = "tensors/rq4_cumulative.safetensors"
+
+
+def _other(side: str) -> str:
+    return "tuned" if side == "base" else "base"
+
+
+@dataclass
+class RQ4Options:
+    layers: list[int] | None = opt(None, "layers whose heads are analysed (default: RQ1's chosen layers in "
+                                         "this run directory, else the pair's, else ~3/4 depth)")
+    n_prompts: int = opt(48, "prompts used (after the fairness filter)")
+    min_shared_ratio: float = opt(1.0, "keep prompts with at least this fraction of tokens in the shared "
+                                       "vocabulary (1.0 strict)")
+    target: str = opt("top", "readout: top (log-prob of the base model's clean top token, in both models) | "
+                             "answer (first token of each prompt's final_answer/answer) | continuation "
+                             "(first token of each prompt's 'target') | refusal (soft refusal of the first "
+                             "tokens of a refusal vs a neutral reply, points)")
+    measure: str = opt("decision", "where the readout is read: decision (the patched token) | last")
+    ablations: list[str] | None = opt(help="head ablations: zero, mean", factory=lambda: ["zero", "mean"])
+    swaps: list[str] | None = opt(help="cross-model head patching: swap (the other model's head output), own (the "
+                                "other model's head on this model's input)", factory=lambda: ["swap", "own"])
+    attribution: str = opt("grad_x_act", "grad_x_act | ig (integrated gradients, zero baseline) | none")
+    ig_steps: int = opt(16, "integrated-gradients steps (midpoint rule)")
+    importance: str = opt("attribution", "score that ranks heads (top-k, cumulative curve, importance "
+                                         "churn): attribution | zero | mean")
+    z_threshold: float = opt(2.0, "important head: z-score of |score| within its layer >= this, or ...")
+    abs_threshold: float | None = opt(None, "... |score| >= this (default 0.5 nats; 5 points for refusal)")
+    top_k: int = opt(10, "K: top-k overlap and the cumulative top-k curve (k = 1..K)")
+    path: list[str] | None = opt(None, "path patching, LAYER.HEAD:RECEIVER (receiver: logits, attn_out.L, "
+                                       "mlp_out.L, head.L.H), e.g. 22.3:logits,22.3:mlp_out.24")
+
+
+def check(opts: RQ4Options, n_layers: int | None) -> None:
+    """Options checked before any model work (``n_layers=None``: everything but the layer ranges)."""
+    if n_layers is not None:
+        check_layers(n_layers, layers=opts.layers)
+    for name, val, allowed in (("target", opts.target, TARGETS), ("attribution", opts.attribution, ATTRIBUTIONS),
+                               ("measure", opts.measure, ("decision", "last")),
+                               ("importance", opts.importance, ("attribution",) + ABLATIONS)):
+        if val not in allowed:
+            raise ConfigError(f"--{name} must be one of {', '.join(allowed)}, got {val!r}")
+    for name, vals, allowed in (("ablations", opts.ablations or [], ABLATIONS), ("swaps", opts.swaps or [], SWAPS)):
+        if any(v not in allowed for v in vals) or len(set(vals)) != len(vals):
+            raise ConfigError(f"--{name} takes distinct names among {', '.join(allowed)}, got {vals}")
+    if not opts.ablations and not opts.swaps:
+        raise ConfigError("give at least one of --ablations, --swaps")
+    if opts.importance == "attribution" and opts.attribution == "none":
+        raise ConfigError("--importance attribution needs --attribution grad_x_act or ig")
+    if opts.importance in ABLATIONS and opts.importance not in (opts.ablations or []):
+        raise ConfigError(f"--importance {opts.importance} needs {opts.importance} in --ablations")
+    for name, v, lo in (("n-prompts", opts.n_prompts, 2), ("ig-steps", opts.ig_steps, 1), ("top-k", opts.top_k, 1)):
+        if v < lo:
+            raise ConfigError(f"--{name} must be >= {lo}, got {v}")
+    if opts.z_threshold <= 0 or (opts.abs_threshold is not None and opts.abs_threshold <= 0):
+        raise ConfigError("--z-threshold and --abs-threshold must be > 0")
+    for spec in opts.path or []:
+        parse_path(spec, n_layers)
+
+
+def parse_path(spec: str, n_layers: int | None) -> tuple[int, int, str]:
+    """``"22.3:logits"`` -> ``(22, 3, "logits")`` (receiver checked against the sender)."""
+    from mechdiff.analyses.path_patching import parse_receiver
+    try:
+        sender, receiver = spec.split(":")
+        layer, head = (int(x) for x in sender.split("."))
+    except ValueError:
+        raise ConfigError(f"--path {spec!r}: use LAYER.HEAD:RECEIVER, e.g. 22.3:logits") from None
+    if n_layers is not None:
+        check_layers(n_layers, path=[layer])
+    parse_receiver(receiver, layer, n_layers if n_layers is not None else 10**6)
+    return layer, head, receiver
+
+
+# ---- steps ---------------------------------------------------------------------------------
+
+def _targets_step(study: Study, prompts, opts: RQ4Options) -> None:
+    """Readout token ids per prompt and side (``[N]``, ``[N, 2]`` for refusal), all in the shared
+    vocabulary; ``top``: the base model's clean top shared token at the measured position."""
+    if opts.target == "top":          # the clean run of the engines that measure the ablations
+        from mechdiff.fairness import mask_logits
+        logits, _ = clean_run(study.base, prompts, batch_size=study.batch_size, measure=opts.measure)
+        a = mask_logits(logits, study.allowed_ids("base")).argmax(-1)
+        ids = {"base": a, "tuned": torch.tensor([study.vocab.a_to_b[int(x)] for x in a])}
+    else:
+        ids = {s: _text_ids(study.side(s).tokenizer, prompts, opts.target) for s in SIDES}
+    for s in SIDES:
+        allowed = set(study.allowed_ids(s).tolist())
+        out = [p["id"] for p, t in zip(prompts, ids[s].reshape(len(prompts), -1).tolist()) if set(t) - allowed]
+        if out:
+            raise DataError(f"--target {opts.target}: the readout token of prompts {out[:5]} is outside the "
+                            f"shared vocabulary of the {s} model; drop those prompts or pick another target")
+    study.run.write_tensors(TARGETS_T, ids)
+
+
+def _text_ids(tok, prompts, target: str) -> torch.Tensor:
+    if target == "refusal":           # the first tokens of soft_refusal's refusal / neutral replies
+        from mechdiff.analyses.behaviour import soft_refusal
+        d = inspect.signature(soft_refusal).parameters
+        return torch.tensor([[first_token(tok, d["refusal"].default), first_token(tok, d["neutral"].default)]]
+                            * len(prompts))
+    keys = ("final_answer", "answer") if target == "answer" else ("target",)
+    out = []
+    for p in prompts:
+        text = next((p[k] for k in keys if isinstance(p.get(k), (str, int, float))), None)
+        if text is None:
+            raise DataError(f"--target {target}: prompt {p.get('id')!r} has no {' or '.join(keys)} field; "
+                            "use --target top or a prompt file with it")
+        out.append(first_token(tok, str(text).strip()))
+    return torch.tensor(out)
+
+
+def targets(study: Study, opts: RQ4Options) -> dict[str, Target]:
+    t = study.run.read_tensors(TARGETS_T)
+    return {s: Target(t[s], "refusal" if opts.target == "refusal" else "logprob", study.allowed_ids(s))
+            for s in SIDES}
+
+
+def _states_step(study: Study, prompts, layers, swaps) -> None:
+    """Decision-token states per side and layer: ``head_z`` [N, H, hd]; with swaps ``head_out``
+    [N, H, d] and ``additive`` (attn_out = sum of head_out + a constant); with "own" ``own_z`` /
+    ``own_out``: the other model's heads run on this side's residual stream (only when both
+    tokenisations are identical). Metadata ``swaps``: the swaps these states support."""
+    from mechdiff.data.prompts import encode
+    from mechdiff.sites.hooks import intervene, record, replace_at
+    names = ["head_z"] + (["head_out", "attn_out"] if swaps else [])
+    acc: dict[str, list] = {}
+    own = "own" in swaps
+
+    def keep(key, v):
+        acc.setdefault(key, []).append(v.float().cpu())
+    for i in range(0, len(prompts), study.batch_size):
+        batches = {s: encode(study.side(s).tokenizer, prompts[i:i + study.batch_size]) for s in SIDES}
+        own = own and torch.equal(batches["base"].input_ids, batches["tuned"].input_ids)
+        for side in SIDES:
+            m, src = study.side(side), study.side(_other(side))
+            b = batches[side].to(m.device)
+            at = lambda t, b=b: t[torch.arange(t.shape[0], device=t.device), b.decision.to(t.device)]  # noqa: E731
+            with torch.no_grad(), record(m.model, [f"resid_pre.{l}" for l in layers] if own else []) as res, \
+                    record(m.model, [f"{n}.{l}" for l in layers for n in names], select=at,
+                           stop_after_last=True) as rec:
+                m.model(**b.model_inputs(), use_cache=False)
+            for k in rec:
+                keep(f"{side}.{k}", rec[k])
+            if own:     # one pass: each layer's input is this side's residual (what the other model
+                #           computed below it is overwritten), so its heads see exactly that input
+                top = max(layers)
+                with torch.no_grad(), intervene(src.model, {f"resid_pre.{l}": replace_at(res[f"resid_pre.{l}"].to(
+                        src.device)) for l in layers}), record(src.model, [f"{n}.{l}" for l in layers for n in (
+                        "head_z", "head_out")] + [f"attn_out.{top}"], select=at, stop_after_last=True) as o:
+                    src.model(**b.to(src.device).model_inputs(), use_cache=False)
+                for l in layers:
+                    keep(f"{side}.own_z.{l}", o[f"head_z.{l}"])
+                    keep(f"{side}.own_out.{l}", o[f"head_out.{l}"])
+    out = {k: torch.cat(v) for k, v in acc.items() if own or ".own_" not in k}
+    for s in SIDES:
+        for l in layers if swaps else []:
+            ho, ao = out[f"{s}.head_out.{l}"], out.pop(f"{s}.attn_out.{l}")
+            rest = ao - ho.sum(1)                       # the bias, if the heads add up
+            out[f"{s}.additive.{l}"] = torch.tensor(bool((rest - rest.mean(0)).abs().max()
+                                                         <= 1e-3 * ao.abs().max().clamp_min(1e-6)))
+    study.run.write_tensors(STATES, out, metadata={"swaps": [k for k in swaps if k != "own" or own]})
+
+
+def _measure(study: Study, side: str, prompts, variants, tgt: Target, measure: str):
+    """``(clean [N], scores [n_variants, N])`` of ``tgt`` on ``side``."""
+    clean = []
+    scores = patch_measure(study.side(side), prompts, variants, batch_size=study.batch_size, measure=measure,
+                           reducer=tgt.reducer(), on_chunk=lambda eng, i, j: clean.append(
+                               tgt.score(eng.clean_logits, torch.arange(i, j)).cpu()))
+    return torch.cat(clean), scores
+
+
+def measured_kinds(study: Study, opts: RQ4Options) -> list[str]:
+    """The ablations, then the swaps the recorded states support (same shapes; own: same tokens)."""
+    return list(opts.ablations or []) + json.loads(study.run.read_tensor_metadata(STATES).get("swaps", "[]"))
+
+
+def _ablate_step(study: Study, prompts, layers, opts: RQ4Options) -> None:
+    """``{side}.{kind}`` [L, H, N] effects, ``{side}.clean`` [N] and ``{side}.noise`` [L, N] (an empty
+    variant through the same batched path: the numerical floor)."""
+    states, tg = study.run.read_tensors(STATES), targets(study, opts)
+    kinds, out = measured_kinds(study, opts), {}
+    for side in SIDES:
+        H = states[f"{side}.head_z.{layers[0]}"].shape[1]
+        variants = [v for l in layers
+                    for v in [[]] + [patches(states, side, l, [h], k) for k in kinds for h in range(H)]]
+        clean, sc = _measure(study, side, prompts, variants, tg[side], opts.measure)
+        sc = sc.view(len(layers), 1 + len(kinds) * H, -1)
+        out[f"{side}.clean"], out[f"{side}.noise"] = clean, clean - sc[:, 0]
+        for j, k in enumerate(kinds):
+            s = sc[:, 1 + j * H:1 + (j + 1) * H]
+            out[f"{side}.{k}"] = s - clean if k in SWAPS else clean - s
+    study.run.write_tensors(ABLATION, out)
+
+
+def _attribution_step(study: Study, prompts, layers, opts: RQ4Options) -> None:
+    tg, out = targets(study, opts), {}
+    for side in SIDES:
+        m, kw = study.side(side), dict(measure=opts.measure, batch_size=study.batch_size)
+        r = (integrated_gradients(m.model, m.tokenizer, prompts, tg[side], layers, steps=opts.ig_steps, **kw)
+             if opts.attribution == "ig" else grad_x_act(m.model, m.tokenizer, prompts, tg[side], layers, **kw))
+        out[side] = r["attr"].permute(1, 2, 0).contiguous()      # [L, H, N]
+    study.run.write_tensors(ATTRIB, out)
+
+
+def scores(study: Study, measure: str) -> dict[str, torch.Tensor]:
+    """``{side: [L, H, N]}`` per-prompt scores of ``measure`` (attribution | zero | mean | swap | own)."""
+    t = study.run.read_tensors(ATTRIB if measure == "attribution" else ABLATION)
+    return {s: t[s] for s in SIDES} if measure == "attribution" else \
+        {s: t[f"{s}.{measure}"] for s in SIDES if f"{s}.{measure}" in t}
+
+
+def _cumulative_step(study: Study, prompts, layers, opts: RQ4Options) -> None:
+    """``ablate.{side}`` [K, N]: readout drop with the top-k heads (by |importance| in that model) zeroed
+    together; ``{own|swap}.{side}`` [K + 1, N]: readout change with the top-k most changed heads patched
+    in from the other model (last row: every head of the layers)."""
+    states, tg = study.run.read_tensors(STATES), targets(study, opts)
+    imp = scores(study, opts.importance)
+    swap = next((k for k in ("own", "swap") if k in measured_kinds(study, opts)), None)
+    H = states[f"base.head_z.{layers[0]}"].shape[1]
+    K = min(opts.top_k, len(layers) * H)
+    out, orders = {}, {}
+
+    def variant(heads, side, kind):
+        return [p for l in layers for p in (patches(states, side, l, [h for ll, h in heads if ll == l], kind)
+                                            if any(ll == l for ll, _ in heads) else [])]
+
+    for side in SIDES:
+        sets = {"ablate": rank(imp[side].mean(-1), layers)[:K]}
+        if swap:
+            sets[swap] = rank(change_score(scores(study, swap), swap), layers)[:K]
+        var = [variant(order[:k], side, "zero" if key == "ablate" else key)
+               for key, order in sets.items() for k in range(1, K + 1)]
+        var += [variant([(l, h) for l in layers for h in range(H)], side, swap)] if swap else []
+        clean, sc = _measure(study, side, prompts, var, tg[side], opts.measure)
+        orders.update({f"{key}.{side}": order for key, order in sets.items()})
+        out[f"ablate.{side}"] = clean - sc[:K]
+        if swap:
+            out[f"{swap}.{side}"] = sc[K:] - clean
+    study.run.write_tensors(CUMUL, out, metadata={"orders": orders})
+
+
+def _path_step(study: Study, prompts, opts: RQ4Options) -> None:
+    from mechdiff.analyses.path_patching import path_patch
+    tg, rows = targets(study, opts), []
+    for spec in opts.path:
+        layer, head, receiver = parse_path(spec, study.n_layers)
+        for side in SIDES:
+            m = study.side(side)
+            r = path_patch(m.model, m.tokenizer, prompts, tg[side], layer, head, receiver,
+                           measure=opts.measure, batch_size=study.batch_size)
+            rows.append({"path": spec, "side": side, "path_effect": float(r["path"].mean()),
+                         "total_effect": float(r["total"].mean()), "per_prompt": r["path"].tolist()})
+    study.run.write_json("rq4_path.json", {"title": "RQ4 path patching", "unit": tg["base"].unit,
+                                           "table": [{k: v for k, v in r.items() if k != "per_prompt"} for r in rows],
+                                           "rows": rows})
+
+
+def run(study: Study, opts: RQ4Options) -> None:
+    """The RQ4 steps (finished ones are skipped on resume)."""
+    layers, _ = study_layers(study, opts.layers)
+    prompts = select_prompts(study, opts.n_prompts, opts.min_shared_ratio, seed=study.seed)
+    if len(prompts) < 2:
+        raise DataError(f"only {len(prompts)} prompt(s) pass the shared-vocabulary filter at "
+                        f"--min-shared-ratio {opts.min_shared_ratio}; lower it or give more prompts")
+    r = study.run
+    base = {"prompts": prompt_digest(prompts), "target": opts.target, "measure": opts.measure}
+    same = study.same_shape and all(study.base.info.get(k) == study.tuned.info.get(k) for k in ("n_heads", "head_dim"))
+    swaps = list(opts.swaps or []) if same else []
+    r.cached("rq4.targets", lambda: _targets_step(study, prompts, opts), [TARGETS_T], info=base)
+    r.cached("rq4.states", lambda: _states_step(study, prompts, layers, swaps), [STATES],
+             info={"prompts": base["prompts"], "layers": layers, "swaps": swaps})
+    r.cached("rq4.ablate", lambda: _ablate_step(study, prompts, layers, opts), [ABLATION],
+             depends_on=["rq4.targets", "rq4.states"], info={**base, "ablations": opts.ablations or [], "swaps": swaps})
+    deps = ["rq4.states", "rq4.ablate"]
+    if opts.attribution != "none":
+        r.cached("rq4.attribution", lambda: _attribution_step(study, prompts, layers, opts), [ATTRIB],
+                 depends_on=["rq4.targets"], info={**base, "layers": layers, "attribution": opts.attribution,
+                                                   "ig_steps": opts.ig_steps if opts.attribution == "ig" else None})
+        deps.append("rq4.attribution")
+    r.cached("rq4.cumulative", lambda: _cumulative_step(study, prompts, layers, opts), [CUMUL],
+             depends_on=deps, info={"importance": opts.importance, "top_k": opts.top_k})
+    if opts.path:
+        r.cached("rq4.path", lambda: _path_step(study, prompts, opts), ["rq4_path.json"],
+                 depends_on=["rq4.targets"], info={**base, "path": opts.path})
+
+
+def summarise(study: Study, opts: RQ4Options) -> dict:
+    """rq4.json (every head's scores in both models, churn, overlap, cumulative curves, planted-head
+    recovery for planted pairs), rq4_summary.txt and the figures, from the step outputs."""
+    from mechdiff.analyses.heads import cumulative_curves, summarise_heads
+    from mechdiff.atomic import atomic_write_text
+    from mechdiff.plots import plot_churn_bars, plot_cumulative_topk, plot_head_hist
+    from mechdiff.report import write_report
+    run = study.run
+    layers, unit = run.steps()["rq4.states"]["info"]["layers"], targets(study, opts)["base"].unit
+    thr = opts.abs_threshold if opts.abs_threshold is not None else (5.0 if unit == "points" else 0.5)
+    abl = run.read_tensors(ABLATION)
+    clean = max(float(abl[f"{s}.clean"].abs().mean()) for s in SIDES)
+    floor = max(3 * max(float(abl[f"{s}.noise"].abs().mean(-1).max()) for s in SIDES), 1e-5 * (1 + clean))
+    per = {k: scores(study, k) for k in measured_kinds(study, opts)}
+    if opts.attribution != "none":
+        per["attribution"] = scores(study, "attribution")
+    planted, truth = getattr(study.pair.base, "planted", None), None
+    if planted:
+        from mechdiff.models.planted import ground_truth
+        truth = ground_truth(planted[0]).get("heads")
+    s = summarise_heads(per, layers, z_threshold=opts.z_threshold, abs_threshold=thr, k=opts.top_k, planted=truth,
+                        floors={m: 0.0 if m == "attribution" else floor for m in per})
+    curves = cumulative_curves(run.read_tensors(CUMUL), json.loads(run.read_tensor_metadata(CUMUL)["orders"]))
+    imp, churn = opts.importance, s["churn"]
+    structural = next((m for m in ("own", "swap") if m in churn), None)
+    headline = {"layers": layers, "prompts": int(abl["base.clean"].shape[0]),
+                "readout": f"{opts.target} ({unit}, {opts.measure} token)", "noise floor": floor}
+    if structural:
+        headline[f"changed heads ({structural}: own change moves the readout)"] = churn[structural]["share"]
+    c = churn.get(imp) or {}
+    if c:     # (absent when the models' head counts differ)
+        headline.update({f"importance churn ({imp})": c["churn"], f"important heads base / tuned ({imp})":
+                         f"{c['share_important_base']:.1%} / {c['share_important_tuned']:.1%}",
+                         f"top-{c['k']} Jaccard ({imp})": c["topk_jaccard"], f"Spearman ({imp})": c["spearman"]})
+    for m, r in s["planted"].items():
+        headline[f"planted heads in top-{r['k']} by {m} change"] = \
+            f"{r['observed']} (chance {r['expected']:.2f}, p = {r['p_value']:.2g})"
+    lab = "attribution" if imp == "attribution" else f"{imp}-ablation effect"
+    plot_head_hist({l: {sd: per[imp][sd][i].mean(-1) for sd in SIDES} for i, l in enumerate(layers)},
+                   run.figure("head_importance.png"), xlabel=f"{lab} ({unit})")
+    if churn:
+        plot_churn_bars(layers, {m: r.get("churn_per_layer", r.get("share_per_layer")) for m, r in churn.items()},
+                        {m: r.get("churn", r.get("share")) for m, r in churn.items()}, run.figure("head_churn.png"))
+    plot_cumulative_topk({k: (list(range(1, len(v["mean"]) + 1)), v["mean"], v["sd"]) for k, v in curves.items()},
+                         run.figure("head_cumulative.png"), ylabel=f"effect on the readout ({unit})",
+                         reference={f"{k}: every head": v["all_heads"] for k, v in curves.items() if "all_heads" in v})
+    figures = {"head_importance.png": f"head importance ({lab}) per layer, both models",
+               "head_churn.png": "per layer: importance-label churn per measurement; swap/own: share of changed heads",
+               "head_cumulative.png": "top-k heads zeroed (own ranking) / patched from the other model, k = 1..K"}
+    out = {"title": "RQ4 — structure change (attention heads)", "headline": headline,
+           "layers": layers, "unit": unit, "thresholds": {"z": opts.z_threshold, "abs": thr, "floor": floor},
+           **s, "cumulative": curves, "figures": figures}
+    run.write_json("rq4.json", out)
+    lines = [f"RQ4 structure change: {study.pair.name}"] + [f"  {k}: {v}" for k, v in headline.items()]
+    lines += [f"  cumulative {k}: " + " ".join(f"{x:.3g}" for x in v["mean"]) for k, v in curves.items()]
+    atomic_write_text(run.file("rq4_summary.txt"), "\n".join(lines) + "\n")
+    write_report(run.path)
+    return out
+
+
+STAGE = register(Stage(
+    name="heads", options=RQ4Options, run=run, summarise=summarise, check=check,
+    help="RQ4: per-head ablation, cross-model head patching and attribution in both models; churn, "
+         "top-k overlap, cumulative top-k effect.",
+    done_message="RQ4 done: {path}  (rq4.json, rq4_summary.txt, figures/)"))
