@@ -167,3 +167,27 @@ def test_stage_commands_parse_list_options_from_their_defaults_and_flags():
     _, conv = cli._cli_param(next(f for f, _ in cli._fields(STAGES["mapped-patch"].options) if f.name == "solvers"),
                              list[str])
     assert conv("ridge,procrustes") == ["ridge", "procrustes"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["rq1", "--layers", "abc"], "--layers takes a comma list of integers"),
+    (["rq1", "--layers", "1.5"], "--layers takes a comma list of integers"),
+    (["rq1", "--stride", "0"], "--stride must be >= 1"),
+    (["rq1", "--n-prompts", "2"], "--n-prompts must be >= 4"),
+    (["rq1", "--device", "cuda"], "no CUDA GPU is visible"),
+    (["rq1", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["mapped-patch", "--alpha", "nan"], "must be a finite number > 0"),
+    (["mapped-patch", "--alpha=-1"], "must be a finite number > 0"),
+    (["mapped-patch", "--solver", "magic"], "unknown solver"),
+    (["maps", "--sites", "resid_middle"], "unknown site"),
+])
+def test_bad_options_fail_before_any_model_work_with_exit_2(tmp_path, args, message):
+    """Each bad option is refused with one line on stderr, exit 2, before models load or files are written."""
+    import torch
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    out = tmp_path / "run"
+    res, text = invoke(*args, "--pair", "planted-cultural", "--out", out)
+    assert res.exit_code == 2, res.output
+    assert message in text and "Traceback" not in res.output
+    assert not out.exists()
