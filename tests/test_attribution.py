@@ -166,3 +166,40 @@ def test_overlap_chance_is_hypergeometric():
     rec = hm.recovery(score, [7, 8], [(7, 0), (8, 2), (9, 1)])              # (9, 1): not analysed
     assert (rec["observed"], rec["k"], rec["planted"]) == (1, 2, [[7, 0], [8, 2]])
     assert hm.recovery(score, [7, 8], [(7, 0), (8, 2)], k=3)["observed"] == 2
+
+
+def test_grad_x_act_left_padding_bf16_survives_cudnn_style_sdpa(monkeypatch):
+    """Regression (bench_rq4 on an H200, bf16): torch picked the cuDNN SDPA kernel, whose backward is
+    NaN on fully masked query rows (left-padded pad positions); the NaN reached every key/value
+    gradient of the prompt, so every head of every padded prompt was NaN. The kernel is emulated on
+    CPU while cuDNN SDPA is enabled: the attribution pass must not use it (finite, same as math)."""
+    import torch.nn.functional as F
+    real = F.scaled_dot_product_attention
+
+    def cudnn_like(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if not torch.backends.cuda.cudnn_sdp_enabled():
+            return real(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                        enable_gqa=enable_gqa)
+        if enable_gqa and k.shape[-3] != q.shape[-3]:
+            k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
+            v = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
+        s = (q.float() @ k.float().transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        if attn_mask is not None:
+            s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+        if is_causal:
+            s = s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf"))
+        p = torch.softmax(s, -1)                       # NaN on a fully masked row (as cuDNN's backward)
+        out = (p.nan_to_num(0.0) @ v.float()).to(q.dtype)        # forward output stays finite
+        return out + (p @ v.float() - (p @ v.float()).detach()).to(q.dtype)  # the NaN only in backward
+
+    model, tok = tiny_model("llama", n_layers=3, dtype=torch.bfloat16)
+    prompts = ["hi", "Tell me a short story about a dragon and a knight", "2+2=", "What is the capital of France?"]
+    allowed = torch.arange(0, len(tok), 2)
+    tgt = Target(torch.full((len(prompts),), 2), allowed_ids=allowed)
+    ref = grad_x_act(model, tok, prompts, tgt, [0, 2], batch_size=4)
+    assert encode(tok, prompts).attention_mask.eq(0).any()                  # left padding in the batch
+    monkeypatch.setattr(F, "scaled_dot_product_attention", cudnn_like)
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    r = grad_x_act(model, tok, prompts, tgt, [0, 2], batch_size=4)
+    assert torch.isfinite(r["attr"]).all(), r["attr"]
+    assert torch.equal(r["attr"], ref["attr"]) and r["attr"].abs().max() > 0

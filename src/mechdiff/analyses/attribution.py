@@ -23,13 +23,13 @@ Built on :func:`mechdiff.sites.hooks.hooked` (no PatchEngine involved).
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from mechdiff.errors import ConfigError, DataError
+from mechdiff.errors import ConfigError, DataError, NumericsError
 from mechdiff.sites.hooks import hooked
 from mechdiff.sites.names import resolve
 
@@ -137,6 +137,21 @@ def logits_at(model, batch, pos: torch.Tensor) -> torch.Tensor:
         handle.remove()
 
 
+def _no_cudnn_sdpa():
+    """The differentiable pass runs without the cuDNN SDPA kernel (flash / mem-efficient / math stay).
+
+    With left padding, a pad query row attends to nothing (causal + padding mask). cuDNN's SDPA
+    backward (picked by torch for bf16 when the padded length suits it, e.g. T = 64 on an H200)
+    returns NaN for such fully masked rows, and the NaN reaches the key/value gradients of every
+    position of that prompt: every head of every padded prompt of the batch came back NaN.
+    The other kernels give those rows an exact zero gradient."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:                                     # pragma: no cover (old torch)
+        return nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def _pass(model, batch, target: Target, rows: torch.Tensor, layers: Sequence[int], measure: str,
           scale: dict | None = None) -> tuple[torch.Tensor, dict]:
     """One forward + backward. Returns (target scores [B], {layer: (z [B, H, hd], grad [B, H, hd])}) at
@@ -166,12 +181,19 @@ def _pass(model, batch, target: Target, rows: torch.Tensor, layers: Sequence[int
             return t
         return f
 
-    with _frozen(model), torch.enable_grad(), \
+    with _frozen(model), torch.enable_grad(), _no_cudnn_sdpa(), \
             hooked(model, edit={f"head_z.{l}": edit(l) for l in sorted(set(layers))}):
         logits = logits_at(model, b, measured_positions(b, measure).to(dev))
         y = target.score(logits, rows)
         grads = torch.autograd.grad(y.sum(), [kept[l] for l in layers])
     out = {}
+    for l, g in zip(layers, grads):
+        gd = g if scale is not None and l in scale else g[ar, dec]
+        if not bool(torch.isfinite(gd).all()):
+            bad = (~torch.isfinite(gd.flatten(1))).any(1).nonzero().flatten().tolist()
+            raise NumericsError(f"attribution: non-finite gradient at layer {l}'s head_z for prompts "
+                                f"{[int(rows[i]) for i in bad[:8]]} (batch rows {bad[:8]}); the scores are "
+                                f"{'finite' if bool(torch.isfinite(y).all()) else 'non-finite'}")
     for l, g in zip(layers, grads):
         if scale is not None and l in scale:
             out[l] = (_f(clean[l]), _f(g))
