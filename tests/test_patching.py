@@ -82,7 +82,7 @@ def test_engine_equals_naive(family, measure):
     # clean logits equal a plain forward, and the empty variant equals clean
     assert torch.allclose(eng.clean_logits, ref[-2], atol=1e-4, rtol=1e-5)
     assert torch.allclose(fast[-2], eng.clean_logits, atol=1e-4, rtol=1e-5)
-    assert eng.packed  # sdpa (eager for gemma3): variants packed along the sequence
+    assert not eng.packed  # the packed layout is gone (passes stack rows along the batch)
     # without layer skipping, and with variants stacked along the batch (repeated cache): same answer
     for kw in (dict(skip_layers=False), dict(packed=False), dict(packed=False, skip_layers=False)):
         other = PatchEngine(model, batch, measure=measure, **kw).run(variants)

@@ -10,11 +10,13 @@ through :class:`PatchEngine`::
                       Patch("mlp_out.1", v, mode="add", alpha=2.0),
                       [Patch("attn_out.2", a), Patch("mlp_out.2", m)]])   # several sites at once
     kl = patch_kl(eng, variants)                      # [n_variants, B] KL(clean || patched)
+    src = chunked_clean_states(other_model, tok, prompts, ["resid_post.3"], batch_size=32)  # [N, d] sources
 
 **What a patch does** (at the decision position ``p`` = ``batch.decision``, the last content token;
 ``h`` is the site's clean-run value there, ``v`` the patch value, ``U`` an orthonormal basis):
 
-- ``replace``:     ``h + alpha * (v - h)``  (alpha=1: ``v`` exactly; mapped patching's alpha-sweep)
+- ``replace``:     ``c + alpha * (v - c)`` with centre ``c`` = ``Patch.centre`` or, by default, ``h``
+  (alpha=1: ``v`` exactly; mapped patching's alpha-sweep is ``c = mu``, the tuned train mean)
 - ``add``:         ``h + alpha * v``        (steering)
 - ``project_out``: ``h - alpha * (h U) U^T`` (ablation of a subspace)
 
@@ -22,17 +24,41 @@ through :class:`PatchEngine`::
 token of the response, after the chat-template tail); ``measure="decision"`` reads them at ``p``
 itself (what the seeds' journal measured).
 
+**Exact do-nothing patches.** In bf16 a prompt run along two paths (prefix cache + suffix vs one
+forward; a pass of many rows vs one of few) differs in the last bits, and KL(clean || patched) picks
+that up (~1e-3 on SmolLM2, more than some real effects). The engine therefore never compares two
+paths:
+
+- *No-op detection.* For each (variant, prompt) every patch is applied to the clean run's own state
+  at its site and decision token (the clean run records ``resid_pre``/``resid_post`` of every layer;
+  other sites are recorded on first use by re-running the clean suffix, which reproduces it bit for
+  bit). If each one gives that state back bit for bit (a written-back clean value cast to the model
+  dtype, ``add`` of zeros, ``alpha=0``, no patch at all) the prompt's result *is* the clean logits:
+  it is not computed, and KL is exactly 0.
+- *In-pass reference.* The (variant, prompt) rows that are computed run in passes that also carry
+  the clean model for each of their prompts (one reference row per prompt); a row branches off its
+  reference at its start layer and runs in the same kernel calls, so up to its first patch it is
+  bit for bit its reference. ``reduce`` functions that take ``ref`` (``kl_reducer``) compare with
+  that reference, never with ``clean_logits``: what remains is the effect of the patch itself,
+  rounding included, as in the naive path.
+- *Sources from the same path.* A cross-model patch is a no-op at a layer both models share only if
+  the source state is bit for bit the destination's clean state: take sources with
+  :func:`chunked_clean_states` (the engine's own clean run, same chunking, measure and settings),
+  not from a full forward, and do not transform them.
+
 **Why it is fast (cache reuse).** A patch at position ``p`` changes nothing at positions ``< p``, at
 any layer. Rows are grouped by ``p`` (with left padding, rows whose template tail has the same
 length share it). For each group the *prefix* (positions ``< p``) runs once with a KV cache; the
 clean run is that cache plus the *suffix* (``p`` .. measured position: 1 token for
-``measure="decision"``, the template tail for ``"last"``). A patched variant re-runs only the suffix
-tokens against the prefix cache, and many variants (layers x alphas x sites ...) are stacked along
-the batch dimension of one pass (``max_rows`` bounds rows per pass). Layers below the shallowest
-patched layer of a pass are not recomputed either: they are swapped for an identity for the
-duration of the pass and the clean suffix residual is written back at the first computed layer
-(``skip_layers=True``). The prefix cache is copied per pass (shallow copies of HF's cache layers
-whose tensors are replaced, never mutated), so repeated calls give identical results.
+``measure="decision"``, the template tail for ``"last"``). Patched rows re-run only the suffix tokens
+against the prefix cache, all (variant, prompt) rows of a sweep stacked along the batch of a few
+passes (``max_rows`` bounds rows per pass), each attending to its prompt's prefix (gathered per layer,
+never stored). Blocks below a row's first patched layer are not recomputed (``skip_layers=True``):
+a pass starts at its shallowest layer with the clean residual, and rows join at their own layer; a
+``resid_post.l`` patch is applied as the input of block ``l+1``. No-op rows cost nothing. The prefix
+cache is never mutated, so repeated calls give identical results. (The former *packed* layout, variants
+side by side along the sequence under a 4D mask, is gone: identical variants at different pack
+positions did not give bitwise-equal logits.)
 
 ``run_naive`` is the reference: one full forward per variant with hooks at ``p``. ``run(...,
 positions="all")`` patches every position (values ``[B, T, d]`` or ``[B, d]``/``[d]`` broadcast over
@@ -47,6 +73,8 @@ from __future__ import annotations
 from mechdiff.patching.engine import MEASURES, PatchEngine
 from mechdiff.patching.kl import _kl as _kl
 from mechdiff.patching.kl import kl_reducer, layer_sweep, patch_kl
+from mechdiff.patching.sources import chunked_clean_states
 from mechdiff.patching.variants import MODES, Patch, Variant
 
-__all__ = ["MODES", "MEASURES", "Patch", "Variant", "PatchEngine", "kl_reducer", "patch_kl", "layer_sweep"]
+__all__ = ["MODES", "MEASURES", "Patch", "Variant", "PatchEngine", "kl_reducer", "patch_kl", "layer_sweep",
+           "chunked_clean_states"]

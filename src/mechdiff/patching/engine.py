@@ -1,10 +1,9 @@
-"""The :class:`PatchEngine`: the clean run (prefix KV caches grouped by decision position, recorded
-states), batched patched runs in the stacked or packed layout (including the packed layout's 4D
-attention masks) and the naive full-recomputation reference ``run_naive``. The package docstring
-describes what it computes and why it is fast."""
+"""The :class:`PatchEngine`: the clean run (prefix KV caches grouped by decision position, clean
+states at the decision position), no-op detection, and the batched patched runs (passes in the
+branching layout: ``passes.py``; the naive full-recomputation reference: ``naive.py``). The package
+docstring describes what it computes, why it is exact and why it is fast."""
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -12,20 +11,18 @@ import torch
 from torch import nn
 
 from mechdiff.errors import ConfigError, SiteError
-from mechdiff.patching.plumbing import (_accepts, _attn_backends, _block_list, _copy_cache, _growing,
-                                      _skipping)
-from mechdiff.patching.variants import _apply, _prepare
+from mechdiff.patching.passes import _Seg, _start, plan_passes, run_pass
+from mechdiff.patching.plumbing import _accepts, _attn_backends, _block_list, _contiguous_head, _pass_cache
+from mechdiff.patching.variants import _noop_rows, _prepare
 from mechdiff.sites.hooks import hooked
 from mechdiff.sites.names import parse_site, resolve, site_str
 
 MEASURES = ("last", "decision")
 
-_ORDER = {"resid_pre": 0, "head_z": 1, "attn_out": 2, "mlp_out": 3, "resid_post": 4}
-
 
 @dataclass
 class _Group:
-    rows: torch.Tensor       # [Bg] indices into the batch
+    rows: torch.Tensor       # [Bg] indices into the batch (engine device)
     lead: int                # first column with any content in these rows
     p: int                   # decision column, shared by the rows
     e: int                   # end (exclusive) of the suffix
@@ -38,30 +35,29 @@ class PatchEngine:
 
     model: HF causal LM (eval mode). batch: ``mechdiff.data.prompts.Batch`` (left padded).
     measure: "last" | "decision". record_sites: sites whose clean value at the decision position
-    :meth:`clean_states` returns. max_rows: most (variant, prompt) pairs in one suffix pass (memory
-    per pass ~ max_rows x (suffix length x d_model + vocab) packed, plus max_rows prefix caches when
-    stacked); also the most prompts that share one prefix pass. skip_layers: do not recompute layers below a pass's shallowest patched layer.
-    packed: lay a pass's variants side by side along the sequence of each prompt, all attending to
-    one shared prefix cache through a custom 4D mask (needs sdpa or eager attention; otherwise, or
-    with packed=False, variants are stacked along the batch with the prefix cache repeated).
-    max_packed: most suffix tokens side by side in one packed pass (variants per pass <=
-    max_packed // suffix length): with ``measure="last"`` (a template tail of several tokens) a
-    pass then holds a few variants of neighbouring start layers (variants are sorted by start)
-    instead of all of them; with ``"decision"`` (1 token) up to 48 variants share a pass.
+    :meth:`clean_states` returns. max_rows: most rows in one pass (reference rows + one row per
+    (variant, prompt) computed); also the most prompts that share one prefix pass. Memory per pass
+    ~ max_rows x (suffix length x d_model + vocab), plus one layer's prefix KV for those rows.
+    skip_layers: a pass row starts at its variant's first patched layer (blocks below are not
+    recomputed). detect_noops: prompts a variant leaves bit for bit at the clean state get the clean
+    logits without being computed (False: compute them too, e.g. to test the pass itself).
+    packed, max_packed: accepted for compatibility and ignored (the packed layout, variants side by
+    side along the sequence, is gone: identical variants at different pack positions did not give
+    bitwise-equal logits, so it could not carry an exact in-pass reference).
     All settings give the same numbers as :meth:`run_naive` up to float rounding.
     """
 
     def __init__(self, model: nn.Module, batch, *, measure: str = "last", record_sites: Iterable = (),
                  max_rows: int = 2048, skip_layers: bool = True, packed: bool = True,
-                 max_packed: int = 48):
+                 max_packed: int = 48, detect_noops: bool = True):
         if measure not in MEASURES:
             raise ConfigError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
         if max_rows < 1:
             raise ConfigError(f"max_rows must be >= 1, got {max_rows}")
         if max_packed < 1:
             raise ConfigError(f"max_packed must be >= 1, got {max_packed}")
-        self.max_packed = int(max_packed)
         self.model, self.measure, self.max_rows, self.skip_layers = model, measure, int(max_rows), skip_layers
+        self.packed, self.max_packed, self.detect_noops = False, int(max_packed), bool(detect_noops)
         self.sm = resolve(model)
         self.device = next(model.parameters()).device
         self.batch = batch.to(self.device)
@@ -69,11 +65,7 @@ class PatchEngine:
         for s in self.record_sites:
             self.sm.check(*parse_site(s))
         self._blocks = _block_list(model, self.sm) if skip_layers else None
-        self._keep = _accepts(model, "logits_to_keep")
-        self._logits_kw = {"logits_to_keep": 1} if self._keep else {}
-        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-        self._mask_kind = impl if impl in ("sdpa", "eager") else None
-        self.packed = packed and self._mask_kind is not None
+        self._logits_kw = {"logits_to_keep": 1} if _accepts(model.forward, "logits_to_keep") else {}
         self._tuple_len = 0
         B, T = self.batch.input_ids.shape
         dec = self.batch.decision.long()
@@ -82,7 +74,7 @@ class PatchEngine:
         self.B, self.T = B, T
         self.groups: list[_Group] = []
         self._clean = torch.empty(0)
-        self._states: dict[str, torch.Tensor] = {}
+        self._dec: dict[str, torch.Tensor] = {}   # "name.layer" -> [B, w] clean value at the decision token
         self._run_clean()
 
     # ---- clean pass ----------------------------------------------------------------------
@@ -91,20 +83,18 @@ class PatchEngine:
 
     @torch.no_grad()
     def _run_clean(self):
-        b, sm = self.batch, self.sm
+        b, L = self.batch, self.sm.n_layers
         dec = b.decision.long().cpu()
         mask = b.attention_mask.bool()
         logits: torch.Tensor | None = None
-        states: dict[str, torch.Tensor] = {}
-        pre_sites = [f"resid_pre.{l}" for l in range(sm.n_layers)] if self._blocks is not None else []
-        read = list(dict.fromkeys(self.record_sites + pre_sites))
+        resid = [f"{n}.{l}" for l in range(L) for n in ("resid_pre", "resid_post")]
+        read = list(dict.fromkeys(resid + self.record_sites))
         for p in sorted(set(dec.tolist())):
             all_rows = torch.nonzero(dec == p).flatten()
             for c in range(0, len(all_rows), self.max_rows):
                 rows = all_rows[c:c + self.max_rows].to(self.device)
                 cols = mask[rows].any(0).nonzero().flatten()
                 lead = min(int(cols[0]), p) if len(cols) else p
-                e = self._suffix_end(p)
                 cache = None
                 if p > lead:
                     from transformers import DynamicCache
@@ -114,42 +104,55 @@ class PatchEngine:
                                               attention_mask=b.attention_mask[rows, lead:p],
                                               position_ids=b.position_ids[rows, lead:p],
                                               past_key_values=cache, use_cache=True)
+                g = _Group(rows, lead, p, self._suffix_end(p), cache, {})
                 kinds = []
-                h0 = sm.blocks[0].register_forward_hook(
+                h0 = self.sm.blocks[0].register_forward_hook(
                     lambda m, a, o: kinds.append(len(o) if isinstance(o, tuple) else 0))
                 try:
-                    with hooked(self.model, read=read) as rec:
-                        out = self._forward(rows, lead, p, e, cache, n=1, start=0)
+                    out, rec = self._forward_clean(g, read)
                 finally:
                     h0.remove()
                 self._tuple_len = kinds[0] if kinds else 0
                 if logits is None:
                     logits = out.new_empty((self.B, *out.shape[1:]))
                 logits[rows] = out
-                for s in self.record_sites:
-                    v = rec[s][:, 0]
-                    if s not in states:
-                        states[s] = v.new_empty((self.B, *v.shape[1:]))
-                    states[s][rows] = v
-                self.groups.append(_Group(rows, lead, p, e, cache,
-                                          {l: rec[f"resid_pre.{l}"] for l in range(sm.n_layers)} if pre_sites else {}))
+                self._store(g, rec, read)
+                if self._blocks is not None:
+                    g.resid_pre = {l: rec[f"resid_pre.{l}"] for l in range(L)}
+                self.groups.append(g)
         self._clean = logits
-        self._states = states
 
-    def _forward(self, rows, lead, p, e, cache, n: int, start: int) -> torch.Tensor:
-        """Suffix forward of ``n`` stacked copies of ``rows``; logits at the measured position."""
+    def _forward_clean(self, g: _Group, read) -> tuple[torch.Tensor, dict]:
+        """The clean suffix forward of group ``g``: logits ``[Bg, V]`` float32 at the measured position
+        and the recording of ``read``. Deterministic: rerunning it reads the same values."""
         b = self.batch
-        rep = lambda t: t.repeat(n, 1) if n > 1 else t  # noqa: E731
-        kw = dict(input_ids=rep(b.input_ids[rows, p:e]), attention_mask=rep(b.attention_mask[rows, lead:e]),
-                  position_ids=rep(b.position_ids[rows, p:e]), **self._logits_kw)
-        if cache is not None:
-            kw.update(past_key_values=_copy_cache(cache, n, start), use_cache=True)
+        kw = dict(input_ids=b.input_ids[g.rows, g.p:g.e], attention_mask=b.attention_mask[g.rows, g.lead:g.e],
+                  position_ids=b.position_ids[g.rows, g.p:g.e], **self._logits_kw)
+        if g.cache is not None:
+            kw.update(past_key_values=_pass_cache(g.cache, []), use_cache=True)  # never mutates g.cache
         else:
             kw.update(use_cache=False)
-        with _skipping(self._blocks if start > 0 else None, start, self._tuple_len), \
-                _attn_backends(self.device):
+        with hooked(self.model, read=read) as rec, _contiguous_head(self.model), _attn_backends(self.device):
             logits = self.model(**kw).logits
-        return logits[:, -1].float()
+        return logits[:, -1].float(), rec
+
+    def _store(self, g: _Group, rec, sites):
+        """Keep the decision-token column of each recorded site, ``[B, w]`` (head_z flattened)."""
+        for s in sites:
+            v = rec[s][:, 0]
+            v = v.reshape(v.shape[0], -1).clone()
+            if s not in self._dec:
+                self._dec[s] = v.new_empty((self.B, v.shape[-1]))
+            self._dec[s][g.rows] = v
+
+    @torch.no_grad()
+    def _ensure_states(self, sites):
+        """Record clean decision-token values at ``sites`` not yet recorded (re-runs the clean
+        suffix passes, which reproduce the clean run bit for bit)."""
+        missing = [s for s in dict.fromkeys(sites) if s not in self._dec]
+        for g in self.groups if missing else ():
+            _, rec = self._forward_clean(g, missing)
+            self._store(g, rec, missing)
 
     # ---- public accessors ----------------------------------------------------------------
     @property
@@ -158,220 +161,113 @@ class PatchEngine:
         return self._clean
 
     def clean_states(self, sites: Iterable | None = None) -> dict[str, torch.Tensor]:
-        """Clean values at the decision position: ``{site: [B, d]}`` (``[B, H, head_dim]`` for head_z).
-        Only sites given as ``record_sites=`` at construction are available."""
+        """Clean values at the decision position: ``{site: [B, d]}`` (``[B, H, head_dim]`` for head_z)
+        in the model's dtype. Only sites given as ``record_sites=`` at construction are available.
+        Written back as a replace patch, such a value is a no-op: KL exactly 0."""
         sites = self.record_sites if sites is None else [site_str(s) for s in sites]
-        missing = [s for s in sites if s not in self._states]
+        missing = [s for s in sites if s not in self.record_sites]
         if missing:
             raise SiteError(f"sites {missing} were not recorded; pass them as record_sites= when building "
                             "the PatchEngine")
-        return {s: self._states[s] for s in sites}
+        out = {}
+        for s in sites:
+            v = self._dec[s]
+            out[s] = v.view(self.B, self.sm.n_heads, self.sm.head_dim) if parse_site(s)[0] == "head_z" else v
+        return out
 
     # ---- patched runs --------------------------------------------------------------------
     @torch.no_grad()
-    def run(self, variants, positions: str = "decision", reduce=None) -> torch.Tensor:
+    def run(self, variants, positions: str = "decision", reduce=None, with_reference: bool = False):
         """``[n_variants, B, V]`` float32 logits at the measured position, one row per variant.
 
-        A variant is a Patch or a list of Patch (all applied in one run); an empty list is the
-        clean model run through the same batched path (its numerical noise floor).
-        positions: "decision" (cache reuse) or "all" (every position; goes through run_naive).
-        reduce: ``f(logits [n, b, V] float32, rows [b] long) -> [n, b, ...]``, applied to each pass's
-        logits (``rows``: which prompts of the batch, on the engine's device) so that only the
+        A variant is a Patch or a list of Patch (all applied in one run); an empty list changes
+        nothing (its rows are the clean logits). positions: "decision" (cache reuse) or "all" (every
+        position; goes through run_naive).
+        reduce: ``f(logits [n, b, V] float32, rows [b] long[, ref]) -> [n, b, ...]``, applied to each
+        pass's logits (``rows``: which prompts of the batch, on the engine's device) so that only the
         reduced values are kept: the result is ``[n_variants, B, ...]`` (e.g. KL per prompt, see
-        :func:`patch_kl`) and the full ``[n_variants, B, V]`` logits never exist at once."""
+        :func:`patch_kl`). A reduce that takes ``ref`` gets ``[n, b, V]``: the clean model computed
+        along the same path as each of those rows (its in-pass reference; for prompts a variant
+        leaves unchanged, the clean logits and ``logits`` is the same tensor). Compare with ``ref``,
+        not ``clean_logits``: the two differ by float rounding. with_reference (no reduce): return
+        ``(logits, ref)``, both ``[n_variants, B, V]``."""
         if positions == "all":
-            return self.run_naive(variants, positions="all", reduce=reduce)
+            if with_reference:
+                raise ConfigError("with_reference needs positions='decision' (use run_naive's reduce with ref)")
+            from mechdiff.patching.naive import run_naive
+            return run_naive(self, variants, positions="all", reduce=reduce)
         if positions != "decision":
             raise ConfigError(f"positions must be 'decision' or 'all', got {positions!r}")
         prepared = _prepare(self.sm, variants, self.B, self.device)
-        n_var = len(prepared)
-        out = None
-        if n_var == 0 or reduce is None:
-            out = torch.empty(n_var, self.B, self._clean.shape[-1], dtype=torch.float32,
-                              device=self._clean.device)
-        if n_var == 0:
-            return out if reduce is None else out[..., 0]
-        L = self.sm.n_layers
-
-        def start_of(var):
-            return min((layer for _, layer, *_ in var), default=L - 1)
-
-        order = sorted(range(n_var), key=lambda i: start_of(prepared[i]))
-        for g in self.groups:
-            Bg = len(g.rows)
-            packed = self.packed and self._packable(g)
-            per = max(1, self.max_rows // Bg)
-            if packed:
-                per = min(per, max(1, self.max_packed // (g.e - g.p)))
-            rows_dev = g.rows.to(self.device)
-            for c in range(0, n_var, per):
-                idx = order[c:c + per]
-                start = start_of(prepared[idx[0]]) if self._blocks is not None else 0
-                edits = self._edits(g, [prepared[i] for i in idx], 0 if packed else start, packed)
-                starts = [start_of(prepared[i]) for i in idx] if self._blocks is not None else None
-                with hooked(self.model, edit=edits):
-                    if packed:
-                        lg = self._forward_packed(g, n=len(idx), starts=starts)       # [Bg, n, V]
-                        lg = lg.transpose(0, 1)
-                    else:
-                        lg = self._forward(g.rows, g.lead, g.p, g.e, g.cache, n=len(idx), start=start)
-                        lg = lg.view(len(idx), Bg, -1)
-                if reduce is not None:
-                    lg = reduce(lg, rows_dev)
-                    if out is None:
-                        out = lg.new_empty((n_var, self.B, *lg.shape[2:]))
-                out[torch.tensor(idx, device=out.device)[:, None], g.rows.to(out.device)[None, :]] = \
-                    lg.to(out.device)
-        return out
-
-    def _edits(self, g: _Group, chunk, start: int, packed: bool) -> dict:
-        """{site: f(t)} editing each variant's decision token. Stacked layout: variant v owns rows
-        [v*Bg, (v+1)*Bg) at suffix offset 0; packed layout: all rows, sequence offset v*s."""
-        Bg, s, n = len(g.rows), g.e - g.p, len(chunk)
-        by_site: dict[str, list] = {}
-        for v, var in enumerate(chunk):
-            for name, layer, p, value, basis in var:
-                if value is not None and value.dim() == 2:
-                    value = value[g.rows]
-                by_site.setdefault(f"{name}.{layer}", []).append((v, p, value, basis))
-        restore = None
-        if start > 0:
-            clean = g.resid_pre[start]  # [Bg, s, d]
-            restore = clean if n == 1 else (clean.repeat(1, n, 1) if packed else clean.repeat(n, 1, 1))
-            by_site.setdefault(f"resid_pre.{start}", [])
-
-        def make(key, entries):
-            is_restore = restore is not None and key == f"resid_pre.{start}"
-
-            def f(t):
-                out = restore.to(t.dtype).clone() if is_restore else t.clone()
-                flat = out.view(*out.shape[:2], -1)
-                for v, p, value, basis in entries:
-                    sel = (slice(None), v * s) if packed else (slice(v * Bg, (v + 1) * Bg), 0)
-                    flat[sel] = _apply(flat[sel], p, value, basis)
-                return out
-            return f
-
-        return {k: make(k, ents) for k, ents in by_site.items()}
-
-    # ---- packed layout: variants side by side along the sequence, sharing one prefix cache ----
-    def _packable(self, g: _Group) -> bool:
-        """Packed passes need sdpa/eager attention (custom 4D masks) and HF dynamic cache layers
-        whose prefix length is readable (full: all of it; sliding: the most recent window - 1)."""
-        if g.cache is None:
-            return True
-        for lay in g.cache.layers:
-            if type(lay).__name__ not in ("DynamicLayer", "DynamicSlidingWindowLayer"):
-                return False
-        return True
-
-    def _packed_mask(self, g: _Group, n: int):
-        """4D masks ``[Bg, 1, n*s, k + n*s]`` (one per attention layer type when they differ): each
-        variant's suffix sees the prefix (minus padding, within the sliding window) and itself,
-        causally; never another variant."""
-        b, dev = self.batch, self.device
-        s, P = g.e - g.p, g.p - g.lead
-        o = torch.arange(s, device=dev).repeat(n)                  # suffix offset of each query/key
-        blk = torch.arange(n, device=dev).repeat_interleave(s)
-        own = (blk[:, None] == blk[None, :]) & (o[None, :] <= o[:, None])
-        pad = b.attention_mask[g.rows, g.lead:g.p].bool()          # [Bg, P]
-        dtype = next(self.model.parameters()).dtype
-
-        def build(k: int, window: int | None):
-            pre = pad[:, P - k:] if k else pad[:, :0]
-            r = torch.arange(k, device=dev)
-            pre = pre[:, None, :].expand(-1, n * s, -1)
-            own_w = own
-            if window is not None:    # query index p+o, prefix key index p-k+r: (o + k - r) < window
-                pre = pre & ((o[:, None] + k - r[None, :]) < window)[None]
-                own_w = own & ((o[:, None] - o[None, :]) < window)
-            m = torch.cat([pre, own_w[None].expand(len(g.rows), -1, -1)], dim=-1)[:, None]
-            if self._mask_kind == "eager":
-                m = torch.zeros(m.shape, dtype=dtype, device=dev).masked_fill(~m, torch.finfo(dtype).min)
-            return m
-
-        if g.cache is None:
-            return build(0, None)
-        types = getattr(self.model.config.get_text_config(), "layer_types", None)
-        specs = {}
-        for i, lay in enumerate(g.cache.layers):
-            k = lay.keys.shape[-2] if getattr(lay, "keys", None) is not None and lay.keys.numel() else 0
-            window = getattr(lay, "sliding_window", None) if getattr(lay, "is_sliding", False) else None
-            specs.setdefault(types[i] if types else "all", set()).add((k, window))
-        if any(len(v) != 1 for v in specs.values()):
-            raise SiteError("cache layers of one attention type hold different prefix lengths; "
-                            "build the PatchEngine with packed=False")
-        kinds = {t: next(iter(v)) for t, v in specs.items()}
-        if len(set(kinds.values())) == 1:   # one layout for every layer: a plain 4D mask
-            return build(*next(iter(kinds.values())))
-        return {t: build(*spec) for t, spec in kinds.items()}  # per layer type (Gemma-style hybrids)
-
-    def _forward_packed(self, g: _Group, n: int, starts: list | None) -> torch.Tensor:
-        """One pass over Bg rows whose sequence holds ``n`` copies of the suffix; ``[Bg, n, V]``.
-        With ``starts`` (sorted, one per variant) each variant enters at its own start layer."""
-        b = self.batch
-        s = g.e - g.p
-        start = starts[0] if starts else 0
-        kw = dict(input_ids=b.input_ids[g.rows, g.p:g.e].repeat(1, n),
-                  attention_mask=self._packed_mask(g, n),
-                  position_ids=b.position_ids[g.rows, g.p:g.e].repeat(1, n))
-        keep = torch.arange(n, device=self.device) * s + (s - 1)
-        if self._keep:
-            kw["logits_to_keep"] = keep
-        if g.cache is not None:
-            kw.update(past_key_values=_copy_cache(g.cache, 1, start), use_cache=True)
+        sink = _Sink(len(prepared), self.B, self._clean, reduce, with_reference)
+        if not prepared:
+            return sink.result()
+        if self.detect_noops:
+            self._ensure_states(f"{name}.{layer}" for var in prepared for name, layer, *_ in var)
+            noop = _noop_rows(prepared, self._dec, self.B)                     # [n, B] bool, CPU
         else:
-            kw.update(use_cache=False)
-        grow = contextmanager(lambda: (yield))()
-        if starts:
-            L = self.sm.n_layers
-            active = [s * sum(1 for st in starts if st <= i) for i in range(L)]
-            grow = _growing(self.sm.blocks, start, active, n * s, g.resid_pre, s)
-        with _skipping(self._blocks if start > 0 else None, start, self._tuple_len), grow, \
-                _attn_backends(self.device):
-            logits = self.model(**kw).logits
-        if not self._keep or logits.shape[1] != n:
-            logits = logits[:, keep]
-        return logits.float()
+            noop = torch.zeros(len(prepared), self.B, dtype=torch.bool)
+        sink.put_clean(noop)
+        L = self.sm.n_layers
+        starts = [_start(var, L) for var in prepared]
+        for g in self.groups:
+            todo = ~noop[:, g.rows.cpu()]                                      # [n, Bg]
+            segs = [_Seg(v, starts[v], todo[v].nonzero().flatten()) for v in range(len(prepared))
+                    if todo[v].any()]
+            for plan in plan_passes(segs, self.max_rows):
+                lg, R = run_pass(self, g, plan, prepared)                      # [N, V]
+                refs, off, segs = plan.refs.to(self.device), R, plan.segs
+                while segs:   # consecutive segments on the same rows: one reduce call
+                    m = 1
+                    while m < len(segs) and torch.equal(segs[m].rows, segs[0].rows):
+                        m += 1
+                    rows, k = segs[0].rows.to(self.device), len(segs[0].rows)
+                    ref = lg[torch.searchsorted(refs, rows)][None].expand(m, -1, -1)
+                    sink.put([s.v for s in segs[:m]], g.rows[rows], lg[off:off + m * k].view(m, k, -1), ref)
+                    off, segs = off + m * k, segs[m:]
+        return sink.result()
 
-    @torch.no_grad()
     def run_naive(self, variants, positions: str = "decision", reduce=None) -> torch.Tensor:
-        """Reference: one full forward of the whole batch per variant, ``[n_variants, B, V]`` float32.
-        positions="decision" patches at ``batch.decision``; "all" patches every position.
-        reduce: as in :meth:`run`, applied to each variant's ``[1, B, V]`` logits."""
-        if positions not in ("decision", "all"):
-            raise ConfigError(f"positions must be 'decision' or 'all', got {positions!r}")
-        prepared = _prepare(self.sm, variants, self.B, self.device, positions=positions)
-        b = self.batch
-        ar = torch.arange(self.B, device=self.device)
-        dec = b.decision.long()
-        outs = []
-        for var in prepared:
-            edits: dict[str, list] = {}
-            for name, layer, p, value, basis in var:
-                edits.setdefault(f"{name}.{layer}", []).append((p, value, basis))
+        """Reference: one full forward of the whole batch per variant (see :func:`naive.run_naive`)."""
+        from mechdiff.patching.naive import run_naive
+        return run_naive(self, variants, positions=positions, reduce=reduce)
 
-            def make(entries):
-                def f(t):
-                    out = t.clone()
-                    flat = out.view(*out.shape[:2], -1)
-                    for p, value, basis in entries:
-                        if positions == "all":
-                            v = value[:, None] if value is not None and value.dim() == 2 else value
-                            flat[:] = _apply(flat, p, v, basis)
-                        else:
-                            flat[ar, dec] = _apply(flat[ar, dec], p, value, basis)
-                    return out
-                return f
 
-            with hooked(self.model, edit={k: make(v) for k, v in edits.items()}), _attn_backends(self.device):
-                if self.measure == "last":
-                    lg = self.model(**b.model_inputs(), **self._logits_kw).logits[:, -1]
-                else:
-                    lg = self.model(**b.model_inputs()).logits[ar, dec]
-            lg = lg.float()
-            outs.append(lg if reduce is None else reduce(lg[None], ar)[0])
-        if not outs:
-            e = torch.empty(0, self.B, self._clean.shape[-1])
-            return e if reduce is None else e[..., 0]
-        return torch.stack(outs)
+class _Sink:
+    """Collects ``[n_variants, B, ...]`` results: logits, or ``reduce`` of them, written by (variants,
+    rows) blocks; ``put_clean`` writes the clean logits where a variant changes nothing."""
+
+    def __init__(self, n: int, B: int, clean: torch.Tensor, reduce, with_reference: bool):
+        self.n, self.B, self.clean, self.reduce = n, B, clean, reduce
+        self.with_ref = with_reference and reduce is None
+        self.wants_ref = reduce is not None and _accepts(reduce, "ref", var_keyword=True)
+        self.out = self.ref = None
+        if reduce is None:
+            self.out = torch.empty(n, B, clean.shape[-1], dtype=torch.float32, device=clean.device)
+            self.ref = torch.empty_like(self.out) if self.with_ref else None
+
+    def put(self, vs: list, rows: torch.Tensor, lg: torch.Tensor, ref: torch.Tensor):
+        """lg, ref: ``[len(vs), len(rows), V]``."""
+        if self.reduce is not None:
+            lg = self.reduce(lg, rows, ref=ref) if self.wants_ref else self.reduce(lg, rows)
+            if self.out is None:
+                self.out = lg.new_empty((self.n, self.B, *lg.shape[2:]))
+        idx = (torch.tensor(vs, device=self.out.device)[:, None], rows.to(self.out.device)[None, :])
+        self.out[idx] = lg.to(self.out.device)
+        if self.ref is not None:
+            self.ref[idx] = ref.to(self.out.device)
+
+    def put_clean(self, noop: torch.Tensor):
+        groups: dict[bytes, list] = {}
+        for v in range(self.n):
+            if noop[v].any():
+                groups.setdefault(noop[v].numpy().tobytes(), []).append(v)
+        for vs in groups.values():
+            rows = noop[vs[0]].nonzero().flatten().to(self.clean.device)
+            c = self.clean[rows][None].expand(len(vs), -1, -1)
+            self.put(vs, rows, c, c)
+
+    def result(self):
+        if self.out is None:   # no variants, with a reduce
+            return torch.empty(self.n, self.B)
+        return (self.out, self.ref) if self.with_ref else self.out

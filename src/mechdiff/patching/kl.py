@@ -1,6 +1,6 @@
 """KL read-outs of patched runs: ``kl_reducer`` (a ``reduce`` for :meth:`PatchEngine.run` that keeps
-only KL(clean || patched) per prompt of each pass), ``patch_kl`` and the cross-model
-``layer_sweep`` built on it."""
+only KL(clean || patched) per prompt of each pass, the clean side being the pass's own reference),
+``patch_kl`` and the cross-model ``layer_sweep`` built on it."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -23,11 +23,14 @@ def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor, allowed_ids=None) -> tor
 
 def kl_reducer(engine: PatchEngine, allowed_ids=None, with_unmasked: bool = False):
     """``reduce`` for :meth:`PatchEngine.run`: KL(clean || patched) per prompt of each pass, masked
-    to ``allowed_ids`` when given; ``with_unmasked`` adds a last axis ``[masked, unmasked]``."""
+    to ``allowed_ids`` when given; ``with_unmasked`` adds a last axis ``[masked, unmasked]``. The
+    clean side is ``ref`` (the engine passes each row's same-path reference: exactly 0 for a patch
+    that changes nothing); called as ``reduce(logits, rows)`` it falls back to ``clean_logits``."""
     clean = engine.clean_logits
 
-    def reduce(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        c = clean.to(logits.device)[rows.to(logits.device)][None].expand_as(logits)
+    def reduce(logits: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+        c = ref if ref is not None else clean.to(logits.device)[rows.to(logits.device)][None]
+        c = c.to(logits.device).expand_as(logits)
         kl = _kl(c, logits, allowed_ids)
         return torch.stack([kl, _kl(c, logits)], -1) if with_unmasked else kl
     return reduce

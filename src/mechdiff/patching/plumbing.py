@@ -1,8 +1,10 @@
-"""Cache and layer plumbing for the patching engine: shallow per-pass copies of the prefix KV cache
-(``_copy_cache``), swapping blocks below a pass's first patched layer for identities
-(``_Skip``/``_skipping``), the packed layout's per-variant start layers (``_growing``/``_cut``),
-the SDPA backend choice on CUDA (``_attn_backends``) and a model-signature probe (``_accepts``).
-Nothing here knows about patches; it only changes what a forward pass recomputes."""
+"""Cache and layer plumbing for the patching engine: per-pass views of the prefix KV cache that
+serve each pass row its prompt's prefix without storing anything (``_pass_cache``), swapping blocks
+below a pass's first computed layer for identities (``_Skip``/``_skipping``), the branching layout in
+which pass rows join at their own start layer (``_branching``), a contiguous input for the output
+layer (``_contiguous_head``), the SDPA backend choice on CUDA (``_attn_backends``) and a
+model-signature probe (``_accepts``). Nothing here knows about patches; it only changes what a
+forward pass recomputes."""
 from __future__ import annotations
 
 import copy
@@ -13,19 +15,35 @@ import torch
 from torch import nn
 
 
-def _copy_cache(cache, n: int, start: int):
-    """A shallow copy of an HF cache whose layers >= start hold their keys/values repeated ``n``
-    times along the batch (variant-major). HF's dynamic layers replace (never mutate) their tensors
-    on ``update``, so the original cache stays intact. Layers < start are not run, keep them as is."""
+def _pass_cache(cache, rows: list):
+    """A shallow copy of an HF cache whose layer ``i`` answers ``update(k, v)`` with the prefix
+    keys/values of prompt rows ``rows[i]`` (``[n_i]`` indices into the cache's batch; None: layer not
+    run) concatenated before ``k``/``v`` (``[n_i, heads, s, hd]``), and stores nothing: the original
+    cache stays intact and each layer's gathered copy is freed once its attention has run."""
     new = copy.copy(cache)
     new.layers = []
     for i, layer in enumerate(cache.layers):
         lay = copy.copy(layer)
-        if n > 1 and i >= start and getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
-            lay.keys = layer.keys.repeat(n, *([1] * (layer.keys.dim() - 1)))
-            lay.values = layer.values.repeat(n, *([1] * (layer.values.dim() - 1)))
+        r = rows[i] if i < len(rows) else None
+        if r is not None and getattr(layer, "keys", None) is not None and layer.keys.numel() > 0:
+            lay.update = _gathering_update(layer.keys, layer.values, r)
         new.layers.append(lay)
     return new
+
+
+def _gathering_update(keys: torch.Tensor, values: torch.Tensor, r: torch.Tensor):
+    def gather(prefix, new):
+        # = torch.cat([prefix.index_select(0, r), new], -2), with one copy of the n_i rows, not two
+        k = prefix.shape[-2]
+        room = prefix.new_empty((*prefix.shape[:-2], k + new.shape[-2], prefix.shape[-1]))
+        room[..., :k, :] = prefix
+        out = room.index_select(0, r)
+        out[..., k:, :] = new
+        return out
+
+    def update(key_states, value_states, *args, **kwargs):
+        return gather(keys, key_states), gather(values, value_states)
+    return update
 
 
 class _Skip(nn.Module):
@@ -69,46 +87,43 @@ def _skipping(blocks: nn.ModuleList | None, start: int, tuple_len: int):
             blocks[i] = b
 
 
-def _cut(x, Q: int, qa: int):
-    """Slice a block input laid out for ``Q`` suffix tokens down to the first ``qa`` of them."""
-    if isinstance(x, tuple):
-        return tuple(_cut(y, Q, qa) for y in x)
-    if not isinstance(x, torch.Tensor):
+def _rows(x, N: int, n: int):
+    """Cut a block argument laid out for ``N`` batch rows to its first ``n`` rows (masks
+    ``[N, 1, q, k]``, position ids ``[N, q]``, cos/sin ``[N, q, hd]``; others pass unchanged)."""
+    if n == N:
         return x
-    if x.dim() == 4 and x.shape[-2] == Q:                              # mask [B, 1, Q, prefix + Q]
-        return x[..., :qa, :x.shape[-1] - Q + qa]
-    if x.dim() in (2, 3) and x.shape[1] == Q:                          # position ids, cos/sin
-        return x[:, :qa]
-    if x.dim() == 1 and x.shape[0] == Q:                               # cache_position (older HF)
-        return x[:qa]
+    if isinstance(x, (tuple, list)):
+        return type(x)(_rows(y, N, n) for y in x)
+    if isinstance(x, dict):
+        return {k: _rows(v, N, n) for k, v in x.items()}
+    if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == N:
+        return x[:n]
     return x
 
 
 @contextmanager
-def _growing(blocks: list, start: int, active: list, Q: int, clean: dict, s: int):
-    """Packed layout with per-variant start layers (variants sorted by start): block i runs only
-    the first ``active[i]`` suffix tokens (variants already started) and appends the clean residual
-    (``clean[i]``, ``[Bg, s, d]``) of the variants that start at i. Layers before a variant's start
-    cost nothing for it; its patch hooks (registered after these) see the clean value at i."""
+def _branching(blocks, start: int, counts: list, join: torch.Tensor, first: torch.Tensor, N: int):
+    """Pass rows join at their own start layer. Block ``i >= start`` runs the first ``counts[i]`` of
+    the pass's ``N`` rows: at ``start`` its input is ``first`` (``[counts[start], s, d]``, the clean
+    residual); at ``i > start`` rows ``counts[i-1]:counts[i]`` join as copies of rows
+    ``join[counts[i-1]:counts[i]]`` of its input (their reference rows, so a row that joins at ``i``
+    enters exactly the state its reference has there). Hooks are prepended, so patch hooks on the
+    block see the grown input."""
     handles = []
 
     def make(i):
-        qa_prev = active[i - 1] if i > start else 0
-        k_new = (active[i] - qa_prev) // s
-        qa = active[i]
+        na, prev = counts[i], counts[i - 1] if i > start else 0
 
         def pre(mod, args, kwargs):
             h = args[0] if args else kwargs["hidden_states"]
-            h = h[:, :qa_prev]
-            if k_new:
-                h = torch.cat([h, clean[i].to(h.dtype).repeat(1, k_new, 1)], dim=1)
-            if qa == Q:
-                rest_args, rest_kw = args[1:], kwargs
-            else:
-                rest_args = tuple(_cut(a, Q, qa) for a in args[1:])
-                rest_kw = {k: (v if k == "hidden_states" else _cut(v, Q, qa)) for k, v in kwargs.items()}
+            if i == start:
+                h = first.to(h.dtype)
+            elif na > prev:
+                h = torch.cat([h, h.index_select(0, join[prev:na])], dim=0)
+            rest_args = tuple(_rows(a, N, na) for a in args[1:])
+            rest_kw = {k: (v if k == "hidden_states" else _rows(v, N, na)) for k, v in kwargs.items()}
             if args:
-                return (h,) + tuple(rest_args), rest_kw
+                return (h,) + rest_args, rest_kw
             return rest_args, {**rest_kw, "hidden_states": h}
         return pre
 
@@ -121,10 +136,26 @@ def _growing(blocks: list, start: int, active: list, Q: int, clean: dict, s: int
             h.remove()
 
 
+@contextmanager
+def _contiguous_head(model):
+    """With ``logits_to_keep=1`` HF hands the output layer a strided ``[B, 1, d]`` slice, which runs
+    as a slow batched kernel on CUDA (DESIGN.md, GPU facts); give it a contiguous copy instead."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        yield
+        return
+    h = head.register_forward_pre_hook(
+        lambda m, args: (args[0].contiguous(),) + tuple(args[1:]) if args else None)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
 def _attn_backends(device: torch.device):
     """On CUDA, keep SDPA off the cuDNN backend: it builds a new plan for every new shape (seen:
-    ~1.5 s on the first sweep of an 8B model, whose packed passes have a new length per layer);
-    the memory-efficient kernel takes the same custom masks at the same steady speed."""
+    ~1.5 s on the first sweep of an 8B model, whose passes have a new shape per layer); the
+    memory-efficient kernel takes the same masks at the same steady speed."""
     if device.type != "cuda":
         return contextmanager(lambda: (yield))()
     try:
@@ -134,8 +165,10 @@ def _attn_backends(device: torch.device):
         return contextmanager(lambda: (yield))()
 
 
-def _accepts(model, name: str) -> bool:
+def _accepts(fn, name: str, var_keyword: bool = False) -> bool:
+    """Whether callable ``fn`` takes a parameter ``name`` (or, with ``var_keyword``, any ``**kw``)."""
     try:
-        return name in inspect.signature(model.forward).parameters
+        params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+    return name in params or (var_keyword and any(p.kind is p.VAR_KEYWORD for p in params.values()))

@@ -1,7 +1,8 @@
 """What a patch is and how it edits one site's vector: the :class:`Patch` record, the patch modes
-(``MODES``), the arithmetic of each mode (``_apply``), site widths (``_width``) and the
+(``MODES``), the arithmetic of each mode (``_apply``), site widths (``_width``), the
 normalisation and validation of variants (``_prepare``) shared by the batched and naive paths of
-:class:`mechdiff.patching.PatchEngine` (the package docstring explains the modes)."""
+:class:`mechdiff.patching.PatchEngine`, and no-op detection (``_noop_rows``: which prompts a variant
+leaves bit for bit at the clean state). The package docstring explains the modes."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ class Patch:
 
     site: ``"resid_post.12"`` or ``("resid_post", 12)``. value: ``[B, d]`` (per prompt) or ``[d]``
     (same for every prompt); required for replace/add. basis: ``[d, k]`` orthonormal columns for
-    project_out. alpha: scale (see the ``mechdiff.patching`` package docstring).
+    project_out. alpha: scale. centre: ``[B, d]`` or ``[d]``, replace only: the point alpha scales
+    from, ``c + alpha * (v - c)``; None means the clean value ``h`` (see the package docstring).
     """
 
     site: object
@@ -28,6 +30,15 @@ class Patch:
     mode: str = "replace"
     basis: torch.Tensor | None = None
     alpha: float = 1.0
+    centre: torch.Tensor | None = None
+
+    def resolved(self) -> torch.Tensor:
+        """The value a replace patch with a centre writes, ``c + alpha * (v - c)`` (float32): it does
+        not depend on the clean state, so it can be applied by a plain hook (e.g. in generation)."""
+        if self.mode != "replace" or self.centre is None:
+            raise ConfigError("resolved() needs a replace patch with a centre")
+        c = self.centre.float()
+        return c + float(self.alpha) * (self.value.float() - c)
 
 
 Variant = "Patch | Sequence[Patch]"
@@ -35,14 +46,15 @@ Variant = "Patch | Sequence[Patch]"
 
 # ---- math on one site's vectors ------------------------------------------------------------
 
-def _apply(h: torch.Tensor, p: Patch, value: torch.Tensor | None, basis: torch.Tensor | None) -> torch.Tensor:
-    """New value of ``h`` ``[..., w]``; value broadcasts against ``h``. Math in float32."""
+def _apply(h: torch.Tensor, p: Patch, value: torch.Tensor | None, basis: torch.Tensor | None,
+           centre: torch.Tensor | None = None) -> torch.Tensor:
+    """New value of ``h`` ``[..., w]``; value (and centre) broadcast against ``h``. Math in float32."""
     a = float(p.alpha)
     if p.mode == "replace":
         if a == 1.0:
             return value.to(h.dtype).expand_as(h)
-        hf = h.float()
-        return (hf + a * (value.float() - hf)).to(h.dtype)
+        c = h.float() if centre is None else centre.float()
+        return (c + a * (value.float() - c)).expand_as(h).to(h.dtype)
     if p.mode == "add":
         return (h.float() + a * value.float()).to(h.dtype)
     hf = h.float()
@@ -55,7 +67,7 @@ def _width(sm, name: str) -> int:
 
 
 def _prepare(sm, variants, B: int, device, positions: str = "decision"):
-    """Normalise variants to ``[[(name, layer, patch, value, basis), ...], ...]`` and validate."""
+    """Normalise variants to ``[[(name, layer, patch, value, basis, centre), ...], ...]`` and validate."""
     if isinstance(variants, Patch):
         variants = [variants]
     out = []
@@ -74,7 +86,19 @@ def _prepare(sm, variants, B: int, device, positions: str = "decision"):
             if not torch.isfinite(torch.as_tensor(float(p.alpha))):
                 raise NumericsError(f"patch alpha for {name}.{layer} is not finite ({p.alpha})")
             w = _width(sm, name)
-            value = basis = None
+            value = basis = centre = None
+            if p.centre is not None:
+                if p.mode != "replace":
+                    raise ConfigError(f"a centre applies to replace patches only (got mode {p.mode!r} at "
+                                      f"{name}.{layer})")
+                centre = p.centre.detach()
+                if centre.shape[-1] != w or centre.dim() not in (1, 2) or (centre.dim() == 2 and
+                                                                         centre.shape[0] != B):
+                    raise SiteError(f"patch centre for {name}.{layer} has shape {tuple(centre.shape)}; "
+                                    f"expected [{B}, {w}] or [{w}]")
+                if not torch.isfinite(centre).all():
+                    raise NumericsError(f"patch centre for {name}.{layer} contains NaN/Inf")
+                centre = centre.to(device)
             if p.mode in ("replace", "add"):
                 if p.value is None:
                     raise ConfigError(f"a {p.mode!r} patch at {name}.{layer} needs a value")
@@ -102,6 +126,34 @@ def _prepare(sm, variants, B: int, device, positions: str = "decision"):
                 if not torch.isfinite(p.basis).all():
                     raise NumericsError(f"project_out basis for {name}.{layer} contains NaN/Inf")
                 basis = p.basis.detach().to(device)
-            norm.append((name, layer, p, value, basis))
+            norm.append((name, layer, p, value, basis, centre))
         out.append(norm)
+    return out
+
+
+# ---- no-op detection ---------------------------------------------------------------------------
+
+_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns of ``t`` (so that -0.0 != 0.0 and the comparison is bitwise)."""
+    return t.view(_INT[t.element_size()])
+
+
+def _noop_rows(prepared, clean: dict, B: int) -> torch.Tensor:
+    """``[n_variants, B]`` bool: True where every patch of the variant, applied by :func:`_apply` to
+    the clean state at its site (``clean["name.layer"]``: ``[B, w]`` in the model's dtype, at the
+    decision position), gives back that state bit for bit. Such a prompt's run *is* the clean run
+    (each patch sees the clean value, because every earlier one changed nothing), so its result is
+    the clean logits exactly and need not be computed."""
+    out = torch.ones(len(prepared), B, dtype=torch.bool)
+    for v, var in enumerate(prepared):
+        ok = None
+        for name, layer, p, value, basis, centre in var:
+            h = clean[f"{name}.{layer}"]
+            same = (_bits(_apply(h, p, value, basis, centre)) == _bits(h)).all(-1)
+            ok = same if ok is None else ok & same
+        if ok is not None:
+            out[v] = ok.cpu()
     return out
