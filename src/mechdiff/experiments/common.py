@@ -32,9 +32,19 @@ def resolve_pair(pair: str | None, base: str | None, tuned: str | None) -> Pair:
 def open_models(pair: Pair, device: str | None = None, dtype: str | None = None
                 ) -> tuple[LoadedModel, LoadedModel]:
     """Load both sides of ``pair`` (dtype: the option, else the pair's)."""
+    import sys
+    import time
     kw = dict(dtype=dtype or pair.dtype, device=None if pair.device_map else device,
               device_map=pair.device_map)
-    return load_model(pair.base, **kw), load_model(pair.tuned, **kw)
+    out = []
+    for side, spec in (("base", pair.base), ("tuned", pair.tuned)):
+        t0 = time.perf_counter()
+        print(f"loading {side} model {spec} ...", file=sys.stderr, flush=True)
+        m = load_model(spec, **kw)
+        print(f"loaded {side} model in {time.perf_counter() - t0:.1f}s ({m.n_layers} layers, d={m.d_model}, "
+              f"{m.info.get('dtype')}, {m.info.get('device')})", file=sys.stderr, flush=True)
+        out.append(m)
+    return out[0], out[1]
 
 
 def open_run(out: str | Path | None, stage: str, pair: Pair, sides: dict[str, LoadedModel],

@@ -334,9 +334,9 @@ def capture(model: nn.Module, tokenizer, prompts_or_batch, sites: Iterable, *,
     valid_out: torch.Tensor | None = None
     body = model if stop_early else getattr(model, "base_model", model)
     it = chunks
-    if progress:
-        from tqdm.auto import tqdm
-        it = tqdm(chunks, desc="capture", unit="batch")
+    if progress:    # counts and ETA on the terminal (mechdiff.progress: a tty or MECHDIFF_PROGRESS=1)
+        from mechdiff.progress import progress as _progress
+        it = _progress(chunks, f"capture ({N} prompts, {len(keys)} sites)", total=len(chunks))
     for rows, b in it:
         b = b.to(device)
         idx, valid = _select_positions(b, positions, seed)

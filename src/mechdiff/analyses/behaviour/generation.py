@@ -109,7 +109,10 @@ def generate(
     dev = model_device(model)
     outs: list[str] = []
     counts: list[int] = []
-    for chunk in batches(encoded, batch_size):
+    from mechdiff.progress import progress
+    n_chunks = -(-len(encoded) // batch_size)
+    for chunk in progress(batches(encoded, batch_size), f"generate ({len(encoded)} prompts, {max_new_tokens} tokens)",
+                          total=n_chunks):
         b = collate(chunk, pad).to(dev)
         new = generate_ids(model, b.input_ids, b.attention_mask, max_new_tokens, pad, allowed_ids)
         outs.extend(tok.batch_decode(new, skip_special_tokens=True))

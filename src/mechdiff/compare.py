@@ -1,0 +1,127 @@
+"""Two or more runs side by side (e.g. a cultural and a cognitive fine-tune of one base: the seeds'
+question): Figures A-D with the runs overlaid, one table of headline numbers, and each run's
+executive summary, from the runs' artifacts alone -> compare.html (self-contained), compare.md,
+compare.json and figures/compare_*.png in ``out``.
+
+    from mechdiff.compare import compare_runs
+    compare_runs(["runs/cultural", "runs/cognitive"], out="runs/compare")
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from mechdiff.errors import ConfigError
+
+#: (row label, key in report.summary.numbers, format); indented rows are the uncertainty or control
+ROWS = (("divergence enters at layer", "entry layer", "{}"), ("  patch KL there", "entry KL", "{:.3g}"),
+        ("  its SE (topic groups)", "entry KL SE", "{:.2g}"), ("  self-patch floor", "patch floor", "{:.3g}"),
+        ("layers chosen by RQ1", "chosen layers", "{}"),
+        ("max patch KL (nats)", "max patch KL", "{:.3g}"), ("  its SE (topic groups)", "max patch KL SE", "{:.2g}"),
+        ("  at layer", "max patch KL layer", "{}"), ("min debiased CKA", "min debiased CKA", "{:.3f}"),
+        ("  at layer", "min CKA layer", "{}"), ("best map R2 (val)", "best map R2", "{:.3f}"),
+        ("  identity map R2 there", "identity map R2", "{:.3f}"), ("  map", "best map", "{}"),
+        ("mapped-patch drop %", "mapped drop %", "{:.1f}"), ("  raw patch KL (val)", "raw patch KL (val)", "{:.3g}"),
+        ("minimal k (RQ3)", "minimal k", "{}"), ("  RQ3 status", "rq3 status", "{}"),
+        ("changed heads (share)", "changed heads share", "{:.1%}"), ("  noise floor (readout units)", "head noise floor", "{:.2g}"),
+        ("importance churn", "importance churn", "{:.1%}"), ("  top-k Jaccard", "top-k Jaccard", "{:.2f}"))
+
+#: the quantities the seeds compare across pairs, each with the number that qualifies it
+CONTRASTS = (("changed heads share", "share of changed heads (readout moves above the noise floor)", "{:.1%}",
+              "head noise floor", "noise floor {:.2g}"),
+             ("importance churn", "importance churn", "{:.1%}", "top-k Jaccard", "top-k Jaccard {:.2f}"),
+             ("minimal k", "minimal k of the rank-k handle", "{}", "rq3 status", "{}"),
+             ("best map R2", "best map R2 (val)", "{:.3f}", "identity map R2", "identity map {:.3f}"),
+             ("mapped drop %", "mapped-patch drop %", "{:.1f}", "raw patch KL (val)", "raw KL {:.3g}"),
+             ("entry layer", "divergence entry layer", "{}", "entry KL SE", "KL SE {:.2g}"))
+
+
+def _cell(v: Any, spec: str) -> str:
+    if v is None:
+        return "n/a"
+    try:
+        return spec.format(v)
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def _label(run_dir: Path, manifest: dict | None, used: set[str]) -> str:
+    pair = ((manifest or {}).get("pair") or {}).get("name") or run_dir.name
+    label = pair if pair not in used else f"{pair} ({run_dir.name})"
+    used.add(label)
+    return label
+
+
+def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
+                 labels: Sequence[str] | None = None) -> Path:
+    """Write the comparison of ``run_dirs`` into ``out`` (default: a new runs/compare-* directory) and
+    return ``out``."""
+    from mechdiff.artifacts import RunDir, new_run_dir
+    from mechdiff.atomic import atomic_write_text
+    from mechdiff.report.figures import draw, figure_data
+    from mechdiff.report.render import Section, load, page
+    from mechdiff.report.summary import numbers, sentences
+    dirs = [Path(d) for d in run_dirs]
+    if len(dirs) < 2:
+        raise ConfigError("compare needs two or more run directories")
+    for d in dirs:
+        if not d.is_dir() or not (d / "manifest.json").is_file():
+            raise ConfigError(f"{d} is not a run directory (no manifest.json)")
+    if labels is not None and len(labels) != len(dirs):
+        raise ConfigError(f"{len(labels)} labels for {len(dirs)} runs")
+    out_dir = Path(out) if out is not None else new_run_dir("runs", "compare")
+    run = RunDir(out_dir)
+    used: set[str] = set()
+    runs = []
+    for i, d in enumerate(dirs):
+        m = load(d / "manifest.json")
+        label = labels[i] if labels else _label(d, m, used)
+        pair = (m or {}).get("pair") or {}
+        runs.append({"label": label, "path": str(d.resolve()), "pair": pair.get("name"), "domain": pair.get("domain"),
+                     "numbers": numbers(d), "sentences": sentences(d), "figures": figure_data(d, label)})
+    figures = {}
+    for key, title in (("A", "CKA and patch KL per layer"), ("B", "map quality and mapped vs raw patch"),
+                       ("C", "effect vs k and head importance"), ("D", "churn and the top-k curve")):
+        data = [r["figures"][key] for r in runs if r["figures"][key] is not None]
+        if data:
+            path = draw(key, data, run.figure(f"compare_{key.lower()}.png"))
+            figures[key] = (path, f"Figure {key} overlaid ({title}): " + ", ".join(r["label"] for r in data))
+    table = [{"quantity": name.strip(), **{r["label"]: r["numbers"].get(key) for r in runs}} for name, key, _ in ROWS]
+    contrasts = _contrasts(runs)
+    run.write_json("compare.json", {"title": "mechdiff comparison", "runs": [
+        {k: v for k, v in r.items() if k != "figures"} for r in runs], "table": table, "contrasts": contrasts,
+        "figures": {f"compare_{k.lower()}.png": cap for k, (_, cap) in figures.items()}})
+    sec = Section()
+    sec.heading("mechdiff comparison — " + " vs ".join(r["label"] for r in runs), 1)
+    sec.para("Runs: " + "; ".join(f"{r['label']} ({r['domain'] or 'general'}): {r['path']}" for r in runs))
+    sec.heading("Headline numbers", 2, "table")
+    sec.table(["quantity", *[r["label"] for r in runs]],
+              [[name, *[_cell(r["numbers"].get(key), spec) for r in runs]] for name, key, spec in ROWS])
+    if contrasts:
+        sec.heading("Contrasts", 2, "contrasts")
+        sec.bullets(contrasts)
+    for key, (path, cap) in figures.items():
+        sec.heading(f"Figure {key}", 2, f"figure-{key.lower()}")
+        sec.figure(path, cap, path.relative_to(out_dir).as_posix())
+    for r in runs:
+        sec.heading(f"Executive summary: {r['label']}", 2)
+        sec.bullets([f"{t}: {s}" for t, s in r["sentences"]] or ["no stage has finished in this run"])
+        sec.para(f"Full report: {Path(r['path']) / 'report.html'}", "note")
+    atomic_write_text(out_dir / "compare.html", page("mechdiff comparison", sec.html))
+    atomic_write_text(out_dir / "compare.md", "\n".join(sec.md))
+    return out_dir
+
+
+def _contrasts(runs: list[dict]) -> list[str]:
+    """One line per quantity the seeds compare (measured in at least two runs): each run's value with the
+    number that qualifies it (its control, floor or SE), no verdict beyond the numbers."""
+    out = []
+    for key, what, spec, qual, qspec in CONTRASTS:
+        vals = [(r["label"], r["numbers"].get(key), r["numbers"].get(qual)) for r in runs]
+        if sum(v is not None for _, v, _ in vals) < 2 and not (key == "minimal k" and
+                                                                 any(q for _, _, q in vals)):
+            continue
+        parts = [f"{lab} {_cell(v, spec)}" + (f" ({_cell(q, qspec)})" if q is not None else "") for lab, v, q in vals]
+        out.append(f"{what}: " + "; ".join(parts) + ".")
+    return out

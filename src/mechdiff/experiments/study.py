@@ -1,0 +1,421 @@
+"""The whole study in one run directory: RQ1 -> RQ2 (maps + mapped patching) -> RQ3 -> RQ4.
+
+``run_study(pair, config, stages, out)`` loads both models once, checks every stage's options before
+any model work, runs the registered stages in study order through one :class:`Study` (each reads what
+the stages before it wrote: RQ2-RQ4 use the layers RQ1 chose unless the config names others), writes
+the effective configuration into the manifest (``"study"``), ``run_config.toml`` and ``RUN.md`` (the
+exact commands to reproduce) and the report. Rerunning into the same ``out`` resumes (finished steps
+are skipped); a different configuration for a stage that already ran there is refused up front.
+
+A run config is TOML with one table per stage (keys are the stage's option names, as in
+``mechdiff STAGE --help``)::
+
+    [rq1]
+    n_prompts = 64
+    [mapped-patch]
+    alphas = [0.5, 1.0, "auto"]
+    [steer]
+    ks = [1, 2, 4]
+
+Python::
+
+    from mechdiff.experiments.study import run_study
+    run = run_study("planted-cultural", {"rq1": {"n_prompts": 32}}, out="runs/mine")
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import os
+import shlex
+import sys
+import time
+import typing
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from mechdiff.artifacts import RESUME_SAFE_OPTIONS, RunDir, new_run_dir
+from mechdiff.atomic import atomic_write_text, to_jsonable
+from mechdiff.errors import ConfigError
+
+#: Stages in the order a study runs them (registered ones only; "maps" runs only when asked for,
+#: since mapped-patch fits the maps itself).
+STUDY_ORDER = ("rq1", "maps", "mapped-patch", "steer", "heads")
+DEFAULT_STAGES = ("rq1", "mapped-patch", "steer", "heads")
+CONFIG_NAME = "run_config.toml"
+RUN_MD = "RUN.md"
+
+__all__ = ["run_study", "study_stages", "read_config", "stage_options", "STUDY_ORDER", "DEFAULT_STAGES",
+           "stage_command", "config_toml"]
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------- stages
+def study_stages(stages: "Sequence[str] | str | None" = None) -> list[str]:
+    """The stages to run, in study order. None: every registered stage of :data:`DEFAULT_STAGES`
+    (stages not installed are skipped); named ones must be registered (ConfigError otherwise)."""
+    from mechdiff.experiments.stage import STAGES, get_stage
+    get_stage("rq1")                                   # imports the registry
+    if stages is None:
+        return [s for s in DEFAULT_STAGES if s in STAGES]
+    names = [s.strip() for s in (stages.split(",") if isinstance(stages, str) else stages) if s and s.strip()]
+    if not names:
+        raise ConfigError("--stages is empty; name one or more of " + ", ".join(_registered()))
+    bad = [s for s in names if s not in STAGES]
+    if bad:
+        raise ConfigError(f"--stages: unknown stage(s) {', '.join(map(repr, bad))}; registered stages: "
+                          f"{', '.join(_registered())}")
+    order = {s: i for i, s in enumerate(STUDY_ORDER)}
+    uniq = list(dict.fromkeys(names))
+    return sorted(uniq, key=lambda s: (order.get(s, len(order)), uniq.index(s)))
+
+
+def _registered() -> list[str]:
+    from mechdiff.experiments.stage import STAGES
+    order = {s: i for i, s in enumerate(STUDY_ORDER)}
+    return sorted(STAGES, key=lambda s: (order.get(s, len(order)), s))
+
+
+# ---------------------------------------------------------------------------------- config
+def read_config(config: "str | os.PathLike | Mapping | None") -> dict[str, dict]:
+    """``{stage: {key: value}}`` from a TOML file or a mapping (None: empty). Top-level keys that are
+    not tables are a ConfigError (options live under their stage's table)."""
+    if config is None:
+        return {}
+    where = "run config"
+    if isinstance(config, Mapping):
+        data = dict(config)
+    else:
+        path = Path(config)
+        where = str(path)
+        if not path.is_file():
+            raise ConfigError(f"run config {path} does not exist")
+        try:
+            import tomllib
+        except ImportError:                            # pragma: no cover (python < 3.11)
+            import tomli as tomllib
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    loose = [k for k, v in data.items() if not isinstance(v, Mapping)]
+    if loose:
+        raise ConfigError(f"{where}: {', '.join(map(repr, loose))} must sit under a stage table such as "
+                          f"[rq1]; tables: {', '.join(_registered())}")
+    return {str(k): dict(v) for k, v in data.items()}
+
+
+def _field_names(cls) -> dict[str, str]:
+    """Every accepted spelling of each option -> its field name (name, hyphenated, CLI flag)."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name.startswith("_"):
+            continue
+        for alias in (f.name, f.name.replace("_", "-"), (f.metadata.get("flag") or "").lstrip("-")):
+            if alias:
+                out[alias] = f.name
+                out[alias.replace("-", "_")] = f.name
+    return out
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """A TOML value as the field's type (ints for floats, numbers for 'auto'-style string lists);
+    ConfigError naming ``where`` otherwise."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    base = args[0] if (args and typing.get_origin(hint) is not list) else hint
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{where}: a value is required")
+    if typing.get_origin(base) is list:
+        item = typing.get_args(base)[0]
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            value = [x for x in str(value).replace(" ", "").split(",") if x] if isinstance(value, str) else [value]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if base is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if base is str:
+        if value == "" and optional:
+            return None                                # "" spells None for an optional string
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def stage_options(config: Mapping[str, Mapping], stages: Sequence[str]) -> dict[str, Any]:
+    """Options dataclass per stage in ``stages``: the defaults with ``config[stage]`` on top. Every
+    table and key of ``config`` is checked (also tables of stages not run now): an unknown stage or
+    key, or a value of the wrong type, is a ConfigError before any model work."""
+    from mechdiff.experiments.stage import STAGES
+    registered = _registered()
+    norm: dict[str, Mapping] = {}
+    for name, table in config.items():
+        stage = name if name in STAGES else name.replace("_", "-")
+        if stage not in STAGES:
+            raise ConfigError(f"run config: unknown stage [{name}]; stages: {', '.join(registered)}")
+        if stage in norm:
+            raise ConfigError(f"run config: stage [{stage}] is given twice")
+        norm[stage] = table
+    out = {}
+    for stage_name, table in norm.items():
+        cls = STAGES[stage_name].options
+        names, hints = _field_names(cls), typing.get_type_hints(cls)
+        values = {}
+        for key, v in table.items():
+            if key not in names:
+                valid = ", ".join(f.name for f in dataclasses.fields(cls) if not f.name.startswith("_"))
+                raise ConfigError(f"run config [{stage_name}]: unknown option {key!r}; options: {valid}")
+            values[names[key]] = _coerce(v, hints[names[key]], f"run config [{stage_name}] {key}")
+        try:
+            out[stage_name] = cls(**values)
+        except TypeError as e:
+            raise ConfigError(f"run config [{stage_name}]: {e}") from None
+    for name in stages:
+        if name not in out:
+            out[name] = STAGES[name].options()
+    return {name: out[name] for name in stages}
+
+
+# ---------------------------------------------------------------------------------- commands
+def _value_text(v: Any) -> str:
+    return ",".join(str(x) for x in v) if isinstance(v, (list, tuple)) else str(v)
+
+
+def stage_command(stage_name: str, opts: Any, head: Sequence[str]) -> list[str]:
+    """argv of ``mechdiff STAGE`` with ``head`` (pair/out/common options) and every option that
+    differs from its default (``--flag value``; booleans ``--flag`` / ``--no-flag``)."""
+    argv = ["mechdiff", stage_name, *head]
+    for f in dataclasses.fields(opts):
+        if f.name.startswith("_"):
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        v = getattr(opts, f.name)
+        if v == default:
+            continue
+        if v is None:
+            v = ""                                     # an optional string turned off
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        if isinstance(v, bool):
+            argv.append(flag if v else "--no-" + flag[2:])
+        else:
+            argv += [flag, _value_text(v)]
+    return argv
+
+
+def _toml_value(v: Any) -> str:
+    import json
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v) if v == v and abs(v) != float("inf") else '"nan"'
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return json.dumps(str(v), ensure_ascii=False)      # a TOML basic string
+
+
+def config_toml(options: Mapping[str, Any], header: str = "") -> str:
+    """Every option of every stage as TOML (None values, which TOML cannot spell, as comments)."""
+    lines = [f"# {line}" for line in header.splitlines()] + ([""] if header else [])
+    for stage_name, opts in options.items():
+        lines.append(f"[{stage_name}]")
+        for f in dataclasses.fields(opts):
+            if f.name.startswith("_"):
+                continue
+            v = getattr(opts, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if v is None and default is not None:
+                lines.append(f'{f.name} = ""  # none')
+            else:
+                lines.append(f"# {f.name}: none (the default rule)" if v is None else f"{f.name} = {_toml_value(v)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _pair_args(pair) -> list[str]:
+    src = getattr(pair, "source", None) or ""
+    if src.startswith("builtin:"):
+        return ["--pair", src.split(":", 1)[1]]
+    if src:
+        return ["--pair", str(Path(src).resolve())]
+    return ["--base", str(pair.base), "--tuned", str(pair.tuned)]
+
+
+def _common_args(out: Path, *, device, dtype, batch_size, seed, prompts) -> list[str]:
+    args = ["--out", str(out.resolve()), "--seed", str(seed), "--batch-size", str(batch_size)]
+    if prompts:
+        args += ["--prompts", str(Path(prompts).resolve())]
+    if device:
+        args += ["--device", device]
+    if dtype:
+        args += ["--dtype", dtype]
+    return args
+
+
+def _run_md(run: RunDir, command: list[str], stage_cmds: list[list[str]], options: Mapping, history: list[dict],
+            seconds: Mapping[str, float]) -> str:
+    fence = "```"
+    lines = ["# How to reproduce this run", "",
+             "Rerunning a command into this directory resumes it (finished steps are skipped); the models,",
+             "the seed and each stage's options must match what is recorded in manifest.json.", "",
+             "## The whole study", "", f"{fence}bash", shlex.join(command), fence, "",
+             f"The effective configuration, every option of every stage (`{CONFIG_NAME}` beside this file):", "",
+             f"{fence}toml", config_toml(options).rstrip(), fence, "",
+             "## Stage by stage (the same options)", "", f"{fence}bash", *[shlex.join(c) for c in stage_cmds], fence, "",
+             "## Rebuild the report from the artifacts alone", "", f"{fence}bash",
+             shlex.join(["mechdiff", "report", str(run.path.resolve())]), fence, "",
+             "## Python", "", f"{fence}python", "from mechdiff.experiments.study import run_study",
+             *(["from mechdiff.pairs import pair_from_specs"] if "--pair" not in command else []),
+             f"run_study({_py_pair(command)}, config={str(run.file(CONFIG_NAME).resolve())!r}, "
+             f"stages={list(options)!r}, out={str(run.path.resolve())!r})", fence, ""]
+    if seconds:
+        lines += ["## Stage times (this invocation)", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in seconds.items()] + [""]
+    if history:
+        lines += ["## Invocations in this directory", ""]
+        lines += [f"- {h['time']}: `{h['command']}`" for h in history] + [""]
+    return "\n".join(lines)
+
+
+def _py_pair(command: list[str]) -> str:
+    if "--pair" in command:
+        return repr(command[command.index("--pair") + 1])
+    return (f"pair_from_specs({command[command.index('--base') + 1]!r}, "
+            f"{command[command.index('--tuned') + 1]!r})")
+
+
+# ---------------------------------------------------------------------------------- resume check
+def _check_resume(out: Path, options: Mapping[str, Any], seed: int, pair) -> None:
+    """Refuse, before any model work, a run directory whose recorded pair, seed or stage options
+    differ from these (resume-safe options such as batch size may differ)."""
+    run = RunDir(out, create=False) if out.is_dir() else None
+    m = run.read_manifest() if run is not None and (out / "manifest.json").is_file() else None
+    if not m:
+        return
+    if (m.get("pair") or {}).get("name") not in (None, pair.name):
+        raise ConfigError(f"run directory {out} holds pair {m['pair'].get('name')!r}, not {pair.name!r}; "
+                          "use a new --out directory")
+    if (m.get("seeds") or {}).get("seed", seed) != seed:
+        raise ConfigError(f"run directory {out} was run with --seed {m['seeds']['seed']}, not {seed}; "
+                          "use the same seed or a new --out directory")
+    recorded = m.get("options") or {}
+    for name, opts in options.items():
+        if name not in recorded:
+            continue
+        now = to_jsonable(dataclasses.asdict(opts))
+        old = recorded[name]
+        diff = sorted(k for k in set(old) & set(now) if k not in RESUME_SAFE_OPTIONS and old[k] != now[k])
+        if diff:
+            shown = "; ".join(f"{k}: {old[k]!r} then, {now[k]!r} now" for k in diff)
+            raise ConfigError(f"run directory {out} already holds stage {name!r} with other options ({shown}); "
+                              "rerun with the same config or use a new --out directory")
+
+
+# ---------------------------------------------------------------------------------- run
+def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
+              stages: "Sequence[str] | str | None" = None, out: "str | os.PathLike | None" = None, *,
+              device: str | None = None, dtype: str | None = None, batch_size: int = 32, seed: int = 0,
+              prompts: "str | os.PathLike | None" = None, models=None,
+              log: Callable[[str], None] | None = None) -> RunDir:
+    """Run the study's stages in order in one run directory and return it (see the module doc).
+
+    pair: a :class:`~mechdiff.pairs.Pair` or a built-in name / pair TOML path. config: a TOML path or
+    ``{stage: {option: value}}``. stages: names or a comma list (default: every registered stage of
+    rq1, mapped-patch, steer, heads). models: already loaded ``(base, tuned)``.
+    """
+    from mechdiff.experiments.common import open_models, target_prompts
+    from mechdiff.experiments.stage import check_common, get_stage, open_study, run_stage
+    from mechdiff.pairs import load_pair
+    log = log or _log
+    names = study_stages(stages)
+    options = stage_options(read_config(config), names)
+    check_common(device=device, batch_size=batch_size)
+    pair = load_pair(pair) if isinstance(pair, (str, os.PathLike)) else pair
+    for name in names:                                 # everything but layer ranges, before the models load
+        st = get_stage(name)
+        if st.check is not None:
+            st.check(options[name], 10 ** 9)
+    target_prompts(pair, str(prompts) if prompts else None)   # a bad prompt file fails here
+    path = Path(out) if out is not None else new_run_dir("runs", "study")
+    _check_resume(path, options, seed, pair)
+    base, tuned = models or open_models(pair, device, dtype)        # prints a line per model
+    n_layers = min(base.n_layers, tuned.n_layers)
+    for name in names:                                 # layer ranges, before anything is written
+        st = get_stage(name)
+        if st.check is not None:
+            st.check(options[name], n_layers)
+    prompts_s = str(prompts) if prompts else None
+    first = get_stage(names[0])
+    study = open_study(pair, first, options[names[0]], out=path, device=device, dtype=dtype, batch_size=batch_size,
+                       seed=seed, prompts=prompts_s, models=(base, tuned))
+    run = study.run
+    pair_args = _pair_args(pair)
+    common = _common_args(run.path, device=device, dtype=dtype, batch_size=batch_size, seed=seed, prompts=prompts_s)
+    every = _with_recorded(run, options)            # stages run here before (e.g. --stages subsets) and now
+    command = ["mechdiff", "run", *pair_args, "--config", str(run.file(CONFIG_NAME).resolve()),
+               "--stages", ",".join(every), *common]
+    stage_cmds = [stage_command(n, every[n], pair_args + common) for n in every]
+    atomic_write_text(run.file(CONFIG_NAME), config_toml(every, "mechdiff run configuration (effective: "
+                                                                "defaults with the given config on top)\n"
+                                                                "reproduce: " + shlex.join(command)))
+    history = _record(run, list(every), every, command, config)
+    seconds: dict[str, float] = {}
+    atomic_write_text(run.file(RUN_MD), _run_md(run, command, stage_cmds, every, history, seconds))
+    for i, name in enumerate(names):
+        t0 = time.perf_counter()
+        log(f"[{i + 1}/{len(names)}] {name}: {get_stage(name).help}")
+        run_stage(name, pair, options[name], study=study)
+        seconds[name] = time.perf_counter() - t0
+        log(f"[{i + 1}/{len(names)}] {name} done in {seconds[name]:.0f}s")
+    atomic_write_text(run.file(RUN_MD), _run_md(run, command, stage_cmds, every, history, seconds))
+    from mechdiff.report import write_report
+    write_report(run.path)
+    return run
+
+
+def _with_recorded(run: RunDir, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` plus the options of stages an earlier ``run_study`` recorded in this directory, in
+    study order (so RUN.md and run_config.toml reproduce the whole directory, not the last subset)."""
+    recorded = ((run.read_manifest() or {}).get("study") or {}).get("config") or {}
+    merged: dict[str, Any] = {}
+    for name, values in recorded.items():
+        if name in options:
+            continue
+        try:
+            merged.update(stage_options({name: values}, [name]))
+        except ConfigError:                          # a stage whose options changed since: left out
+            continue
+    merged.update(options)
+    order = {s: i for i, s in enumerate(STUDY_ORDER)}
+    return {n: merged[n] for n in sorted(merged, key=lambda s: (order.get(s, len(order)), s))}
+
+
+def _record(run: RunDir, names: list[str], options: Mapping, command: list[str], config) -> list[dict]:
+    """The effective configuration into the manifest (``"study"``), with the history of invocations."""
+    m = run.read_manifest() or {}
+    prev = m.get("study") or {}
+    history = list(prev.get("history") or [])
+    history.append({"time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "command": shlex.join(command), "argv": shlex.join(sys.argv)})
+    m["study"] = to_jsonable({"stages": names, "config": {n: dataclasses.asdict(o) for n, o in options.items()},
+                              "config_file": None if config is None or isinstance(config, Mapping) else
+                              str(Path(config).resolve()),
+                              "command": shlex.join(command), "history": history})
+    run.write_manifest(m)
+    return history
