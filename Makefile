@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mechdiff-installed
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,8 +23,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/mechdiff demo
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q tests
+
+# Headless Chromium for the report's browser test (Debian packages; needs root, as on CI).
+chromium:
+	@test -x /usr/bin/chromium || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver \
+	  >/dev/null; } || echo "note: no /usr/bin/chromium; tests/test_report_browser.py will be skipped"
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_cpu_demo.py
