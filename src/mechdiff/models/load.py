@@ -233,7 +233,8 @@ def _from_pretrained(src: str, *, revision: str | None, local_only: bool, gguf_f
                      torch_dtype: torch.dtype, device_map: Any) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    kw: dict[str, Any] = {"revision": revision, "local_files_only": local_only}
+    # Never run a model directory's own code, and never let transformers ask on the terminal.
+    kw: dict[str, Any] = {"revision": revision, "local_files_only": local_only, "trust_remote_code": False}
     if gguf_file:
         kw["gguf_file"] = gguf_file
     tok = AutoTokenizer.from_pretrained(src, **kw)
@@ -314,7 +315,7 @@ def _apply_adapter(model: Any, tok: Any, adapter: str) -> tuple[Any, Any, dict]:
     if not local and hub_offline() and _cached_file(adapter, "adapter_config.json", None) is None:
         raise _not_cached_error("adapter", adapter, None, "adapter_config.json")
     if local and any((a / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        tok = AutoTokenizer.from_pretrained(str(a), local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(a), local_files_only=True, trust_remote_code=False)
         if len(tok) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tok))
     try:
