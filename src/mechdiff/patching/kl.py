@@ -31,9 +31,18 @@ def kl_reducer(engine: PatchEngine, allowed_ids=None, with_unmasked: bool = Fals
     def reduce(logits: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
         c = ref if ref is not None else clean.to(logits.device)[rows.to(logits.device)][None]
         c = c.to(logits.device).expand_as(logits)
-        kl = _kl(c, logits, allowed_ids)
-        return torch.stack([kl, _kl(c, logits)], -1) if with_unmasked else kl
+        # a few variants at a time: the KL's float32 temporaries stay ~_CHUNK elements each
+        per = max(1, _CHUNK // max(1, logits[0].numel()))
+        out = []
+        for i in range(0, logits.shape[0], per):
+            ci, li = c[i:i + per], logits[i:i + per]
+            kl = _kl(ci, li, allowed_ids)
+            out.append(torch.stack([kl, _kl(ci, li)], -1) if with_unmasked else kl)
+        return torch.cat(out)
     return reduce
+
+
+_CHUNK = 1 << 25   # elements (128 MiB in float32)
 
 
 def patch_kl(engine: PatchEngine, variants, allowed_ids=None, positions: str = "decision") -> torch.Tensor:
