@@ -89,9 +89,10 @@ def summary_text(t: dict, side: list[dict] | None, stop: dict, meta: dict) -> st
     if w:
         L.append(f"winner: L{w['layer']} {w['site']} alpha={w['alpha']} drop {_drop_text(w['drop_pct'])}")
     for s in side or []:
+        n = lambda k, spec: "n/a" if s.get(k) is None else format(s[k], spec)  # noqa: E731  (undefined: null)
         L.append(f"side effects L{s['layer']} {s['site']} alpha={s['alpha']}: "
-                 f"d refusal {s['d_refusal_pp_unmasked']:+.1f} pp (masked {s['d_refusal_pp_masked']:+.1f}), "
-                 f"d mc_dlogp {s['d_mc_dlogp_unmasked']:+.3f} (masked {s['d_mc_dlogp_masked']:+.3f})")
+                 f"d refusal {n('d_refusal_pp_unmasked', '+.1f')} pp (masked {n('d_refusal_pp_masked', '+.1f')}), "
+                 f"d mc_dlogp {n('d_mc_dlogp_unmasked', '+.3f')} (masked {n('d_mc_dlogp_masked', '+.3f')})")
     for c in t["controls"]:
         L.append(f"control {c['control']}: map L{c['map_layer']} at L{c['layer']} {c['site']}: "
                  f"KL {_fmt(c['kl_raw'], '.3f')} -> {c['kl_mapped']:.3f} (drop {_drop_text(c['drop_pct'])})")
