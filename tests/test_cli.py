@@ -124,11 +124,19 @@ def test_compare_needs_run_directories(tmp_path):
     assert res.exit_code == 2 and "not a run directory" in out
 
 
-@pytest.mark.real
-def test_demo_quick_runs_the_study_on_both_pairs_and_compares(tmp_path):
-    out = tmp_path / "demo"
+@pytest.fixture(scope="module")
+def demo_quick(tmp_path_factory):
+    """`mechdiff demo --quick`: the whole study (run_study) on both planted pairs and the comparison; the
+    suite's one run of the full pipeline (test_study.py checks the study without models)."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
     res, text = invoke("demo", "--quick", "--out", out, "--device", "cpu")
     assert res.exit_code == 0, res.output
+    return out, text
+
+
+@pytest.mark.real
+def test_demo_quick_runs_the_study_on_both_pairs_and_compares(demo_quick):
+    out, text = demo_quick
     assert "demo done" in text
     for pair in ("planted-cultural", "planted-cognitive"):
         run = out / pair
@@ -137,18 +145,52 @@ def test_demo_quick_runs_the_study_on_both_pairs_and_compares(tmp_path):
             assert (run / f).is_file(), (pair, f)
         assert str((run / "report.html").resolve()) in text      # absolute report paths printed
         rq1 = json.loads((run / "rq1.json").read_text(encoding="utf-8"))
-        used = json.loads((run / "rq2_prompts.json").read_text(encoding="utf-8"))["layers"]
-        assert used == rq1["layers"]["chosen"]                   # RQ2 ran on the layers RQ1 chose
-        assert json.loads((run / "rq4.json").read_text(encoding="utf-8"))["layers"] == rq1["layers"]["chosen"]
+        chosen = rq1["layers"]["chosen"]
+        assert json.loads((run / "rq2_prompts.json").read_text(encoding="utf-8"))["layers"] == chosen  # RQ1's layers
+        assert json.loads((run / "rq3_prompts.json").read_text(encoding="utf-8"))["layers"] == chosen
+        assert json.loads((run / "rq4.json").read_text(encoding="utf-8"))["layers"] == chosen
         html = (run / "report.html").read_text(encoding="utf-8")
         assert html.count("data:image/png;base64,") >= 8 and "Executive summary" in html
+        assert "<script" not in html
     cult = json.loads((out / "planted-cultural" / "rq1.json").read_text(encoding="utf-8"))
     assert cult["layers"]["entry"] == 20                         # the first planted layer is found
+    assert "Divergence enters at layer 20: patch KL" in text      # the one-screen summary
     assert str((out / "compare" / "compare.html").resolve()) in text
     table = {r["quantity"]: r for r in json.loads((out / "compare" / "compare.json").read_text())["table"]}
     assert table["divergence enters at layer"]["planted-cultural"] == 20
     heads = table["changed heads (share)"]
     assert heads["planted-cognitive"] > heads["planted-cultural"]      # the seeds' churn contrast
+
+
+@pytest.mark.real
+def test_study_records_its_config_and_the_commands_to_reproduce(demo_quick):
+    from mechdiff.demo import demo_config
+    run = (demo_quick[0] / "planted-cultural").resolve()
+    m = json.loads((run / "manifest.json").read_text())
+    assert m["study"]["stages"] == ["rq1", "mapped-patch", "steer", "heads"]
+    assert set(m["options"]) == set(m["study"]["config"]) == {"rq1", "mapped-patch", "steer", "heads"}
+    for stage, opts in demo_config("planted-cultural", quick=True).items():
+        for k, v in opts.items():
+            assert m["study"]["config"][stage][k] == v, (stage, k)
+    run_md = (run / "RUN.md").read_text()
+    assert (f"mechdiff run --pair planted-cultural --config {run / 'run_config.toml'} "
+            f"--stages rq1,mapped-patch,steer,heads --out {run} --seed 0 --batch-size 32 --device cpu") in run_md
+    assert f"mechdiff rq1 --pair planted-cultural --out {run}" in run_md and "--n-prompts 16" in run_md
+    assert f"mechdiff report {run}" in run_md and "n_prompts = 16" in run_md      # the effective config inline
+    assert "| heads |" in run_md                                                   # stage times
+
+
+@pytest.mark.real
+def test_the_recorded_command_resumes_without_recomputing(demo_quick):
+    import shlex
+    run = (demo_quick[0] / "planted-cultural").resolve()
+    steps = json.loads((run / "steps.json").read_text())
+    line = next(l for l in (run / "RUN.md").read_text().splitlines() if l.startswith("mechdiff run "))
+    res, text = invoke(*shlex.split(line)[1:])
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "steps.json").read_text()) == steps                  # every step was skipped
+    assert "Divergence enters at layer 20" in text and f"report: {run}/report.html" in text
+    assert len(json.loads((run / "manifest.json").read_text())["study"]["history"]) == 2
 
 
 def test_stage_commands_parse_list_options_from_their_defaults_and_flags():

@@ -80,12 +80,16 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
         pair = (m or {}).get("pair") or {}
         runs.append({"label": label, "path": str(d.resolve()), "pair": pair.get("name"), "domain": pair.get("domain"),
                      "numbers": numbers(d), "sentences": sentences(d), "figures": figure_data(d, label)})
-    figures = {}
+    figures, notes = {}, []
     for key, title in (("A", "CKA and patch KL per layer"), ("B", "map quality and mapped vs raw patch"),
                        ("C", "effect vs k and head importance"), ("D", "churn and the top-k curve")):
         data = [r["figures"][key] for r in runs if r["figures"][key] is not None]
         if data:
-            path = draw(key, data, run.figure(f"compare_{key.lower()}.png"))
+            try:
+                path = draw(key, data, run.figure(f"compare_{key.lower()}.png"))
+            except Exception as e:      # one figure failing leaves the table and the other figures
+                notes.append(f"Figure {key} could not be drawn: {type(e).__name__}: {e}")
+                continue
             figures[key] = (path, f"Figure {key} overlaid ({title}): " + ", ".join(r["label"] for r in data))
     table = [{"quantity": name.strip(), **{r["label"]: r["numbers"].get(key) for r in runs}} for name, key, _ in ROWS]
     contrasts = _contrasts(runs)
@@ -104,6 +108,8 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
     for key, (path, cap) in figures.items():
         sec.heading(f"Figure {key}", 2, f"figure-{key.lower()}")
         sec.figure(path, cap, path.relative_to(out_dir).as_posix())
+    for note in notes:
+        sec.para(note, "note")
     for r in runs:
         sec.heading(f"Executive summary: {r['label']}", 2)
         sec.bullets([f"{t}: {s}" for t, s in r["sentences"]] or ["no stage has finished in this run"])

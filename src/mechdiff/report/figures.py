@@ -130,8 +130,8 @@ def figure_data(run_dir: Path, label: str | None = None) -> dict[str, dict | Non
     out = {"A": fig_a_data(d["rq1"], d["cka"]), "B": fig_b_data(d["maps"], d["alpha_sweep"], d["variants"]),
            "C": fig_c_data(d["rq3"], d["rq4"]), "D": fig_d_data(d["rq4"])}
     for v in out.values():
-        if v is not None:
-            v["label"] = label or run_dir.name
+        if v is not None:      # "$" would start matplotlib mathtext: a pair name is shown as written
+            v["label"] = (label or run_dir.name).replace("$", r"\$")
     return out
 
 
