@@ -27,14 +27,13 @@ def demo_config(pair: str, quick: bool = False) -> dict[str, dict]:
     """Per-stage options of the demo for ``pair`` (``quick``: fewer prompts, for CI smoke runs).
     planted-cognitive's own math set has 16 prompts, so its splits are cut to fit."""
     cognitive = pair == "planted-cognitive"
-    # RQ1 patches every second layer (the seeds' stride); quick: ten of them, dense where the planted
-    # cultural change starts (the entry rule needs layers on both sides of it)
-    layers = [2, 6, 10, 14, 18, 20, 22, 24, 26, 28] if quick else list(range(0, 30, 2))
-    n1 = 16 if cognitive or quick else 32
+    # RQ1 patches ten layers, dense where the planted cultural change starts (the entry rule needs
+    # layers on both sides of it); quick leaves out the behaviour table, RQ2's side effects and RQ3's MC
+    layers = [2, 6, 10, 14, 18, 20, 22, 24, 26, 28]
     cfg = {
-        "rq1": dict(n_prompts=n1, layers=layers, n_perm=8, behaviour=not quick, behaviour_n=4, max_new_tokens=8),
+        "rq1": dict(n_prompts=16, layers=layers, n_perm=8, behaviour=not quick, behaviour_n=4, max_new_tokens=8),
         "mapped-patch": dict(sites=["resid_post"], solvers=["procrustes_scaled"], alphas=["0.5", "1.0", "auto"],
-                             n_train=12 if cognitive else (24 if quick else 48), n_val=4 if cognitive else 8,
+                             n_train=12 if cognitive else 24, n_val=4 if cognitive else 8,
                              side_effects=not quick, side_n=4),
         "steer": dict(ks=[1, 2] if quick else [1, 2, 3], alphas=[1.0, 2.0], bases=["diff"], modes=["steer", "ablate"],
                       n_fit=8 if cognitive else 16, n_dev=3 if cognitive else 4, n_test=5 if cognitive else 8,
