@@ -220,7 +220,7 @@ def test_stage_commands_parse_list_options_from_their_defaults_and_flags():
     (["rq1", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["mapped-patch", "--alpha", "nan"], "must be a finite number > 0"),
     (["mapped-patch", "--alpha=-1"], "must be a finite number > 0"),
-    (["mapped-patch", "--solver", "magic"], "unknown solver"),
+    (["mapped-patch", "--solvers", "magic"], "unknown solver"),
     (["maps", "--sites", "resid_middle"], "unknown site"),
 ])
 def test_bad_options_fail_before_any_model_work_with_exit_2(tmp_path, args, message):

@@ -38,3 +38,23 @@ def test_resume_rules(tmp_path):
         open_run(out, "rq1", pair, _sides(tok_hash="t2"), {"seed": 0}, Opts())
     with pytest.raises(ConfigError, match="different configuration"):
         open_run(out, "rq1", pair, _sides(), {"seed": 1}, Opts())
+
+
+def test_default_batch_size_from_free_memory():
+    """Known answer: a quarter of the free memory over one prompt's bytes, clamped to [8, 256];
+    32 on CPU; an explicit --batch-size wins."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mechdiff.batching import bytes_per_prompt, default_batch_size
+    from mechdiff.experiments.stage import resolve_batch_size
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100)
+    m = LlamaForCausalLM(cfg)
+    need = bytes_per_prompt(m, 10)
+    # float32: 10 tokens x (6*64 + 3*128) x 4 + 3 layers x 10 x 2 x (2 heads x 16) x 4 + 3 x 100 x 4
+    assert need == 10 * 768 * 4 + 3 * 10 * 64 * 4 + 1200
+    assert default_batch_size([m], 10, free_bytes=40 * need) == 10
+    assert default_batch_size([m], 10, free_bytes=need) == 8
+    assert default_batch_size([m], 10, free_bytes=10 ** 6 * need) == 256
+    assert default_batch_size([m], 10) == 32                       # CPU
+    assert resolve_batch_size(5, [], []) == 5

@@ -194,3 +194,99 @@ def test_extend_vocab_appends_mean_of_pieces_rows(family):
     for w, i in zip(pieces, ids):
         assert torch.allclose(W[i].double(), before[pieces[w]].double().mean(0), atol=1e-6)
     assert torch.equal(model.get_output_embeddings().weight[n:], W[n:])   # tied or written alike
+
+
+# ------------------------------------------------------------------ trust_remote_code, adapter paths (issue 10)
+def _spy_from_pretrained(monkeypatch):
+    """Record the trust_remote_code every transformers from_pretrained call gets (and call through)."""
+    import transformers
+
+    seen: list[tuple[str, object]] = []
+    for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer):
+        orig = cls.from_pretrained.__func__
+
+        def spy(klass, *a, _orig=orig, _name=cls.__name__, **kw):
+            seen.append((_name, kw.get("trust_remote_code", "missing")))
+            return _orig(klass, *a, **kw)
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    return seen
+
+
+@pytest.fixture
+def tiny_lora_with_tokenizer(tiny_llama_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    d, base = tiny_llama_dir
+    peft_model = get_peft_model(base, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]))
+    adir = tmp_path / "lora-tok"
+    peft_model.save_pretrained(adir)
+    _tiny_tokenizer().save_pretrained(adir)          # a tokenizer saved with the adapter is loaded too
+    return d, adir
+
+
+@pytest.mark.parametrize("asked", [None, False, True])
+def test_trust_remote_code_reaches_model_tokenizer_and_adapter_tokenizer(tiny_lora_with_tokenizer, monkeypatch,
+                                                                         asked):
+    d, adir = tiny_lora_with_tokenizer
+    seen = _spy_from_pretrained(monkeypatch)
+    kw = {} if asked is None else {"trust_remote_code": asked}
+    load_model(f"{d}+{adir}", dtype="float32", device="cpu", **kw)
+    names = [n for n, _ in seen]
+    assert names.count("AutoModelForCausalLM") == 1 and names.count("AutoTokenizer") == 2   # base tok + adapter tok
+    assert all(v is bool(asked) for _, v in seen), seen
+
+
+def test_pair_toml_key_and_cli_flag_set_trust_remote_code(tmp_path, monkeypatch):
+    """`trust_remote_code = true` in a pair TOML, or --trust-remote-code, reaches load_model; default False."""
+    from typer.testing import CliRunner
+
+    import mechdiff.experiments.common as common
+    from mechdiff.cli import app
+    from mechdiff.pairs import load_pair
+
+    seen = []
+
+    def fake_load(spec, **kw):
+        seen.append(kw.get("trust_remote_code", "missing"))
+        raise ModelLoadError("stop after the first load")
+    monkeypatch.setattr(common, "load_model", fake_load)
+    toml = tmp_path / "p.toml"
+    toml.write_text('base = "smollm2-135m"\ntuned = "smollm2-135m"\ntrust_remote_code = true\n', encoding="utf-8")
+    assert load_pair(toml).trust_remote_code is True and load_pair(toml).to_dict()["trust_remote_code"] is True
+    assert load_pair("smollm2-self").trust_remote_code is False
+    assert "trust_remote_code" not in load_pair("smollm2-self").to_dict()    # old manifests still match
+    bad = tmp_path / "bad.toml"
+    bad.write_text('base = "smollm2-135m"\ntuned = "smollm2-135m"\ntrust_remote_code = "yes"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match="trust_remote_code must be true or false"):
+        load_pair(bad)
+    for args, want in ((["--pair", "smollm2-self"], False), (["--pair", "smollm2-self", "--trust-remote-code"], True),
+                       (["--pair", str(toml)], True)):
+        seen.clear()
+        res = CliRunner().invoke(app, ["rq1", *args, "--out", str(tmp_path / "run"), "--device", "cpu"])
+        assert res.exit_code == 2 and "stop after the first load" in res.output, res.output
+        assert seen == [want], (args, seen)
+    seen.clear()
+    res = CliRunner().invoke(app, ["run", "--pair", "smollm2-self", "--trust-remote-code", "--out",
+                                   str(tmp_path / "run2"), "--device", "cpu"])
+    assert res.exit_code == 2 and seen == [True], res.output
+
+
+@pytest.mark.parametrize("adapter", ["/definitely/not/here/lora", "./not-here-lora", "~/not-here-lora-xyz"])
+def test_missing_adapter_path_is_named_as_a_path_before_the_base_loads(tiny_llama_dir, monkeypatch, adapter):
+    import mechdiff.models.load as load
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(load, "_from_pretrained", lambda *a, **k: pytest.fail("the base model was loaded"))
+    d, _ = tiny_llama_dir
+    with pytest.raises(ModelLoadError) as e:
+        load_model(f"{d}+{adapter}", device="cpu")
+    msg = str(e.value)
+    assert "adapter path" in msg and "does not exist" in msg and ("not-here-lora" in msg or "not/here" in msg)
+    assert "not in the local cache" not in msg and "unreachable" not in msg
+
+
+def test_adapter_hub_id_that_is_no_directory_says_both(tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    d, _ = tiny_llama_dir
+    with pytest.raises(ModelLoadError, match="no directory .*no-such-lora exists here.*not in the local cache"):
+        load_model(f"{d}+mechdiff-test/no-such-lora", device="cpu")

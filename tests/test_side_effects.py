@@ -1,6 +1,7 @@
 """Side-effect machinery: the prompt-pass patch really reaches generation, and MC scoring is exact."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mechdiff.analyses.behaviour import generate_ids
@@ -42,3 +43,28 @@ def test_mc_scores_known_answer():
     assert out["accuracy"] == 1.0
     assert abs(out["dlogp_correct"] - float(lp[1] - (lp[0] + lp[2]) / 2)) < 1e-6
     assert "B) 4" in mc_prompt(items[0])["text"]
+
+
+@pytest.mark.real
+def test_mc_side_effect_of_a_write_back_is_exactly_zero(smollm2_loaded):
+    """The clean side of an MC side effect is the engine's in-pass reference, so writing back the clean
+    value gives a delta of exactly 0 also when the engine computes the patched rows (detect_noops=False:
+    the suffix pass, whose logits differ from the full clean forward in the last bits on real weights),
+    while a real patch does change the readout."""
+    from mechdiff.analyses.behaviour.side_effects import mc_effects
+    from mechdiff.data.datasets import load_prompt_set
+    from mechdiff.patching import Patch, PatchEngine
+
+    model, tok = smollm2_loaded.model, smollm2_loaded.tokenizer
+    items = load_prompt_set("mc")[:4]
+    site = "resid_post.20"
+    h = PatchEngine(model, encode(tok, [mc_prompt(it) for it in items]), measure="last",
+                    record_sites=[site]).clean_states([site])[site]
+    allowed = torch.arange(0, len(tok), 2)                       # a masked readout too
+    for detect in (True, False):
+        rows = mc_effects(model, tok, items, [(site, h), Patch(site, h, alpha=0.5, centre=h.float() * 0),
+                                              Patch(site, h * 3.0)], allowed, detect_noops=detect)
+        for m in ("masked", "unmasked"):
+            assert rows[0][f"d_mc_dlogp_{m}"] == 0.0 and rows[0][f"d_mc_acc_pp_{m}"] == 0.0, (detect, m)
+            assert rows[0][f"mc_dlogp_clean_{m}"] == rows[0][f"mc_dlogp_patched_{m}"], (detect, m)
+            assert rows[1][f"d_mc_dlogp_{m}"] != 0.0 and rows[2][f"d_mc_dlogp_{m}"] != 0.0, (detect, m)

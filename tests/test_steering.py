@@ -131,6 +131,9 @@ def test_readouts_known_answers():
     assert rows[0]["ppl_change_pct_unmasked"] == pytest.approx(0.0, abs=1e-3)
     assert rows[0]["ppl_change_pct_unmasked_at_decision"] == pytest.approx(0.0, abs=1e-3)
     assert rows[0]["mc_drop_pp_unmasked"] == 0.0
+    # a variant that changes nothing: exactly zero side effects (the clean side is the in-pass reference)
+    assert all(rows[0][f"{k}_{m}"] == 0.0 for k in ("ppl_change_pct", "mc_drop_pp", "mc_dlogp_drop")
+               for m in ("masked", "unmasked"))
     assert rows[1]["ppl_change_pct_unmasked_at_decision"] > 1.0
     # the clean MC accuracy is the one MC scorer's on the engine's clean logits
     eng = PatchEngine(model, encode(tok, [mc_prompt(it) for it in items]), measure="last")
@@ -140,3 +143,4 @@ def test_readouts_known_answers():
     assert R.within(ok, 5.0, 5.0) and not R.within({**ok, "ppl_change_pct_unmasked": 5.1}, 5.0, 5.0)
     assert not R.within({**ok, "mc_drop_pp_unmasked": 12.5}, 5.0, 5.0)
     assert not R.within({**ok, "ppl_change_pct_masked": float("nan")}, 5.0, 5.0)
+    assert not R.within({"k": 1}, 5.0, 5.0)                # nothing measured: no evidence, not "within"

@@ -20,6 +20,18 @@ console = Console()
 err_console = Console(stderr=True)
 OutOpt = typer.Option(None, "--out", help="run directory (default: a new one under runs/); rerun to resume")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+DeviceMapOpt = typer.Option(None, "--device-map", help="spread each model over this host's GPUs: auto | balanced | "
+                            "sequential, module=GPU pairs, or a .json map (overrides the pair's)")
+MaxMemoryOpt = typer.Option(None, "--max-memory", help="memory per device for --device-map auto/balanced, e.g. "
+                            "0=70GiB,1=70GiB (base:0=..,tuned:1=.. per model)")
+
+
+def _placed(pair, device_map: Optional[str], max_memory: Optional[str]):
+    """``pair`` with --device-map / --max-memory (checked by the Pair) over its TOML values."""
+    if device_map is None and max_memory is None:
+        return pair
+    return dataclasses.replace(pair, device_map=device_map or pair.device_map,
+                               max_memory=max_memory or pair.max_memory)
 
 
 
@@ -106,7 +118,9 @@ def _stage_command(stage) -> None:
         opts = _run(stage.options, **{k: vals[k] for k in own_names})
         pair = _run(resolve_pair, vals["pair"], vals["base"], vals["tuned"])
         run = _run(run_stage, stage.name, pair, opts, out=vals["out"], device=vals["device"],
-                   dtype=vals["dtype"], batch_size=vals["batch_size"], seed=vals["seed"], prompts=vals["prompts"])
+                   dtype=vals["dtype"], batch_size=vals["batch_size"], seed=vals["seed"], prompts=vals["prompts"],
+                   trust_remote_code=vals["trust_remote_code"], device_map=vals["device_map"],
+                   max_memory=vals["max_memory"])
         console.print(stage.done_message.format(path=run.path) if stage.done_message else f"{stage.name} done: {run.path}")
 
     command.__signature__ = inspect.Signature([p for p, _ in common + own])
@@ -155,14 +169,22 @@ def run_cmd(pair: Optional[str] = typer.Option(None, "--pair", help="built-in pa
                                                  "mapped-patch, steer, heads; those registered)"),
             out: Optional[Path] = OutOpt, device: Optional[str] = DeviceOpt,
             dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: the pair's)"),
-            batch_size: int = typer.Option(32, "--batch-size", help="prompts per forward pass"),
+            batch_size: Optional[int] = typer.Option(None, "--batch-size", help="prompts per forward pass "
+                                                     "(default: from the free GPU memory and the models' size; 32 on CPU)"),
             seed: int = typer.Option(0, "--seed", help="random seed (splits, permutations, random controls)"),
-            prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL prompt file (default: the pair's)")) -> None:
+            prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL prompt file (default: the pair's)"),
+            trust_remote_code: bool = typer.Option(False, "--trust-remote-code/--no-trust-remote-code",
+                                                   help="let transformers run code shipped in a model directory "
+                                                        "(off by default; only for models you trust)"),
+            device_map: Optional[str] = DeviceMapOpt, max_memory: Optional[str] = MaxMemoryOpt) -> None:
     """The whole study in one run directory: RQ1 -> RQ2 (maps, mapped patching) -> RQ3 -> RQ4, then the report."""
     from mechdiff.experiments.common import resolve_pair
     from mechdiff.experiments.study import run_study
     from mechdiff.report.summary import terminal_summary
     the_pair = _run(resolve_pair, pair, base, tuned)
+    if trust_remote_code:
+        the_pair = dataclasses.replace(the_pair, trust_remote_code=True)
+    the_pair = _run(_placed, the_pair, device_map, max_memory)
     run = _run(run_study, the_pair, config, stages, out, device=device, dtype=dtype, batch_size=batch_size,
                seed=seed, prompts=prompts)
     console.print(terminal_summary(run.path), markup=False, highlight=False)
@@ -175,6 +197,27 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="two or more run dir
     from mechdiff.compare import compare_runs
     path = _run(compare_runs, run_dirs, out)
     console.print(f"compare: {(path / 'compare.html').resolve()}  {(path / 'compare.md').resolve()}", markup=False,
+                  highlight=False)
+
+
+@app.command()
+def sweep(pairs: str = typer.Option(..., "--pairs", help="comma list of pairs (built-in names or TOML files)"),
+          stages: Optional[str] = typer.Option(None, "--stages", help="comma list of stages (default: the whole study)"),
+          address: Optional[str] = typer.Option(None, "--address", help="an existing Ray cluster (ray://HOST:10001 "
+                                                "or HOST:6379); default: a local Ray on this machine"),
+          out: Optional[Path] = typer.Option(None, "--out", help="sweep directory: one run directory per pair "
+                                             "and compare/ (default: a new runs/sweep-*); rerun to resume"),
+          config: Optional[Path] = typer.Option(None, "--config", help="TOML run config for every pair's study"),
+          device: Optional[str] = DeviceOpt,
+          dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: each pair's)"),
+          batch_size: Optional[int] = typer.Option(None, "--batch-size", help="prompts per forward pass"),
+          seed: int = typer.Option(0, "--seed", help="random seed"),
+          prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL prompt file for every pair")) -> None:
+    """Many pairs as Ray tasks (one GPU each where there are GPUs), each a resumable study, then compare."""
+    from mechdiff.scale.sweep import sweep as run_sweep
+    path = _run(run_sweep, pairs, stages, out, address=address, config=config, device=device, dtype=dtype,
+                batch_size=batch_size, seed=seed, prompts=prompts)
+    console.print(f"sweep done: {path.resolve()} (compare: {(path / 'compare').resolve()})", markup=False,
                   highlight=False)
 
 

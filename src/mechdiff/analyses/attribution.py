@@ -124,8 +124,9 @@ def logits_at(model, batch, pos: torch.Tensor) -> torch.Tensor:
     head = model.get_output_embeddings()
     rows = torch.arange(pos.shape[0], device=pos.device)
 
-    def pre(mod, args):
-        return (args[0][rows, pos][:, None],) + tuple(args[1:])
+    def pre(mod, args):       # args[0] on the head's device (a sharded model: the last GPU)
+        h = args[0]
+        return (h[rows.to(h.device), pos.to(h.device)][:, None],) + tuple(args[1:])
 
     kw = {"use_cache": False}
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
@@ -157,7 +158,8 @@ def _pass(model, batch, target: Target, rows: torch.Tensor, layers: Sequence[int
     """One forward + backward. Returns (target scores [B], {layer: (z [B, H, hd], grad [B, H, hd])}) at
     the decision token. ``scale`` {layer: alpha}: that layer's decision-token head_z is ``alpha * z``
     (z: the value computed there) and becomes the leaf (integrated gradients)."""
-    dev = next(model.parameters()).device
+    from mechdiff.scale.devices import input_device
+    dev = input_device(model)
     b = batch.to(dev)
     B = b.input_ids.shape[0]
     ar = torch.arange(B, device=dev)
@@ -167,12 +169,13 @@ def _pass(model, batch, target: Target, rows: torch.Tensor, layers: Sequence[int
     clean: dict[int, torch.Tensor] = {}
 
     def edit(layer):
-        def f(t):                               # t: [B, T, H, hd]
+        def f(t):                               # t: [B, T, H, hd] (on this layer's device)
+            a, d = ar.to(t.device), dec.to(t.device)
             if scale is not None and layer in scale:
-                clean[layer] = t[ar, dec].detach()
+                clean[layer] = t[a, d].detach()
                 leaf = (scale[layer] * clean[layer]).requires_grad_(True)
                 out = t.detach().clone() if layer == first else t.clone()
-                out[ar, dec] = leaf
+                out[a, d] = leaf
                 kept[layer] = leaf
                 return out
             if layer == first:
@@ -188,7 +191,7 @@ def _pass(model, batch, target: Target, rows: torch.Tensor, layers: Sequence[int
         grads = torch.autograd.grad(y.sum(), [kept[l] for l in layers])
     out = {}
     for l, g in zip(layers, grads):
-        gd = g if scale is not None and l in scale else g[ar, dec]
+        gd = g if scale is not None and l in scale else g[ar.to(g.device), dec.to(g.device)]
         if not bool(torch.isfinite(gd).all()):
             bad = (~torch.isfinite(gd.flatten(1))).any(1).nonzero().flatten().tolist()
             raise NumericsError(f"attribution: non-finite gradient at layer {l}'s head_z for prompts "
@@ -196,10 +199,11 @@ def _pass(model, batch, target: Target, rows: torch.Tensor, layers: Sequence[int
                                 f"{'finite' if bool(torch.isfinite(y).all()) else 'non-finite'}")
     for l, g in zip(layers, grads):
         if scale is not None and l in scale:
-            out[l] = (_f(clean[l]), _f(g))
+            out[l] = (_f(clean[l]).to(dev), _f(g).to(dev))      # one device for all layers
         else:
-            out[l] = (_f(kept[l][ar, dec].detach()), _f(g[ar, dec]))
-    return _f(y.detach()), out
+            a, d = ar.to(g.device), dec.to(g.device)
+            out[l] = (_f(kept[l][a, d].detach()).to(dev), _f(g[a, d]).to(dev))
+    return _f(y.detach()).to(dev), out
 
 
 def _f(t: torch.Tensor) -> torch.Tensor:
@@ -210,7 +214,8 @@ def _f(t: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def clean_scores(model, batch, target: Target, rows: torch.Tensor, measure: str = "decision") -> torch.Tensor:
     """``[B]`` target scores of the clean model on ``batch`` (prompts ``rows`` of the target), CPU."""
-    b = batch.to(next(model.parameters()).device)
+    from mechdiff.scale.devices import input_device
+    b = batch.to(input_device(model))
     return target.score(logits_at(model, b, measured_positions(b, measure)), rows).cpu()
 
 

@@ -89,7 +89,8 @@ def path_patch(model, tokenizer, prompts: Sequence, target: Target, layer: int, 
         raise ConfigError(f"{len(prompts)} prompts but the target has {len(target)} rows")
     frozen = _frozen_sites(layer, kind, l2, sm.n_layers)
     rsite = {"logits": f"resid_post.{sm.n_layers - 1}", "head": f"head_z.{l2}"}.get(kind, f"{kind}.{l2}")
-    dev = next(model.parameters()).device
+    from mechdiff.scale.devices import input_device
+    dev = input_device(model)
     res = {"path": [], "total": [], "clean": []}
     for i in range(0, len(prompts), batch_size):
         b = encode(tokenizer, prompts[i:i + batch_size]).to(dev)
@@ -101,23 +102,23 @@ def path_patch(model, tokenizer, prompts: Sequence, target: Target, layer: int, 
 
         def sender(t):                            # [B, T, H, hd]
             out = t.clone()
-            out[ar, dec, head] = v.to(t.dtype)
+            out[ar.to(t.device), dec.to(t.device), head] = v.to(device=t.device, dtype=t.dtype)
             return out
 
         with hooked(model, read=frozen + [rsite]) as rec:
             clean = target.score(logits_at(model, b, pos), rows)
         with hooked(model, read=[rsite], edit={f"head_z.{layer}": sender, **{
-                s: (lambda t, s=s: rec[s].to(t.dtype)) for s in frozen}}) as new:
+                s: (lambda t, s=s: rec[s].to(device=t.device, dtype=t.dtype)) for s in frozen}}) as new:
             logits_at(model, b, pos)
         R = new[rsite]
         if kind == "head":
             def put(t, R=R):
                 out = t.clone()
-                out[:, :, h2] = R[:, :, h2].to(t.dtype)
+                out[:, :, h2] = R[:, :, h2].to(device=t.device, dtype=t.dtype)
                 return out
         else:
             def put(t, R=R):
-                return R.to(t.dtype)
+                return R.to(device=t.device, dtype=t.dtype)
         with hooked(model, edit={rsite: put}):
             path = target.score(logits_at(model, b, pos), rows)
         with hooked(model, edit={f"head_z.{layer}": sender}):

@@ -15,6 +15,9 @@ the clean model's own, ``exp(E[H(p, q)] - E[H(p)]) = exp(mean KL(p || q))``. So 
 
 **MC.** The question with lettered choices (``behaviour.mc.mc_prompt``), read at the end of the
 prompt; per variant the letter log-probs go through the one MC scorer (``behaviour.mc.score_choices``).
+The clean side of each variant is the engine's in-pass reference (the clean model along the same path
+as that variant's rows), as for the perplexity KL: a variant that writes back the clean value changes
+nothing, exactly.
 """
 from __future__ import annotations
 
@@ -38,16 +41,24 @@ def perplexity_change_pct(kl: torch.Tensor) -> float:
 
 
 def mc_letters(tok, items: Sequence[dict], allowed_ids):
-    """Reducer factory: letter log-probs ``[n, b, 2, C]`` (``[masked, unmasked]``, ``C`` = most choices)
-    at the end of each :func:`mc_prompt`, masked ones renormalised over ``allowed_ids`` (None: no mask)."""
+    """Reducer factory: letter log-probs ``[n, b, 2, 2, C]`` (``[patched, clean reference]``, then
+    ``[masked, unmasked]``; ``C`` = most choices) at the end of each :func:`mc_prompt`, masked ones
+    renormalised over ``allowed_ids`` (None: no mask). The clean reference is the engine's in-pass
+    ``ref`` (its clean logits where the engine gives none)."""
     ids = letter_ids(tok, max(len(it["choices"]) for it in items))
 
     def factory(eng, i, j):
-        def reduce(logits: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            lid = ids.to(logits.device)
-            un = logits.float().log_softmax(-1)[..., lid]
-            ma = un if allowed_ids is None else mask_logits(logits.float(), allowed_ids).log_softmax(-1)[..., lid]
+        clean = eng.clean_logits
+
+        def letters(lg: torch.Tensor) -> torch.Tensor:
+            lid = ids.to(lg.device)
+            un = lg.float().log_softmax(-1)[..., lid]
+            ma = un if allowed_ids is None else mask_logits(lg.float(), allowed_ids).log_softmax(-1)[..., lid]
             return torch.stack([ma, un], -2)
+
+        def reduce(logits: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+            c = ref if ref is not None else clean.to(logits.device)[rows.to(logits.device)][None]
+            return torch.stack([letters(logits), letters(c.to(logits.device)).expand(logits.shape[0], -1, -1, -1)], 2)
         return reduce
     return factory
 
@@ -85,11 +96,10 @@ def side_effects(side: LoadedModel, neutral: Sequence, mc_items: Sequence[dict],
     if mc_items:
         items = check_items(mc_items)
         prompts = [mc_prompt(it) for it in items]
-        let = patch_measure(side, prompts, [[]] + list(variants), batch_size=batch_size, measure="last",
-                            reducer=mc_letters(side.tokenizer, items, allowed_ids), **pos)  # [1 + n, N, 2, C]
-        clean = mc_summary(let[0], items)
+        let = patch_measure(side, prompts, list(variants), batch_size=batch_size, measure="last",
+                            reducer=mc_letters(side.tokenizer, items, allowed_ids), **pos)  # [n, N, 2, 2, C]
         for v, row in enumerate(rows):
-            p = mc_summary(let[v + 1], items)
+            p, clean = mc_summary(let[v, :, 0], items), mc_summary(let[v, :, 1], items)
             for m in MASKS:
                 row.update({f"mc_acc_clean_{m}": clean[m]["accuracy"], f"mc_acc_{m}": p[m]["accuracy"],
                             f"mc_drop_pp_{m}": 100.0 * (clean[m]["accuracy"] - p[m]["accuracy"]),
@@ -99,8 +109,11 @@ def side_effects(side: LoadedModel, neutral: Sequence, mc_items: Sequence[dict],
 
 def within(row: dict, max_ppl_pct: float, max_mc_drop_pp: float) -> bool:
     """Side effects within the thresholds, masked and unmasked (``ppl_change_pct_{m}`` and
-    ``mc_drop_pp_{m}``; readouts that were not measured do not count)."""
+    ``mc_drop_pp_{m}``; a readout that was not measured does not count, but with neither measured
+    there is no evidence: False)."""
     ppl = [row[f"ppl_change_pct_{m}"] for m in MASKS if f"ppl_change_pct_{m}" in row]
     mc = [row[f"mc_drop_pp_{m}"] for m in MASKS if f"mc_drop_pp_{m}" in row]
+    if not ppl and not mc:
+        return False
     return all(math.isfinite(x) and x <= max_ppl_pct for x in ppl) and \
         all(math.isfinite(x) and x <= max_mc_drop_pp for x in mc)

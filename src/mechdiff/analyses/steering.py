@@ -153,12 +153,13 @@ def logit_lens(model, tokenizer, basis: torch.Tensor, top: int = 8) -> list[dict
     if head is None:
         raise SiteError(f"{type(model).__name__} has no output embeddings (LM head)")
     norm = _final_norm(model)
-    W = head.weight
+    from mechdiff.scale.devices import offloaded_weight
+    W = offloaded_weight(head)                  # the head's weight (its stored copy when offloaded)
     U = basis.to(W.device, torch.float32)
     if U.shape[0] != W.shape[1]:
         raise SiteError(f"basis width {U.shape[0]} does not match the model's width {W.shape[1]}")
     x = U.T.to(W.dtype)[None]                                          # [1, k, d]
-    y = (norm(x) - norm(torch.zeros_like(x)))[0].float()              # [k, d]
+    y = (norm(x) - norm(torch.zeros_like(x)))[0].float().to(W.device)  # [k, d] (norm may sit on another GPU)
     logits = (y.to(W.dtype) @ W.T).float()                            # [k, V] (no float32 copy of W_U)
     n = min(top, logits.shape[1])
     out = []

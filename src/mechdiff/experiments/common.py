@@ -34,12 +34,20 @@ def open_models(pair: Pair, device: str | None = None, dtype: str | None = None
     """Load both sides of ``pair`` (dtype: the option, else the pair's)."""
     import sys
     import time
+    from mechdiff.scale.distributed import init
+    init()      # under torchrun: join the process group first (one GPU per process)
     kw = dict(dtype=dtype or pair.dtype, device=None if pair.device_map else device,
-              device_map=pair.device_map)
+              device_map=pair.device_map, trust_remote_code=pair.trust_remote_code)
+    from mechdiff.models.load import check_adapter_path
+    for spec in (pair.base, pair.tuned):      # a missing adapter path fails before either model loads
+        check_adapter_path(spec.adapter)
     out = []
     for side, spec in (("base", pair.base), ("tuned", pair.tuned)):
         t0 = time.perf_counter()
         print(f"loading {side} model {spec} ...", file=sys.stderr, flush=True)
+        if pair.max_memory:       # shared, or per side (the two models on disjoint GPUs)
+            from mechdiff.scale.devices import side_memory
+            kw["max_memory"] = side_memory(pair.max_memory, side)
         m = load_model(spec, **kw)
         print(f"loaded {side} model in {time.perf_counter() - t0:.1f}s ({m.n_layers} layers, d={m.d_model}, "
               f"{m.info.get('dtype')}, {m.info.get('device')})", file=sys.stderr, flush=True)
@@ -55,7 +63,9 @@ def open_run(out: str | Path | None, stage: str, pair: Pair, sides: dict[str, Lo
     can share one run directory. Resuming needs the same pair, models and seeds, and for a stage
     that already ran the same options (``RESUME_SAFE_OPTIONS`` such as batch_size may differ).
     """
-    path = Path(out) if out else new_run_dir("runs", stage)
+    from mechdiff.scale import distributed as dp
+    path = Path(out) if out else dp.from_rank0(lambda: new_run_dir("runs", stage))
+    path = dp.private_dir(path)      # under torchrun: ranks other than 0 write a private copy
     path.mkdir(parents=True, exist_ok=True)
     run = RunDir(path)
     opts = to_jsonable(dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options))

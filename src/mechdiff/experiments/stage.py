@@ -21,7 +21,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from mechdiff.artifacts import RunDir
 from mechdiff.errors import ConfigError, MechdiffError
@@ -49,9 +49,16 @@ class Common:
     out: str | None = opt(None, "run directory (default: a new one under runs/); rerun to resume")
     device: str | None = opt(None, "cpu, cuda, cuda:1 ... (default: cuda if available)")
     dtype: str | None = opt(None, "float32 | bfloat16 | float16 (default: the pair's, auto)")
-    batch_size: int = opt(32, "prompts per forward pass")
+    batch_size: int | None = opt(None, "prompts per forward pass (default: from the free GPU memory and the "
+                                 "models' size; 32 on CPU)")
     seed: int = opt(0, "random seed (splits, permutations, random controls)")
     prompts: str | None = opt(None, "JSONL prompt file (default: the pair's prompt set)")
+    device_map: str | None = opt(None, "spread each model over this host's GPUs: auto | balanced | sequential, "
+                                       "or module=GPU pairs, or a .json map (overrides the pair's)")
+    max_memory: str | None = opt(None, "memory per device for --device-map auto/balanced, e.g. 0=70GiB,1=70GiB "
+                                       "(base:0=..,tuned:1=.. per model)")
+    trust_remote_code: bool = opt(False, "let transformers run code shipped in a model directory "
+                                         "(off by default; only for models you trust)")
 
 
 @dataclass
@@ -162,21 +169,27 @@ def get_stage(name: str) -> Stage:
 
 
 def open_study(pair: Pair, stage: Stage, opts: Any, *, out=None, device: str | None = None,
-               dtype: str | None = None, batch_size: int = 32, seed: int = 0, prompts: str | None = None,
-               models: tuple[LoadedModel, LoadedModel] | None = None) -> Study:
+               dtype: str | None = None, batch_size: int | None = None, seed: int = 0,
+               prompts: str | None = None, models: tuple[LoadedModel, LoadedModel] | None = None) -> Study:
     """Load the models (unless given), check ``opts`` against them, then open the run directory.
 
     The manifest records ``opts`` per stage together with the common ``seed``/``prompts``/
     ``batch_size`` (batch size is resume-safe), so a run directory resumes only with the same options.
+    ``batch_size`` None: :func:`resolve_batch_size` once the models are loaded.
     """
     from mechdiff.experiments.common import open_models, open_run, target_prompts
     check_common(device=device, batch_size=batch_size)
     if stage.check is not None:
         stage.check(opts, 10 ** 9)          # everything but layer ranges, before the models load
+    ratio = getattr(opts, "min_shared_ratio", None)
+    if ratio is not None and not 0.0 <= ratio <= 1.0:
+        raise ConfigError(f"--min-shared-ratio must be in [0, 1] (the share of a prompt's tokens in the shared "
+                          f"vocabulary), got {ratio}")
     rows = target_prompts(pair, prompts)    # a bad prompt file fails here, before any model work
     base, tuned = models or open_models(pair, device, dtype)
     if stage.check is not None:
         stage.check(opts, min(base.n_layers, tuned.n_layers))   # layer ranges, before any write
+    batch_size = resolve_batch_size(batch_size, (base, tuned), rows)
     recorded = {**dataclasses.asdict(opts), "batch_size": batch_size, "seed": seed, "prompts": prompts}
     run = open_run(out, stage.name, pair, {"base": base, "tuned": tuned}, {"seed": seed}, recorded)
     study = Study(pair=pair, base=base, tuned=tuned, run=run, seed=seed, batch_size=batch_size,
@@ -185,11 +198,27 @@ def open_study(pair: Pair, stage: Stage, opts: Any, *, out=None, device: str | N
     return study
 
 
-def check_common(device: str | None, batch_size: int) -> None:
+def resolve_batch_size(batch_size: int | None, models: Sequence[LoadedModel], prompts: Sequence[dict]) -> int:
+    """``batch_size`` if given, else :func:`mechdiff.batching.default_batch_size` for the longest of
+    ``prompts`` (tokens of its text plus 64 for the chat template)."""
+    if batch_size is not None:
+        return int(batch_size)
+    from mechdiff.batching import default_batch_size
+    texts = [str(p.get("text", "")) for p in prompts[:4096]] or [""]
+    n = max(len(ids) for ids in models[0].tokenizer(texts, add_special_tokens=False)["input_ids"]) + 64
+    return default_batch_size([m.model for m in models], n)
+
+
+def check_common(device: str | None, batch_size: int | None) -> None:
     """The common options: a CUDA device needs a GPU, a batch holds at least one prompt."""
     import torch
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
+    if device:
+        try:
+            torch.device(device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"--device {device}: not a torch device; use cpu, cuda, cuda:N or mps") from None
     if device and device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu "
                           "(or install a CUDA build of torch on a machine with a GPU)")
@@ -211,13 +240,15 @@ def _forget_options(run: RunDir, stage: str, before: dict | None) -> None:
 
 
 def run_stage(name: str, pair: "Pair | str", opts: Any = None, *, out=None, device: str | None = None,
-              dtype: str | None = None, batch_size: int = 32, seed: int = 0, prompts: str | Path | None = None,
-              models: tuple[LoadedModel, LoadedModel] | None = None, study: Study | None = None,
+              dtype: str | None = None, batch_size: int | None = None, seed: int = 0,
+              prompts: str | Path | None = None, models: tuple[LoadedModel, LoadedModel] | None = None, study: Study | None = None,
+              trust_remote_code: bool = False, device_map: Any = None, max_memory: Any = None,
               **option_values) -> RunDir:
     """Run the stage ``name`` end to end (finished steps are skipped) and return its run directory.
 
     opts: the stage's options dataclass (or give its fields as keyword arguments). ``study``: an
     already open study (the models and run directory of an earlier stage) instead of pair/out/models.
+    trust_remote_code: let the models' own code run (as the pair TOML key of that name does).
     """
     from mechdiff.pairs import load_pair
     stage = get_stage(name)
@@ -230,6 +261,11 @@ def run_stage(name: str, pair: "Pair | str", opts: Any = None, *, out=None, devi
     before = None
     if study is None:
         pair = load_pair(pair) if isinstance(pair, str) else pair
+        if trust_remote_code:
+            pair = dataclasses.replace(pair, trust_remote_code=True)
+        if device_map is not None or max_memory is not None:   # --device-map / --max-memory win over the TOML
+            pair = dataclasses.replace(pair, device_map=device_map or pair.device_map,
+                                       max_memory=max_memory or pair.max_memory)
         if out is not None and (Path(out) / "manifest.json").is_file():
             before = ((RunDir(out).read_manifest() or {}).get("options") or {}).get(stage.name)
         study = open_study(pair, stage, opts, out=out, device=device, dtype=dtype, batch_size=batch_size,

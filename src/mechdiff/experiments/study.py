@@ -330,7 +330,7 @@ def _check_resume(out: Path, options: Mapping[str, Any], seed: int, pair) -> Non
 # ---------------------------------------------------------------------------------- run
 def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
               stages: "Sequence[str] | str | None" = None, out: "str | os.PathLike | None" = None, *,
-              device: str | None = None, dtype: str | None = None, batch_size: int = 32, seed: int = 0,
+              device: str | None = None, dtype: str | None = None, batch_size: int | None = None, seed: int = 0,
               prompts: "str | os.PathLike | None" = None, models=None,
               log: Callable[[str], None] | None = None) -> RunDir:
     """Run the study's stages in order in one run directory and return it (see the module doc).
@@ -340,7 +340,7 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
     rq1, mapped-patch, steer, heads). models: already loaded ``(base, tuned)``.
     """
     from mechdiff.experiments.common import open_models, target_prompts
-    from mechdiff.experiments.stage import check_common, get_stage, open_study, run_stage
+    from mechdiff.experiments.stage import check_common, get_stage, open_study, resolve_batch_size, run_stage
     from mechdiff.pairs import load_pair
     log = log or _log
     names = study_stages(stages)
@@ -351,8 +351,10 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
         st = get_stage(name)
         if st.check is not None:
             st.check(options[name], 10 ** 9)
-    target_prompts(pair, str(prompts) if prompts else None)   # a bad prompt file fails here
-    path = Path(out) if out is not None else new_run_dir("runs", "study")
+    rows = target_prompts(pair, str(prompts) if prompts else None)   # a bad prompt file fails here
+    from mechdiff.scale import distributed as dp
+    path = Path(out) if out is not None else dp.from_rank0(lambda: new_run_dir("runs", "study"))
+    path = dp.private_dir(path)     # under torchrun: ranks other than 0 write a private copy
     _check_resume(path, options, seed, pair)
     base, tuned = models or open_models(pair, device, dtype)        # prints a line per model
     n_layers = min(base.n_layers, tuned.n_layers)
@@ -361,6 +363,7 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
         if st.check is not None:
             st.check(options[name], n_layers)
     prompts_s = str(prompts) if prompts else None
+    batch_size = resolve_batch_size(batch_size, (base, tuned), rows)
     first = get_stage(names[0])
     study = open_study(pair, first, options[names[0]], out=path, device=device, dtype=dtype, batch_size=batch_size,
                        seed=seed, prompts=prompts_s, models=(base, tuned))

@@ -62,7 +62,9 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go (a sharded model: the device of its input embeddings)."""
+        from mechdiff.scale.devices import input_device
+        return input_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -230,22 +232,26 @@ def model_dims(model: Any) -> dict[str, Any]:
 
 
 def _from_pretrained(src: str, *, revision: str | None, local_only: bool, gguf_file: str | None,
-                     torch_dtype: torch.dtype, device_map: Any) -> tuple[Any, Any]:
+                     torch_dtype: torch.dtype, device_map: Any, trust_remote_code: bool = False
+                     ) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # Never run a model directory's own code, and never let transformers ask on the terminal.
-    kw: dict[str, Any] = {"revision": revision, "local_files_only": local_only, "trust_remote_code": False}
+    # A model directory's own code runs only when the user asked (--trust-remote-code or the pair
+    # TOML key); the value is always passed, so transformers never asks on the terminal.
+    kw: dict[str, Any] = {"revision": revision, "local_files_only": local_only,
+                          "trust_remote_code": bool(trust_remote_code)}
     if gguf_file:
         kw["gguf_file"] = gguf_file
     tok = AutoTokenizer.from_pretrained(src, **kw)
     mkw = dict(kw, dtype=torch_dtype)
-    if device_map is not None:
-        mkw["device_map"] = device_map
+    if device_map is not None:   # a scale.devices.Placement (device_map, max_memory, offload folder)
+        mkw.update(device_map.kwargs() if hasattr(device_map, "kwargs") else {"device_map": device_map})
     model = AutoModelForCausalLM.from_pretrained(src, **mkw)
     return model, tok
 
 
-def _load_hub(spec: ModelSpec, torch_dtype: torch.dtype, device_map: Any) -> tuple[Any, Any, dict]:
+def _load_hub(spec: ModelSpec, torch_dtype: torch.dtype, device_map: Any, trust_remote_code: bool = False
+              ) -> tuple[Any, Any, dict]:
     repo, rev = spec.id, spec.revision
     key_file = spec.gguf_file or "config.json"
     what = "GGUF model" if spec.gguf_file else "model"
@@ -254,7 +260,8 @@ def _load_hub(spec: ModelSpec, torch_dtype: torch.dtype, device_map: Any) -> tup
         raise _not_cached_error(what, repo, rev, key_file)
     try:
         model, tok = _from_pretrained(repo, revision=rev, local_only=offline, gguf_file=spec.gguf_file,
-                                      torch_dtype=torch_dtype, device_map=device_map)
+                                      torch_dtype=torch_dtype, device_map=device_map,
+                                      trust_remote_code=trust_remote_code)
     except Exception as first:  # noqa: BLE001
         if offline:
             raise ModelLoadError(f"could not load {what} {repo} from the local cache: {first}") from first
@@ -266,15 +273,16 @@ def _load_hub(spec: ModelSpec, torch_dtype: torch.dtype, device_map: Any) -> tup
                 f"--base/--tuned /path/to/model_dir or a .gguf file, or set HF_HOME to a cache that has it."
             ) from first
         model, tok = _from_pretrained(repo, revision=rev, local_only=True, gguf_file=spec.gguf_file,
-                                      torch_dtype=torch_dtype, device_map=device_map)
+                                      torch_dtype=torch_dtype, device_map=device_map,
+                                      trust_remote_code=trust_remote_code)
     cached = _cached_file(repo, key_file, rev)
     info = {"source": f"hub:{repo}", "revision": rev, "commit": _commit_from_cached_path(cached),
             "resolved_path": str(Path(cached).parent) if cached else None}
     return model, tok, info
 
 
-def _load_local(path: str, torch_dtype: torch.dtype, device_map: Any, gguf_file: str | None = None
-                ) -> tuple[Any, Any, dict]:
+def _load_local(path: str, torch_dtype: torch.dtype, device_map: Any, gguf_file: str | None = None,
+                trust_remote_code: bool = False) -> tuple[Any, Any, dict]:
     p = Path(os.path.expanduser(path))
     if gguf_file:
         f = p / gguf_file
@@ -291,7 +299,8 @@ def _load_local(path: str, torch_dtype: torch.dtype, device_map: Any, gguf_file:
         )
     try:
         model, tok = _from_pretrained(str(p), revision=None, local_only=True, gguf_file=gguf_file,
-                                      torch_dtype=torch_dtype, device_map=device_map)
+                                      torch_dtype=torch_dtype, device_map=device_map,
+                                      trust_remote_code=trust_remote_code)
     except ModelLoadError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -300,7 +309,26 @@ def _load_local(path: str, torch_dtype: torch.dtype, device_map: Any, gguf_file:
     return model, tok, {"source": src, "revision": None, "commit": None, "resolved_path": str(p.resolve())}
 
 
-def _apply_adapter(model: Any, tok: Any, adapter: str) -> tuple[Any, Any, dict]:
+def _adapter_is_path(adapter: str) -> bool:
+    """An adapter written as a path (absolute, ./ ../ ~, or with a backslash / drive letter) is a local
+    directory, never a hub id, whether or not it exists."""
+    return adapter.startswith(("/", "./", "../", "~", ".\\", "..\\")) or "\\" in adapter or \
+        (len(adapter) > 1 and adapter[1] == ":" and adapter[0].isalpha())
+
+
+def check_adapter_path(adapter: str | None) -> None:
+    """ModelLoadError when an adapter written as a path does not exist (checked before the base loads)."""
+    if not adapter or not _adapter_is_path(adapter):
+        return
+    a = Path(os.path.expanduser(adapter))
+    if not a.exists():
+        shown = adapter if str(a) == adapter else f"{adapter} ({a.resolve()})"
+        raise ModelLoadError(f"adapter path {shown} does not exist; give an existing PEFT adapter directory "
+                             f"(with adapter_config.json) after the '+', e.g. BASE+/path/to/lora")
+
+
+def _apply_adapter(model: Any, tok: Any, adapter: str, trust_remote_code: bool = False
+                   ) -> tuple[Any, Any, dict]:
     """Load a PEFT adapter on top of `model` and merge it. A tokenizer saved with the adapter wins."""
     try:
         from peft import PeftModel
@@ -308,14 +336,18 @@ def _apply_adapter(model: Any, tok: Any, adapter: str) -> tuple[Any, Any, dict]:
         raise ModelLoadError("loading an adapter needs peft: pip install peft") from e
     from transformers import AutoTokenizer
 
+    check_adapter_path(adapter)
     a = Path(os.path.expanduser(adapter))
     local = a.exists()
     if local and not (a / "adapter_config.json").is_file():
         raise ModelLoadError(f"{a} is not a PEFT adapter directory (no adapter_config.json)")
     if not local and hub_offline() and _cached_file(adapter, "adapter_config.json", None) is None:
-        raise _not_cached_error("adapter", adapter, None, "adapter_config.json")
+        err = _not_cached_error("adapter", adapter, None, "adapter_config.json")
+        raise ModelLoadError(f"no directory {a} exists here (a local adapter path that does not exist?), "
+                             f"and as a hub id: {err}")
     if local and any((a / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-        tok = AutoTokenizer.from_pretrained(str(a), local_files_only=True, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(str(a), local_files_only=True,
+                                            trust_remote_code=bool(trust_remote_code))
         if len(tok) > model.get_input_embeddings().weight.shape[0]:
             model.resize_token_embeddings(len(tok))
     try:
@@ -328,32 +360,44 @@ def _apply_adapter(model: Any, tok: Any, adapter: str) -> tuple[Any, Any, dict]:
 
 
 def load_model(spec: "ModelSpec | str", *, dtype: "str | torch.dtype" = "auto", device_map: Any = None,
-               device: "str | torch.device | None" = None) -> LoadedModel:
+               device: "str | torch.device | None" = None, trust_remote_code: bool = False,
+               max_memory: Any = None) -> LoadedModel:
     """Load a model and its tokenizer.
 
     dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16" or a torch dtype.
     device_map: passed to from_pretrained (e.g. "auto" to spread over GPUs); else the model is moved
-    to `device` (default: cuda if available, else cpu).
+    to `device` (default: cuda if available, else cpu). Forms: a strategy ("auto", "balanced",
+    "sequential"), a device, a user map {module: device} (see `mechdiff.scale.devices`).
+    max_memory: {GPU index | "cpu": "70GiB" | bytes}, caps a device_map strategy.
+    trust_remote_code: let transformers run code shipped in a model or tokenizer directory (off unless
+    the user asks: --trust-remote-code or the pair TOML key).
     """
     spec = ModelSpec.parse(spec) if not isinstance(spec, ModelSpec) else spec
     if device_map is None and device is None:
         device = default_device()
     torch_dtype = resolve_dtype(dtype, device, device_map)
+    from mechdiff.scale.devices import check_visible, model_devices, placement
+    place = placement(device_map, max_memory)     # ConfigError for a bad map / size, before any load
+    check_visible(place)
+    device_map = place
     t0 = time.perf_counter()
     base_spec = replace(spec, adapter=None)
+    check_adapter_path(spec.adapter)     # a missing adapter path fails before the base loads
+    trc = bool(trust_remote_code)
     if offline_kind(spec) is not None:   # testbed names, planted pair sides (models/kinds.py)
         path, extra = resolve_offline(spec)
         model, tok, info = _load_local(str(path), torch_dtype, device_map)
         info.update(extra)
         info["source"] = f"testbed:{spec.id}"
     elif spec.kind == "hub" or (spec.kind == "gguf" and spec.path is None):
-        model, tok, info = _load_hub(base_spec, torch_dtype, device_map)
+        model, tok, info = _load_hub(base_spec, torch_dtype, device_map, trust_remote_code=trc)
     elif spec.kind == "gguf":
-        model, tok, info = _load_local(spec.path, torch_dtype, device_map, gguf_file=spec.gguf_file)
+        model, tok, info = _load_local(spec.path, torch_dtype, device_map, gguf_file=spec.gguf_file,
+                                       trust_remote_code=trc)
     else:
-        model, tok, info = _load_local(spec.path, torch_dtype, device_map)
+        model, tok, info = _load_local(spec.path, torch_dtype, device_map, trust_remote_code=trc)
     if spec.adapter:
-        model, tok, ainfo = _apply_adapter(model, tok, spec.adapter)
+        model, tok, ainfo = _apply_adapter(model, tok, spec.adapter, trust_remote_code=trc)
         info.update(ainfo)
     if device_map is None:
         model = model.to(device=device, dtype=torch_dtype)
@@ -372,8 +416,8 @@ def load_model(spec: "ModelSpec | str", *, dtype: "str | torch.dtype" = "auto", 
         "tokenizer_len": len(tok),
         "tokenizer_fast": bool(getattr(tok, "is_fast", False)),
         "dtype": str(torch_dtype).replace("torch.", ""),
-        "device": str(next(model.parameters()).device),
-        "device_map": device_map if isinstance(device_map, (str, type(None))) else "custom",
+        "device": ",".join(model_devices(model)) if device_map is not None else str(next(model.parameters()).device),
+        "device_map": device_map.describe() if device_map is not None else None,
         "load_seconds": round(time.perf_counter() - t0, 3),
     })
     return LoadedModel(model=model, tokenizer=tok, spec=spec, info=info)

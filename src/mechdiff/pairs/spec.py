@@ -289,19 +289,25 @@ class Pair:
     tokenizer_policy: "shared_vocab_required" (always filter prompts / mask logits to the shared
     vocabulary) or "shared_vocab_recommended" (same vocabulary expected; the filter is a check).
     layers: fallback layers when a layer scan is skipped (None: scan).
+    device_map / max_memory: placement of each model over the GPUs of one host (accelerate; forms in
+    `mechdiff.scale.devices`), e.g. ``device_map = "auto"`` and ``max_memory = { 0 = "70GiB" }``.
+    trust_remote_code: let transformers run code shipped in the model directories (default False;
+    the CLI's --trust-remote-code sets it too).
     """
 
     name: str
     base: ModelSpec
     tuned: ModelSpec
     dtype: str = "auto"
-    device_map: str | None = None
+    device_map: "str | dict | None" = None
+    max_memory: "dict | None" = None
     tokenizer_policy: str = "shared_vocab_recommended"
     datasets: dict[str, DatasetRef] = field(default_factory=dict)
     domain: str = "general"
     description: str = ""
     layers: tuple[int, ...] | None = None
     source: str | None = None  # the TOML file it came from
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -315,12 +321,18 @@ class Pair:
             raise ConfigError(f"pair {self.name!r}: dtype {self.dtype!r} is invalid; use one of {DTYPES}")
         if self.layers is not None and any((not isinstance(x, int)) or x < 0 for x in self.layers):
             raise ConfigError(f"pair {self.name!r}: layers must be non-negative integers")
+        from mechdiff.scale.devices import parse_device_map, parse_max_memory
+        object.__setattr__(self, "device_map", parse_device_map(self.device_map, f"pair {self.name!r}: device_map"))
+        object.__setattr__(self, "max_memory", parse_max_memory(self.max_memory, f"pair {self.name!r}: max_memory"))
+        if not isinstance(self.trust_remote_code, bool):
+            raise ConfigError(f"pair {self.name!r}: trust_remote_code must be true or false, "
+                              f"got {self.trust_remote_code!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str | None = None) -> "Pair":
         where = source or "pair"
-        allowed = {"name", "base", "tuned", "dtype", "device_map", "tokenizer_policy", "datasets",
-                   "domain", "description", "layers"}
+        allowed = {"name", "base", "tuned", "dtype", "device_map", "max_memory", "tokenizer_policy", "datasets",
+                   "domain", "description", "layers", "trust_remote_code"}
         unknown = set(d) - allowed
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
@@ -337,12 +349,14 @@ class Pair:
             tuned=ModelSpec.from_toml(d["tuned"], where=f"{where}: tuned"),
             dtype=d.get("dtype", "auto"),
             device_map=d.get("device_map"),
+            max_memory=d.get("max_memory"),
             tokenizer_policy=d.get("tokenizer_policy", "shared_vocab_recommended"),
             datasets={k: DatasetRef.from_toml(k, v) for k, v in ds.items()},
             domain=d.get("domain", "general"),
             description=d.get("description", ""),
             layers=tuple(layers) if layers is not None else None,
             source=source,
+            trust_remote_code=d.get("trust_remote_code", False),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -353,6 +367,10 @@ class Pair:
             "datasets": {k: v.to_dict() for k, v in self.datasets.items()}, "domain": self.domain,
             "description": self.description, "layers": list(self.layers) if self.layers else None,
         }
+        if self.max_memory:             # only when set (manifests written before the key still match)
+            out["max_memory"] = {str(k): v for k, v in self.max_memory.items()}
+        if self.trust_remote_code:      # only when set, so manifests written before the key still match
+            out["trust_remote_code"] = True
         return out
 
 

@@ -12,7 +12,8 @@ from torch import nn
 
 from mechdiff.errors import ConfigError, SiteError
 from mechdiff.patching.passes import _Seg, _start, plan_passes, run_pass
-from mechdiff.patching.plumbing import _accepts, _attn_backends, _block_list, _contiguous_head, _pass_cache
+from mechdiff.patching.plumbing import (_accepts, _attn_backends, _block_list, _cache_arg, _contiguous_head,
+                                       _grouped_attention, _pass_cache)
 from mechdiff.patching.variants import _noop_rows, _prepare
 from mechdiff.sites.hooks import hooked
 from mechdiff.sites.names import parse_site, resolve, site_str
@@ -59,13 +60,15 @@ class PatchEngine:
         self.model, self.measure, self.max_rows, self.skip_layers = model, measure, int(max_rows), skip_layers
         self.packed, self.max_packed, self.detect_noops = False, int(max_packed), bool(detect_noops)
         self.sm = resolve(model)
-        self.device = next(model.parameters()).device
+        from mechdiff.scale.devices import input_device
+        self.device = input_device(model)           # a sharded model: where its embeddings run
         self.batch = batch.to(self.device)
         self.record_sites = [site_str(s) for s in record_sites]
         for s in self.record_sites:
             self.sm.check(*parse_site(s))
         self._blocks = _block_list(model, self.sm) if skip_layers else None
         self._logits_kw = {"logits_to_keep": 1} if _accepts(model.forward, "logits_to_keep") else {}
+        self._cache = _cache_arg(model)
         self._tuple_len = 0
         B, T = self.batch.input_ids.shape
         dec = self.batch.decision.long()
@@ -103,7 +106,7 @@ class PatchEngine:
                         self.model.base_model(input_ids=b.input_ids[rows, lead:p],
                                               attention_mask=b.attention_mask[rows, lead:p],
                                               position_ids=b.position_ids[rows, lead:p],
-                                              past_key_values=cache, use_cache=True)
+                                              use_cache=True, **{_cache_arg(self.model.base_model): cache})
                 g = _Group(rows, lead, p, self._suffix_end(p), cache, {})
                 kinds = []
                 h0 = self.sm.blocks[0].register_forward_hook(
@@ -129,18 +132,19 @@ class PatchEngine:
         kw = dict(input_ids=b.input_ids[g.rows, g.p:g.e], attention_mask=b.attention_mask[g.rows, g.lead:g.e],
                   position_ids=b.position_ids[g.rows, g.p:g.e], **self._logits_kw)
         if g.cache is not None:
-            kw.update(past_key_values=_pass_cache(g.cache, []), use_cache=True)  # never mutates g.cache
+            kw.update({self._cache: _pass_cache(g.cache, []), "use_cache": True})  # never mutates g.cache
         else:
             kw.update(use_cache=False)
-        with hooked(self.model, read=read) as rec, _contiguous_head(self.model), _attn_backends(self.device):
+        with hooked(self.model, read=read) as rec, _contiguous_head(self.model), _attn_backends(self.device), \
+                _grouped_attention():
             logits = self.model(**kw).logits
-        return logits[:, -1].float(), rec
+        return logits[:, -1].float().to(self.device), rec
 
     def _store(self, g: _Group, rec, sites):
         """Keep the decision-token column of each recorded site, ``[B, w]`` (head_z flattened)."""
         for s in sites:
             v = rec[s][:, 0]
-            v = v.reshape(v.shape[0], -1).clone()
+            v = v.reshape(v.shape[0], -1).to(self.device, copy=True)   # [B, w] on the engine's device
             if s not in self._dec:
                 self._dec[s] = v.new_empty((self.B, v.shape[-1]))
             self._dec[s][g.rows] = v

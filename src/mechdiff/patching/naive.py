@@ -27,8 +27,9 @@ def run_naive(eng, variants, positions: str = "decision", reduce=None) -> torch.
     def forward(edits):
         with hooked(eng.model, edit=edits), _attn_backends(eng.device):
             if eng.measure == "last":
-                return eng.model(**b.model_inputs(), **eng._logits_kw).logits[:, -1].float()
-            return eng.model(**b.model_inputs()).logits[ar, dec].float()
+                return eng.model(**b.model_inputs(), **eng._logits_kw).logits[:, -1].float().to(eng.device)
+            lg = eng.model(**b.model_inputs()).logits
+            return lg[ar.to(lg.device), dec.to(lg.device)].float().to(eng.device)
 
     wants_ref = reduce is not None and _accepts(reduce, "ref", var_keyword=True)
     ref = forward({})[None] if wants_ref and prepared else None
@@ -48,7 +49,8 @@ def run_naive(eng, variants, positions: str = "decision", reduce=None) -> torch.
                         c = centre[:, None] if centre is not None and centre.dim() == 2 else centre
                         flat[:] = _apply(flat, p, v, basis, c)
                     else:
-                        flat[ar, dec] = _apply(flat[ar, dec], p, value, basis, centre)
+                        r, d = ar.to(flat.device), dec.to(flat.device)
+                        flat[r, d] = _apply(flat[r, d], p, value, basis, centre)
                 return out
             return f
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mechdiff.patching.plumbing import _attn_backends, _branching, _contiguous_head, _pass_cache, _skipping
+from mechdiff.patching.plumbing import (_attn_backends, _branching, _contiguous_head, _grouped_attention, _pass_cache,
+                                       _skipping)
 from mechdiff.patching.variants import _apply
 from mechdiff.sites.hooks import hooked
 
@@ -123,15 +124,18 @@ def run_pass(eng, g, plan: _Plan, prepared) -> tuple[torch.Tensor, int]:
     else:
         counts = [N] * L
     if g.cache is not None:
-        kw.update(past_key_values=_pass_cache(g.cache, [local[:counts[i]] if i >= S else None
-                                                        for i in range(L)]), use_cache=True)
+        kw.update({eng._cache: _pass_cache(g.cache, [local[:counts[i]] if i >= S else None for i in range(L)]),
+                   "use_cache": True})
     else:
         kw.update(use_cache=False)
     join = torch.cat([torch.arange(R, device=dev), torch.searchsorted(refs, local[R:])])
     skip = _skipping(eng._blocks if S > 0 else None, S, eng._tuple_len)
-    grow_ctx = (_branching(eng.sm.blocks, S, counts, join, g.resid_pre[S][local[:counts[S]]], N)
-                if branch else _skipping(None, 0, 0))
+    if branch:
+        first = g.resid_pre[S]                      # on block S's input device (sharded: another GPU)
+        grow_ctx = _branching(eng.sm.blocks, S, counts, join, first[local[:counts[S]].to(first.device)], N)
+    else:
+        grow_ctx = _skipping(None, 0, 0)
     with skip, grow_ctx, hooked(eng.model, edit=_edits(eng, g, plan, prepared, R)), \
-            _contiguous_head(eng.model), _attn_backends(dev):
+            _contiguous_head(eng.model), _attn_backends(dev), _grouped_attention():
         logits = eng.model(**kw).logits
-    return logits[:, -1].float(), R
+    return logits[:, -1].float().to(dev), R

@@ -37,7 +37,7 @@ def _gathering_update(keys: torch.Tensor, values: torch.Tensor, r: torch.Tensor)
         k = prefix.shape[-2]
         room = prefix.new_empty((*prefix.shape[:-2], k + new.shape[-2], prefix.shape[-1]))
         room[..., :k, :] = prefix
-        out = room.index_select(0, r)
+        out = room.index_select(0, r.to(prefix.device))    # a sharded model: the layer's GPU
         out[..., k:, :] = new
         return out
 
@@ -119,7 +119,7 @@ def _branching(blocks, start: int, counts: list, join: torch.Tensor, first: torc
             if i == start:
                 h = first.to(h.dtype)
             elif na > prev:
-                h = torch.cat([h, h.index_select(0, join[prev:na])], dim=0)
+                h = torch.cat([h, h.index_select(0, join[prev:na].to(h.device))], dim=0)
             rest_args = tuple(_rows(a, N, na) for a in args[1:])
             rest_kw = {k: (v if k == "hidden_states" else _rows(v, N, na)) for k, v in kwargs.items()}
             if args:
@@ -165,6 +165,54 @@ def _attn_backends(device: torch.device):
         return contextmanager(lambda: (yield))()
 
 
+def _grouped_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
+                  **kwargs):
+    """transformers' ``sdpa`` attention for grouped-query models without repeating the keys/values per
+    query head: query ``[N, H, s, hd]`` is viewed as ``[N, H_kv, g s, hd]`` (head ``h`` = kv head
+    ``h // g``, as ``repeat_kv`` pairs them) and the shared mask ``[N, 1, s, k]`` repeated ``g`` times
+    along the query axis. Returns ``([N, s, H, hd], None)``. The suffix passes attend a few query
+    tokens to a prefix of many keys, where the ``g``-fold copy of the keys/values cost more than the
+    attention itself. Other cases (no mask, per-head masks, soft-capping, position bias) go to
+    transformers' own function."""
+    g = int(getattr(module, "num_key_value_groups", 1) or 1)
+    if (g == 1 or attention_mask is None or attention_mask.dim() != 4 or attention_mask.shape[1] != 1
+            or kwargs.get("softcap") is not None or kwargs.get("position_bias") is not None
+            or kwargs.get("output_attentions")):
+        return _HF_SDPA[0](module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                           is_causal=is_causal, **kwargs)
+    N, H, s, hd = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(N, H // g, g * s, hd), key, value, attn_mask=attention_mask.repeat(1, 1, g, 1),
+        dropout_p=dropout, scale=scaling)
+    return out.reshape(N, H, s, hd).transpose(1, 2).contiguous(), None
+
+
+_HF_SDPA: list = []
+
+
+@contextmanager
+def _grouped_attention():
+    """Inside the ``with`` block, models running transformers' ``sdpa`` attention use
+    :func:`_grouped_sdpa` (an instance-local override of the registry entry, always restored)."""
+    try:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    except ImportError:
+        yield
+        return
+    local = getattr(ALL_ATTENTION_FUNCTIONS, "_local_mapping", None)
+    if local is None or "sdpa" in local:      # an older registry, or someone else's override: leave it
+        yield
+        return
+    if not _HF_SDPA:
+        _HF_SDPA.append(sdpa_attention_forward)
+    local["sdpa"] = _grouped_sdpa
+    try:
+        yield
+    finally:
+        local.pop("sdpa", None)
+
+
 def _accepts(fn, name: str, var_keyword: bool = False) -> bool:
     """Whether callable ``fn`` takes a parameter ``name`` (or, with ``var_keyword``, any ``**kw``)."""
     try:
@@ -172,3 +220,9 @@ def _accepts(fn, name: str, var_keyword: bool = False) -> bool:
     except (TypeError, ValueError):
         return False
     return name in params or (var_keyword and any(p.kind is p.VAR_KEYWORD for p in params.values()))
+
+
+def _cache_arg(model) -> str:
+    """The keyword ``model.forward`` takes a KV cache by: ``cache`` (transformers >= 5.2x), else the
+    older ``past_key_values``."""
+    return "cache" if _accepts(model.forward, "cache") else "past_key_values"

@@ -48,8 +48,13 @@ Variant = "Patch | Sequence[Patch]"
 
 def _apply(h: torch.Tensor, p: Patch, value: torch.Tensor | None, basis: torch.Tensor | None,
            centre: torch.Tensor | None = None) -> torch.Tensor:
-    """New value of ``h`` ``[..., w]``; value (and centre) broadcast against ``h``. Math in float32."""
+    """New value of ``h`` ``[..., w]``; value (and centre) broadcast against ``h``. Math in float32.
+    value / basis / centre move to ``h``'s device (a sharded model's layers live on several GPUs)."""
     a = float(p.alpha)
+    dev = h.device
+    value = value if value is None or value.device == dev else value.to(dev)
+    basis = basis if basis is None or basis.device == dev else basis.to(dev)
+    centre = centre if centre is None or centre.device == dev else centre.to(dev)
     if p.mode == "replace":
         if a == 1.0:
             return value.to(h.dtype).expand_as(h)

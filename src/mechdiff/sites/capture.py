@@ -115,10 +115,9 @@ def validated(model: nn.Module, tokenizer_or_batch=None) -> nn.Module:
 # ---- helpers ---------------------------------------------------------------------------------
 
 def _model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    """Where inputs go (a model spread over devices: where its input embeddings run)."""
+    from mechdiff.scale.devices import input_device
+    return input_device(model)
 
 
 def _slice(batch: Batch, i: int, j: int) -> Batch:
@@ -153,8 +152,11 @@ def _select_positions(batch: Batch, positions: Positions, seed: int):
 
 
 def _gather(t: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
-    """t [B, T, ...] at idx [B] -> [B, ...]; idx [B, K] -> [B, K, ...] (zeros where not valid)."""
+    """t [B, T, ...] at idx [B] -> [B, ...]; idx [B, K] -> [B, K, ...] (zeros where not valid).
+    idx / valid move to ``t``'s device (layers of a sharded model live on different GPUs)."""
     rows = torch.arange(t.shape[0], device=t.device)
+    idx = idx.to(t.device)
+    valid = None if valid is None else valid.to(t.device)
     if idx.dim() == 1:
         return t[rows, idx]
     out = t[rows[:, None], idx.clamp_min(0)]
@@ -240,8 +242,8 @@ class _Sink:
         if self.bad is None:
             self.bad = torch.zeros(len(self.keys), self.N, dtype=torch.bool, device=dev)
         j = self.keys.index(key)
-        self.bad[j].index_copy_(0, self._rows_on(dev),
-                                ~torch.isfinite(xo.reshape(xo.shape[0], -1)).all(-1))
+        flags = ~torch.isfinite(xo.reshape(xo.shape[0], -1)).all(-1)          # on the site's device
+        self.bad[j].index_copy_(0, self._rows_on(self.bad.device), flags.to(self.bad.device))
         out_dev = torch.device("cpu") if self.device_out is None else self.device_out
         if key not in self.out:
             self.out[key] = torch.empty((self.N, *xo.shape[1:]), dtype=self.dtype_out, device=out_dev)
@@ -395,13 +397,13 @@ def capture_logits(model: nn.Module, batch: Batch, positions="last") -> torch.Te
     rows = torch.arange(idx2.shape[0], device=dev)[:, None]
 
     def pre(mod, args):
-        h = args[0]
-        return (h[rows, idx2],) + tuple(args[1:])
+        h = args[0]      # on the head's device (another GPU than the inputs when the model is sharded)
+        return (h[rows.to(h.device), idx2.to(h.device)],) + tuple(args[1:])
 
     handle = head.register_forward_pre_hook(pre)
     try:
         logits = model(**b.model_inputs(), use_cache=False).logits
     finally:
         handle.remove()
-    logits = logits.float()
+    logits = logits.to(dev).float()
     return logits[:, 0] if idx.dim() == 1 else logits

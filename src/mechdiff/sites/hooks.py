@@ -46,7 +46,7 @@ def _head_out(sm: SiteMap, layer: int, z: torch.Tensor) -> torch.Tensor:
     """Per-head contributions ``[..., H, d]`` from o_proj input ``z`` ``[..., H*hd]``."""
     w = sm.oproj_weight(layer)  # [d, H*hd]
     zh = z.reshape(*z.shape[:-1], sm.n_heads, sm.head_dim)
-    wh = w.reshape(w.shape[0], sm.n_heads, sm.head_dim).to(z.dtype)
+    wh = w.reshape(w.shape[0], sm.n_heads, sm.head_dim).to(device=z.device, dtype=z.dtype)
     return torch.einsum("...hk,dhk->...hd", zh, wh)
 
 
@@ -192,7 +192,7 @@ def replace_at(values: torch.Tensor, positions: torch.Tensor | None = None) -> E
     """
     def f(t):
         if positions is None:
-            return values.to(t.dtype).expand_as(t).clone()
+            return values.to(device=t.device, dtype=t.dtype).expand_as(t).clone()
         rows, pos = _rows_positions(t, positions)
         out = t.clone()
         out[rows, pos] = values.to(device=t.device, dtype=t.dtype).reshape(*pos.shape, *t.shape[2:])

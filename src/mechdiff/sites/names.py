@@ -77,6 +77,9 @@ class SiteMap:
         """Output projection as ``[d_model, n_heads * head_dim]`` (out x in), any family."""
         mod = self.oproj[layer]
         w = mod.weight
+        if w.device.type == "meta":      # offloaded by accelerate (cpu/disk): its stored copy
+            from mechdiff.scale.devices import offloaded_weight
+            w = offloaded_weight(mod, "weight")
         if type(mod).__name__ == "Conv1D":  # GPT-2 stores [in, out]
             w = w.t()
         return w

@@ -45,10 +45,9 @@ def encode_prompts(tok: Any, prompts: Sequence[Any], format_fn: Callable[[Any], 
 
 
 def model_device(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        return torch.device("cpu")
+    """Where inputs go (a sharded model: where its input embeddings run)."""
+    from mechdiff.scale.devices import input_device
+    return input_device(model)
 
 
 # ----------------------------------------------------------------------------- generation

@@ -7,7 +7,10 @@ masked to the shared vocabulary and unmasked:
 - refusal rate: greedy generation (``generation.generate_ids``; the patch applies to the prompt pass
   only), refusal patterns;
 - MC: the question with lettered choices (``mc.mc_prompt``), read by the one MC scorer
-  (``mc.mc_scores``) from the patching engine's logits at the end of the prompt.
+  (``mc.mc_scores``) from the patching engine's logits at the end of the prompt. The clean reference
+  of each patch is the engine's in-pass reference (``PatchEngine.run(..., with_reference=True)``): the
+  clean model computed along the same path as the patched rows, so a patch that writes back the clean
+  value gives a side effect of exactly 0 (not the rounding difference between two computations).
 
 Prompts are encoded by ``data.prompts.encode``, as for capture, so a patch value captured on the
 same prompts lines up with the decision tokens here.
@@ -59,18 +62,21 @@ def refusal_rates(model, tok, prompts, patches: Sequence[tuple], allowed_ids,
     return clean, rows
 
 
-def mc_effects(model, tok, items, patches: Sequence[tuple], allowed_ids) -> list[dict]:
-    """MC delta-log-prob and accuracy, clean vs each patch ``(site, value [B, d])`` (all patches in
-    one engine pass), masked and unmasked; one dict per patch."""
-    eng = PatchEngine(model, encode(tok, [mc_prompt(it) for it in items]), measure="last")
-    patched = eng.run([Patch(site_str(site), value) for site, value in patches])
+def mc_effects(model, tok, items, patches: Sequence, allowed_ids, **engine_kw) -> list[dict]:
+    """MC delta-log-prob and accuracy, clean vs each patch (all patches in one engine run), masked
+    and unmasked; one dict per patch. A patch is ``(site, value [B, d])`` or a
+    :class:`~mechdiff.patching.Patch` (alpha and centre applied by the engine). The clean side of each
+    delta is the engine's in-pass reference for that patch (module docstring). engine_kw: passed to
+    :class:`~mechdiff.patching.PatchEngine` (e.g. ``detect_noops=False``)."""
+    eng = PatchEngine(model, encode(tok, [mc_prompt(it) for it in items]), measure="last", **engine_kw)
+    variants = [p if isinstance(p, Patch) else Patch(site_str(p[0]), p[1]) for p in patches]
+    patched, ref = eng.run(variants, with_reference=True)
     ids = {"unmasked": None, "masked": allowed_ids}
-    clean = {m: mc_scores(eng.clean_logits, items, tok, ids[m]) for m in ids}
     rows = []
     for k in range(len(patches)):
         out = {}
         for m in ids:
-            c, p = clean[m], mc_scores(patched[k], items, tok, ids[m])
+            c, p = mc_scores(ref[k], items, tok, ids[m]), mc_scores(patched[k], items, tok, ids[m])
             out.update({f"mc_dlogp_clean_{m}": c["dlogp_correct"], f"mc_dlogp_patched_{m}": p["dlogp_correct"],
                         f"d_mc_dlogp_{m}": p["dlogp_correct"] - c["dlogp_correct"],
                         f"d_mc_acc_pp_{m}": 100 * (p["accuracy"] - c["accuracy"])})
