@@ -1,11 +1,11 @@
 """Exactness and cost of PatchEngine do-nothing patches (issue 9), e.g. on one H200:
 
     python benchmarks/bench_exactness.py                                  # llama8b, cuda, bf16, B=50,150
-    python benchmarks/bench_exactness.py --preset tiny --device cpu --batch 8   # smoke test
+    python benchmarks/bench_exactness.py --tiny       # smoke test: --preset tiny --device cpu --batch 8 --reps 1
 
 Two random-weight models of the preset's shape: ``base`` and ``tuned`` = base with the MLPs of the
-top half of the blocks perturbed (the bottom half shared exactly). Prompts as in
-bench_patching_cpu.py (left padded, decision token ``--tail`` tokens before the end).
+top half of the blocks perturbed (the bottom half shared exactly). Prompts: common.make_batch
+(as bench_patching_cpu.py: left padded, decision token ``--tail`` tokens before the end).
 
 Table 1 (exactness, bf16), per measure, max KL over prompts and layers (resid_post, every layer):
   write-back           clean_states written back into the same engine (no-op detection: exact 0)
@@ -23,65 +23,32 @@ Table 1 (exactness, bf16), per measure, max KL over prompts and layers (resid_po
                        mean: the engine's error is the bf16 rounding of the effect itself
 
 Table 2 (cost): one plain forward with a contiguous last-token output layer (the honest baseline,
-DESIGN.md "Baseline trap"); engine construction (clean pass) of both models; the cross-model sweep
-(all layers, both directions) with the shared half skipped as no-ops, and with every layer real
+common.honest_baseline; DESIGN.md "Baseline trap"); engine construction (clean pass) of both models;
+the cross-model sweep (all layers, both directions) with the shared half skipped as no-ops, and with every layer real
 (sources perturbed); each as a multiple of the plain forward of both models; extra peak memory.
+Times: the best of ``--reps`` (default 3) after one warm-up. Output: markdown tables on stdout; with
+$OUT (or --out) also $OUT/bench.log and $OUT/exactness_results.md/.json.
 """
 from __future__ import annotations
 
-import argparse
-import copy
-import time
-
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig
 
-from bench_patching_cpu import PRESETS, make_batch
+import common as C
+from common import PRESETS, build_pair, make_batch, perturb_mlps, preset_config, table, timeit
 
 from mechdiff.patching import Patch, PatchEngine, kl_reducer, patch_kl
 
 
-def sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def best_of(fn, dev, reps=3, warmup=1):
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        sync(dev)
-        t0 = time.perf_counter()
-        fn()
-        sync(dev)
-        ts.append(time.perf_counter() - t0)
-    return min(ts)
-
-
-def peak_extra(fn, dev):
-    if dev.type != "cuda":
-        return float("nan")
-    sync(dev)
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    sync(dev)
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
-
-
-def plain_forward(model, batch):
-    """Plain HF forward, output layer on a contiguous copy of the last position: [B, V]."""
-    h = model.model(**batch.model_inputs()).last_hidden_state
-    return model.lm_head(h[:, -1].contiguous())
+def best_of(fn, reps=3, warmup=1):
+    return timeit(fn, warmup=warmup, reps=reps, stat="min")[0]
 
 
 def sweep_kl(eng, src, sites, **kw):
     return patch_kl(eng, [Patch(s, src[s]) for s in sites], **kw)
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None):
+    ap = C.parser(__doc__, reps=3)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="llama8b")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--dtype", default="bfloat16")
@@ -90,31 +57,26 @@ def main():
     ap.add_argument("--tail", type=int, default=5)
     ap.add_argument("--noise", type=float, default=0.1, help="relative perturbation of the top MLPs")
     ap.add_argument("--naive-layers", type=int, default=4, help="perturbed layers checked against naive")
-    args = ap.parse_args()
-    dev, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    cfg = LlamaConfig(**PRESETS[args.preset], pad_token_id=0)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    with torch.device(dev):
-        base = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-    tuned = copy.deepcopy(base)
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.preset, args.device, args.batch, args.reps = "tiny", "cpu", [8], 1
+    C.setup(args, "exactness_results", device=args.device)
+    dtype = getattr(torch, args.dtype)
+    cfg = preset_config(args.preset)
+    base, tuned = build_pair(cfg, dtype, perturb=perturb_mlps(args.noise), frozen=False)
     L = cfg.num_hidden_layers
     first = L // 2
-    g = torch.Generator(device=dev).manual_seed(1)
-    with torch.no_grad():
-        for layer in tuned.model.layers[first:]:
-            for p in layer.mlp.parameters():
-                p.add_(args.noise * p.std() * torch.randn(p.shape, generator=g, device=dev, dtype=p.dtype))
+    reps = args.reps
     models = {"base": base, "tuned": tuned}
     sites = [f"resid_post.{l}" for l in range(L)]
     ex_rows, cost_rows = [], []
     with torch.no_grad():
         for B in args.batch:
-            batch = make_batch(B, args.seq, args.tail, cfg.vocab_size, dev)
-            t_plain = sum(best_of(lambda m=m: plain_forward(m, batch), dev) for m in models.values())
+            batch = make_batch(B, args.seq, args.tail, cfg.vocab_size)
+            t_plain = C.honest_baseline(models.values(), batch, reps=reps)
             for measure in ("last", "decision"):
                 mk = lambda m, **kw: PatchEngine(m, batch, measure=measure, record_sites=sites, **kw)  # noqa: E731
-                t_build = best_of(lambda: [mk(m) for m in models.values()], dev, reps=2)
+                t_build = best_of(lambda: [mk(m) for m in models.values()], reps=min(2, reps))
                 eng = {k: mk(m) for k, m in models.items()}
                 raw = {k: mk(m, detect_noops=False) for k, m in models.items()}
                 st = {k: e.clean_states() for k, e in eng.items()}
@@ -140,30 +102,30 @@ def main():
                 # cost: both directions, shared half skipped; then every layer real
                 run_both = lambda src: (sweep_kl(eng["base"], src["tuned"], sites),   # noqa: E731
                                         sweep_kl(eng["tuned"], src["base"], sites))
-                t_sweep = best_of(lambda: run_both(st), dev)
+                t_sweep = best_of(lambda: run_both(st), reps=reps)
                 noisy = {k: {s: v + 0.05 * v.float().std() * torch.randn_like(v.float()).to(v.dtype)
                              for s, v in d.items()} for k, d in st.items()}
-                t_real = best_of(lambda: run_both(noisy), dev)
-                mem = peak_extra(lambda: run_both(noisy), dev)
+                t_real = best_of(lambda: run_both(noisy), reps=reps)
+                mem = C.peak_extra(lambda: run_both(noisy))
                 cost_rows.append((B, measure, t_plain, t_build, t_sweep, t_real, mem))
                 del eng, raw, st, noisy
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-    print(f"\npreset={args.preset} device={dev} dtype={args.dtype} T={args.seq} tail={args.tail} layers={L} "
-          f"shared blocks 0..{first - 1}, perturbed {first}..{L - 1} (MLP noise {args.noise})")
-    print("\nExactness (max KL over prompts and layers; resid_post at every layer)")
-    hdr = ["B", "measure", "write-back", "w-b computed", "alpha-0 comp.", "shared layers", "shared old ref",
-           "real mean", "real max", "|eng - naive|", "naive mean"]
-    print("".join(f"{h:>15}" for h in hdr))
-    for r in ex_rows:
-        print(f"{r[0]:>15}{r[1]:>15}" + "".join(f"{x:>15.3g}" for x in r[2:]))
-    print("\nCost (seconds; x = multiple of one plain forward of both models, contiguous last-token head)")
-    hdr = ["B", "measure", "plain fwd both", "build both", "sweep shared", "x", "sweep all real", "x",
-           "build+real x", "extra GiB"]
-    print("".join(f"{h:>15}" for h in hdr))
-    for B, m, tp, tb, ts, tr, mem in cost_rows:
-        print(f"{B:>15}{m:>15}{tp:>15.4f}{tb:>15.4f}{ts:>15.4f}{ts / tp:>15.2f}{tr:>15.4f}{tr / tp:>15.2f}"
-              f"{(tb + tr) / tp:>15.2f}{mem:>15.2f}")
+                C.cleanup()
+    setting = (f"preset={args.preset} device={C.DEV} dtype={args.dtype} T={args.seq} tail={args.tail} layers={L} "
+               f"shared blocks 0..{first - 1}, perturbed {first}..{L - 1} (MLP noise {args.noise})")
+    table("Exactness (max KL over prompts and layers; resid_post at every layer)",
+          ["B", "measure", "write-back", "w-b computed", "alpha-0 comp.", "shared layers", "shared old ref",
+           "real mean", "real max", "|eng - naive|", "naive mean"], [list(r) for r in ex_rows], setting)
+    table("Cost (seconds; x = multiple of one plain forward of both models, contiguous last-token head)",
+          ["B", "measure", "plain fwd both", "build both", "sweep shared", "x", "sweep all real", "x",
+           "build+real x", "extra GiB"],
+          [[B, m, tp, tb, ts, ts / tp, tr, tr / tp, (tb + tr) / tp, mem] for B, m, tp, tb, ts, tr, mem in cost_rows],
+          setting)
+    C.RESULTS["exactness"] = [dict(zip(["B", "measure", "write_back", "write_back_computed", "alpha0_computed",
+                                        "shared", "shared_old_ref", "real_mean", "real_max", "eng_vs_naive",
+                                        "naive_mean"], r)) for r in ex_rows]
+    C.RESULTS["cost"] = [dict(zip(["B", "measure", "plain_both_s", "build_both_s", "sweep_shared_s",
+                                   "sweep_real_s", "peak_gib"], r)) for r in cost_rows]
+    C.flush_results()
 
 
 if __name__ == "__main__":

@@ -4,9 +4,9 @@
     PYTHONUNBUFFERED=1 OUT=/tmp/bench python benchmarks/bench_rq4.py    # Llama-3.1-8B-shaped pair, GPU
     python benchmarks/bench_rq4.py --tiny                                # tiny Llama on CPU (dry run)
 
-The pair is built as in ``bench_gpu.py`` (random weights directly on the device, bf16, sdpa; the
+The pair is common.build_pair's (random weights directly on the device, bf16, sdpa; the
 "tuned" side perturbs the upper half of the layers), prompts are the shipped cultural set tokenized
-by bench_gpu's small BPE (~48 tokens per prompt). Rows (time: wall seconds with the device
+by common.bench_tokenizer's small BPE (~48 tokens per prompt). Rows (time: wall seconds with the device
 synchronised; peak: GiB allocated at the peak over what was allocated before the call):
 
 1. grad x act for every head of 8 layers over 300 prompts, one model (issue 14: < 60 s, < 40 GiB);
@@ -16,75 +16,43 @@ synchronised; peak: GiB allocated at the peak over what was allocated before the
 4. the whole ``mechdiff heads`` stage at those 2 layers, both models (targets, states incl. "own"
    heads, zero / mean / swap / own sweep, grad x act, cumulative top-10 curves, summary and figures).
 
-Output: a markdown table on stdout; with ``$OUT`` set also ``$OUT/rq4_results.md`` / ``.json``.
+Output: a markdown table on stdout; with ``$OUT`` (or --out) set also ``$OUT/rq4_results.md`` / ``.json``
+and ``$OUT/bench.log``.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import tempfile
-import time
 import traceback
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-for p in (ROOT / "src", ROOT / "benchmarks"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
-
-import bench_gpu as bg  # noqa: E402  (the 8B-shaped pair, the bench tokenizer, timing helpers)
-
-OUT = os.environ.get("OUT")
-bg.OUT = None            # bench_gpu's own result files in $OUT are left alone; this script writes rq4_*
+import common as C
+from common import bench_tokenizer, build_pair, llama_config, loaded_pair, log, table, time_and_peak
 
 
-def measure(fn):
-    """(seconds, peak GiB over the allocation before, result) of one call (no warm-up: minutes-long
-    calls; the first row warms the kernels up on a small call first)."""
-    bg.cleanup()
-    bg.sync()
-    before = torch.cuda.memory_allocated() if bg.DEV.type == "cuda" else 0
-    if bg.DEV.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t = time.perf_counter()
-    r = fn()
-    bg.sync()
-    dt = time.perf_counter() - t
-    peak = (torch.cuda.max_memory_allocated() - before) / 2**30 if bg.DEV.type == "cuda" else float("nan")
-    return dt, peak, r
-
-
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true", help="tiny Llama on CPU: a dry run of every code path")
+def main(argv=None):
+    ap = C.parser(__doc__)
     ap.add_argument("--n-prompts", type=int, default=None, help="default 300 (tiny: 24)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--ig-steps", type=int, default=8)
     ap.add_argument("--rows", default="gxa,ig,ablate,stage")
-    args = ap.parse_args()
-    bg.DEV = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    if OUT:
-        os.makedirs(OUT, exist_ok=True)
+    args = ap.parse_args(argv)
+    C.setup(args, "rq4_results")
     from mechdiff.analyses.attribution import Target, grad_x_act, integrated_gradients, logits_at, measured_positions
     from mechdiff.analyses.heads import patches
     from mechdiff.data.prompts import encode, load_jsonl
     from mechdiff.experiments import run_stage
     from mechdiff.experiments.steps import patch_measure
-    from mechdiff.models.load import LoadedModel, model_dims
-    from mechdiff.pairs.spec import ModelSpec, Pair
     from mechdiff.sites.capture import capture
 
-    cfg = bg.llama_config(args.tiny)
+    cfg = llama_config(args.tiny)
     dtype = torch.float32 if args.tiny else torch.bfloat16
-    base, tuned = bg.build_pair(cfg, dtype)
-    tok, mean_len = bg.bench_tokenizer()
+    base, tuned = build_pair(cfg, dtype)
+    tok, mean_len = bench_tokenizer()
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
     n = args.n_prompts or (24 if args.tiny else 300)
-    prompts_path = ROOT / "src/mechdiff/data/sets/cultural.jsonl"
+    prompts_path = C.PROMPTS
     prompts = load_jsonl(prompts_path)[:n]
     attr_layers = list(range(L - 16, L, 2)) if L >= 16 else list(range(L))          # 8 layers (tiny: all 4)
     abl_layers = [L - 10, L - 6] if L >= 16 else [1, 2]
@@ -92,29 +60,24 @@ def main():
     # target: the base model's top token at the decision token (one forward, not timed)
     tops = []
     for i in range(0, n, args.batch_size):
-        b = encode(tok, prompts[i:i + args.batch_size]).to(bg.DEV)
+        b = encode(tok, prompts[i:i + args.batch_size]).to(C.DEV)
         with torch.no_grad():
             tops.append(logits_at(base, b, measured_positions(b, "decision")).argmax(-1).cpu())
     target = Target(torch.cat(tops))
     grad_x_act(base, tok, prompts[:4], target_slice(target, 4), attr_layers[-1:], batch_size=4)   # warm-up
 
-    def lm(model, side):
-        info = {**model_dims(model), "source": f"bench:random-llama-{side}", "dtype": str(dtype),
-                "device": str(bg.DEV), "spec": f"bench-{side}"}
-        return LoadedModel(model=model, tokenizer=tok, spec=ModelSpec(kind="local", path=f"/bench/{side}"), info=info)
-
-    models = (lm(base, "base"), lm(tuned, "tuned"))
+    pair, models = loaded_pair(base, tuned, tok)
     rows, results = [], {}
 
     def row(name, fn, note=""):
         try:
-            dt, peak, _ = measure(fn)
+            dt, peak, _ = time_and_peak(fn)
             rows.append([name, dt, peak, note])
         except Exception as e:  # keep going: one failure must not lose the other rows
             traceback.print_exc()
             rows.append([name, float("nan"), float("nan"), f"FAILED {type(e).__name__}: {str(e)[:120]}"])
         results[name] = rows[-1][1:]
-        bg.log(f"{name}: {rows[-1][1]:.2f} s, peak {rows[-1][2]:.2f} GiB {rows[-1][3]}")
+        log(f"{name}: {rows[-1][1]:.2f} s, peak {rows[-1][2]:.2f} GiB {rows[-1][3]}")
 
     todo = args.rows.split(",")
     bs = args.batch_size
@@ -136,19 +99,16 @@ def main():
             lambda: patch_measure(models[0], prompts, variants, batch_size=bs, measure="decision",
                                   reducer=target.reducer()), f"layers {abl_layers} (head_z capture not timed)")
     if "stage" in todo:
-        pair = Pair(name="bench-8b-random", base=models[0].spec, tuned=models[1].spec, dtype="bfloat16")
         out = Path(tempfile.mkdtemp(prefix="mechdiff_bench_rq4_"))
         row(f"`mechdiff heads`, {len(abl_layers)} layers, {n} prompts, both models (all measurements)",
             lambda: run_stage("heads", pair, out=out, models=models, prompts=prompts_path, batch_size=bs,
                               layers=abl_layers, n_prompts=n), f"run directory {out}")
     header = ["what", "wall s", "peak GiB over models", "note"]
-    bg.table(f"RQ4 on the {'tiny' if args.tiny else '8B-shaped'} pair ({bg.DEV}, {dtype}, ~{mean_len:.0f} "
-             f"tokens/prompt, batch size {bs})", header, rows,
-             "targets (issue 14): < 60 s and < 40 GiB for rows 1 and 3")
-    if OUT:
-        Path(OUT, "rq4_results.md").write_text("\n\n".join(bg.TABLES) + "\n")
-        Path(OUT, "rq4_results.json").write_text(json.dumps({"env": bg.env_info(), "rows": results}, indent=1,
-                                                            default=str))
+    table(f"RQ4 on the {'tiny' if args.tiny else '8B-shaped'} pair ({C.DEV}, {dtype}, ~{mean_len:.0f} "
+          f"tokens/prompt, batch size {bs})", header, rows,
+          "targets (issue 14): < 60 s and < 40 GiB for rows 1 and 3")
+    C.RESULTS["rows"] = results
+    C.flush_results()
 
 
 def target_slice(t, k):
