@@ -283,3 +283,52 @@ def test_procrustes_few_rows_leaves_the_shared_complement_unchanged():
     x = torch.randn(d, generator=g, dtype=torch.float64)
     x = x - span @ (span.T @ x)
     assert torch.allclose(x @ R, x, atol=1e-9)
+
+
+# ---- Procrustes with N in (d/2, d): identity on the undetermined complement (issue 11) ------------
+
+@pytest.mark.parametrize("cls", [ProcrustesMap, ScaledProcrustesMap])
+def test_procrustes_base_equal_tuned_between_half_and_full_rows_is_the_identity(cls):
+    """base == tuned with d/2 < N < d: the data fix R on an (N-1)-dim span only; the rest is completed
+    with the identity, so R = I, held-out R^2 = 1 to fp precision, and d - (N-1) directions are
+    reported as undetermined (the full SVD's arbitrary completion drifted here: issue 11)."""
+    from mechdiff.analyses.map_metrics import map_metrics
+    d, N = 48, 30
+    X = randn(N, d, seed=11) * torch.linspace(0.2, 3.0, d, dtype=F64) + 1.0
+    m = cls().fit(X, X.clone())
+    assert torch.allclose(m.R_, torch.eye(d, dtype=F64), atol=1e-9), rotation_drift(m.R_)
+    assert m.n_underdetermined_ == d - (N - 1)
+    Xv = randn(20, d, seed=12) * 2.0 + 1.0                     # off the training span too
+    assert map_metrics(m.transform(Xv), Xv)["r2_vw"] == pytest.approx(1.0, abs=1e-10)
+
+
+def test_procrustes_planted_rotation_between_half_and_full_rows_is_recovered_on_the_span():
+    """d/2 < N < d, Y = X Q with Q a rotation inside the data's span S (in a random basis P): R equals
+    Q on S and the identity on S's complement, which the data leave undetermined."""
+    from mechdiff.analyses.maps import procrustes
+    d, N = 40, 28
+    P = orth(d, 13)                                            # rows: a random basis of R^d
+    C = torch.zeros(N, d, dtype=F64)
+    C[:, :N - 1] = randn(N, N - 1, seed=14)
+    A = C @ P
+    A = A - A.mean(0)                                          # rank N - 1, span S = P[:N-1]
+    G = torch.eye(d, dtype=F64)
+    G[:6, :6] = orth(6, 15)                                    # a rotation of 6 directions inside S
+    Q = P.T @ G @ P
+    R, S = procrustes(A, A @ Q)
+    assert torch.allclose(R, Q, atol=1e-9)                     # Q on S, the identity off S
+    comp = P[N - 1:]                                           # [d - N + 1, d] the complement of S
+    assert torch.allclose(comp @ R, comp, atol=1e-9)
+    assert torch.allclose(R @ R.T, torch.eye(d, dtype=F64), atol=1e-10)
+    assert ProcrustesMap().fit(A, A @ Q).n_underdetermined_ == d - (N - 1)
+
+
+def test_procrustes_full_rank_reports_nothing_underdetermined_and_saves_the_count(tmp_path):
+    X = randn(100, 16, seed=16)
+    m = ProcrustesMap().fit(X, X @ orth(16, 17))
+    assert m.n_underdetermined_ == 0
+    m.save(tmp_path / "p")
+    assert load_map(tmp_path / "p").n_underdetermined_ == 0
+    few = ProcrustesMap().fit(X[:10], X[:10])
+    assert few.n_underdetermined_ == 16 - 9
+    assert json.loads((tmp_path / "p.json").read_text())["fitted"]["n_underdetermined_"] == 0

@@ -314,5 +314,33 @@ def test_self_pair_standardised_patch_is_still_zero(smollm2_loaded, tmp_path_fac
     run_rq1(load_pair("smollm2-self"), RQ1Options(n_prompts=8, behaviour=False, n_perm=2, standardise=True,
                                                   layers=[5, 20]), out=out,
             models=(smollm2_loaded, smollm2_loaded))
-    for d, v in _read(out, "patch.json")["directions"].items():
-        assert float(torch.tensor(v["per_prompt_masked"]).abs().max()) < 1e-4, d
+    patch = _read(out, "patch.json")
+    for d, v in patch["directions"].items():
+        assert float(torch.tensor(v["per_prompt_masked"]).abs().max()) == 0.0, d     # exactly the no-op value
+    assert patch["standardise"]["skipped_bit_equal_layers"] == [5, 20]
+
+
+@pytest.mark.real
+def test_planted_standardised_patch_is_exactly_zero_at_bit_equal_layers(planted_cultural, tmp_path_factory):
+    """--standardise on planted-cultural: below the planted layer base and tuned states are bit-equal, so
+    standardisation is skipped there and KL is exactly 0 (said in patch.json and the headline); at and after
+    the planted layer it applies and the KL is positive."""
+    from mechdiff.experiments.rq1 import RQ1Options, run_rq1
+    from mechdiff.pairs import load_pair
+
+    base, tuned, _ = planted_cultural
+    out = tmp_path_factory.mktemp("rq1_planted_std")
+    layers = [5, FIRST - 1, FIRST, PLANTED[-1]]
+    run_rq1(load_pair("planted-cultural"), RQ1Options(n_prompts=8, behaviour=False, n_perm=2, standardise=True,
+                                                      layers=layers, readouts=["decision"]),
+            out=out, models=(base, tuned))
+    patch = _read(out, "patch.json")
+    assert patch["standardise"]["skipped_bit_equal_layers"] == [5, FIRST - 1]
+    assert patch["standardise"]["applied_layers"] == [FIRST, PLANTED[-1]]
+    for d, v in patch["directions"].items():
+        kl = torch.tensor(v["per_prompt_masked"])                     # [layers, prompts]
+        assert torch.equal(kl[:2], torch.zeros_like(kl[:2])), d       # bit-equal layers: exactly 0
+        assert float(kl[3].mean()) > 0, d
+        assert [x["mean"] for x in v["unmasked"]][:2] == [0.0, 0.0], d
+    headline = _read(out, "rq1.json")["headline"]
+    assert "skipped at the bit-equal layers [5, 19]" in headline["standardised"]

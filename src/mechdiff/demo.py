@@ -31,7 +31,9 @@ def demo_config(pair: str, quick: bool = False) -> dict[str, dict]:
     # layers on both sides of it); quick leaves out the behaviour table, RQ2's side effects and RQ3's MC
     layers = [2, 6, 10, 14, 18, 20, 22, 24, 26, 28]
     cfg = {
-        "rq1": dict(n_prompts=16, layers=layers, n_perm=8, behaviour=not quick, behaviour_n=4, max_new_tokens=8),
+        # cognitive: RQ1 selects layers on half of the 16 math prompts; the later stages evaluate on the rest
+        "rq1": dict(n_prompts=8 if cognitive else 16, layers=layers, n_perm=8, behaviour=not quick, behaviour_n=4,
+                    max_new_tokens=8),
         "mapped-patch": dict(sites=["resid_post"], solvers=["procrustes_scaled"], alphas=["0.5", "1.0", "auto"],
                              n_train=12 if cognitive else 24, n_val=4 if cognitive else 8,
                              side_effects=not quick, side_n=4),

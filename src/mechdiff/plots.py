@@ -56,13 +56,29 @@ def _save(fig: Figure, path: str | os.PathLike) -> Path:
     return atomic_write_bytes(Path(path), buf.getvalue())
 
 
+CKA_FLOOR = 1e-6   # 1 - CKA is drawn on a log axis and clipped here (identical layers give 0)
+
+
+def _gap(a: np.ndarray) -> np.ndarray:
+    """1 - CKA, clipped at :data:`CKA_FLOOR` for the log axis (a 0.97-1.00 signal spans decades there)."""
+    return np.clip(1.0 - a, CKA_FLOOR, None)
+
+
+def _cka_axis(ax: Any) -> None:
+    ax.set_yscale("log")
+    ax.set_ylabel(f"1 - CKA (log; 0 = identical, clipped at {CKA_FLOOR:g})")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(max(lo, CKA_FLOOR / 2), max(hi, 2.0))
+
+
 def plot_cka_curve(layers: Sequence[int], debiased: Sequence[float],
                    ci_low: Sequence[float] | None, ci_high: Sequence[float] | None,
                    biased: Sequence[float] | None, null_mean: Sequence[float] | float | None,
                    null_sd: Sequence[float] | float | None, path: str | os.PathLike,
                    title: str = "CKA between base and tuned, by layer") -> Path:
-    """Debiased CKA per layer with its CI band, biased CKA dashed, null (permutation) mean +- 2 sd
-    as a grey band. Optional series may be None."""
+    """1 - CKA per layer on a log axis (so 0.97-1.00 is readable next to the null near 0): debiased
+    with its CI band, biased dashed, the row-shuffled independence null (mean +- 2 sd) as a grey band.
+    Optional series may be None."""
     x = _arr(layers, name="layers")
     n = len(x)
     deb = _arr(debiased, n, "debiased")
@@ -70,23 +86,20 @@ def plot_cka_curve(layers: Sequence[int], debiased: Sequence[float],
     if null_mean is not None:
         nm = _arr(null_mean, n, "null_mean")
         ns = _arr(null_sd, n, "null_sd") if null_sd is not None else np.zeros(n)
-        ax.fill_between(x, nm - 2 * ns, nm + 2 * ns, color="0.6", alpha=0.35, lw=0,
-                        label="null (shuffled) mean ± 2 sd")
-        ax.plot(x, nm, color="0.45", lw=1, ls=":")
+        ax.fill_between(x, _gap(nm + 2 * ns), _gap(nm - 2 * ns), color="0.6", alpha=0.35, lw=0,
+                        label="independence null (rows shuffled) mean ± 2 sd")
+        ax.plot(x, _gap(nm), color="0.45", lw=1, ls=":")
     if ci_low is not None and ci_high is not None:
-        ax.fill_between(x, _arr(ci_low, n, "ci_low"), _arr(ci_high, n, "ci_high"),
+        ax.fill_between(x, _gap(_arr(ci_high, n, "ci_high")), _gap(_arr(ci_low, n, "ci_low")),
                         color="C0", alpha=0.25, lw=0, label="debiased 95% CI")
-    ax.plot(x, deb, color="C0", marker="o", ms=3.5, lw=1.8, label="debiased CKA")
+    ax.plot(x, _gap(deb), color="C0", marker="o", ms=3.5, lw=1.8, label="debiased CKA")
     if biased is not None:
-        ax.plot(x, _arr(biased, n, "biased"), color="C1", ls="--", lw=1.4, label="biased CKA")
+        ax.plot(x, _gap(_arr(biased, n, "biased")), color="C1", ls="--", lw=1.4, label="biased CKA")
     ax.set_xlabel("layer")
-    ax.set_ylabel("linear CKA (base vs tuned)")
     ax.set_title(title)
-    finite = deb[np.isfinite(deb)]
-    lo = min(0.0, float(finite.min()) - 0.05) if finite.size else 0.0
-    ax.set_ylim(lo, 1.05)
+    _cka_axis(ax)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="best", fontsize=8)
     return _save(fig, path)
 
 
@@ -380,7 +393,8 @@ def _mark_layers(ax: Any, r: Mapping[str, Any], colour: str, single: bool) -> No
 
 def plot_fig_a(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike,
                title: str = "Figure A — where base and tuned diverge") -> Path:
-    """Top: debiased CKA per layer with its CI band and the shuffled null (mean ± 2 sd, grey).
+    """Top: 1 - debiased CKA per layer on a log axis (a 0.97-1.00 signal stays readable) with its CI band
+    and the row-shuffled independence null (mean ± 2 sd, grey).
     Bottom: patch KL per layer (mean over prompts and directions, ± 1 SE over topic groups) against the
     self-patch floor; the entry layer dashed, the control layer dotted, chosen layers dark, planted
     layers shaded. ``runs``: ``{label, cka: {layers, debiased, ci_low, ci_high, null_mean, null_sd},
@@ -398,12 +412,12 @@ def plot_fig_a(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike,
             if cka.get("null_mean") is not None:
                 nm = _arr(cka["null_mean"], n, "null_mean")
                 ns = _arr(cka.get("null_sd") if cka.get("null_sd") is not None else 0.0, n, "null_sd")
-                top.fill_between(x, nm - 2 * ns, nm + 2 * ns, color="0.6", alpha=0.3, lw=0,
-                                 label="shuffled null ± 2 sd" if j == 0 else None)
+                top.fill_between(x, _gap(nm + 2 * ns), _gap(nm - 2 * ns), color="0.6", alpha=0.3, lw=0,
+                                 label="independence null (rows shuffled) ± 2 sd" if j == 0 else None)
             if cka.get("ci_low") is not None and cka.get("ci_high") is not None:
-                top.fill_between(x, _arr(cka["ci_low"], n, "ci_low"), _arr(cka["ci_high"], n, "ci_high"),
+                top.fill_between(x, _gap(_arr(cka["ci_high"], n, "ci_high")), _gap(_arr(cka["ci_low"], n, "ci_low")),
                                  color=c, alpha=0.2, lw=0)
-            top.plot(x, _arr(cka["debiased"], n, "debiased"), color=c, marker="o", ms=3, lw=1.6,
+            top.plot(x, _gap(_arr(cka["debiased"], n, "debiased")), color=c, marker="o", ms=3, lw=1.6,
                      label=f"{lab}: debiased CKA (95% CI)" if not single else "debiased CKA (95% CI band)")
             _mark_layers(top, r, c, single)
         p = r.get("patch")
@@ -429,8 +443,7 @@ def plot_fig_a(runs: Sequence[Mapping[str, Any]], path: str | os.PathLike,
                             label="self-patch floor" if j == 0 else None)
             _mark_layers(bot, r, c, single)
     if any_cka:
-        top.set_ylabel("linear CKA (base vs tuned)")
-        top.set_ylim(min(-0.05, top.get_ylim()[0]), 1.05)
+        _cka_axis(top)
         top.grid(alpha=0.3)
         top.legend(fontsize=7, loc="lower left")
     else:

@@ -64,6 +64,9 @@ def check(opts: RQ1Options, n_layers: int) -> None:
         raise ConfigError(f"--measure/--readouts: unknown readout(s) {bad}; use decision or last")
     if opts.n_prompts < 4:
         raise ConfigError(f"--n-prompts must be >= 4 (debiased CKA needs n > 3), got {opts.n_prompts}")
+    from mechdiff.sites.names import SITE_NAMES
+    if opts.site not in SITE_NAMES or opts.site.startswith("head"):
+        raise ConfigError(f"--site: unknown site {opts.site!r}; use resid_post, resid_pre, attn_out or mlp_out")
 
 
 def cka_layers(n_layers: int, stride: int) -> list[int]:
@@ -146,15 +149,27 @@ def _readout(study: Study, prompts, layers: list[int], opts: RQ1Options, measure
         clean[side], own[side] = clean_run(study.side(side), prompts, sites, batch_size=study.batch_size,
                                            measure=measure)
     src_values = {side: torch.stack([own[side][str(s)] for s in sites]).float() for side in SIDES}
+    std_info = None
     if opts.standardise:
-        src_values = {src: torch.stack([_standardiser(src_values[src][j], src_values[dst][j])(src_values[src][j])
+        # Where base and tuned states are bit-equal (layers below a fine-tune's first change) the
+        # standardiser is the identity in exact arithmetic but not in float: it is skipped there, so
+        # the patch writes back the destination's own state and KL is exactly 0 (the no-op value).
+        equal = [torch.equal(src_values["base"][j], src_values["tuned"][j]) for j in range(len(layers))]
+        src_values = {src: torch.stack([src_values[src][j] if equal[j] else
+                                        _standardiser(src_values[src][j], src_values[dst][j])(src_values[src][j])
                                         for j in range(len(layers))])
                       for src, dst in (d.split("->") for d in DIRECTIONS)}
+        std_info = {"applied_layers": [l for l, e in zip(layers, equal) if not e],
+                    "skipped_bit_equal_layers": [l for l, e in zip(layers, equal) if e],
+                    "note": "standardisation skipped where base and tuned states are bit-equal: their "
+                            "patch is the exact no-op (KL 0)"}
     floor_at = sorted({layers[0], layers[len(layers) // 2], layers[-1]})
     ids = {side: study.allowed_ids(side) for side in SIDES}
     cross = kl_shared(clean["base"], clean["tuned"], ids["base"], ids["tuned"])
     out: dict = {"measure": measure, "meaning": READOUTS[measure], "clean_cross_kl_shared": summarise(cross),
                  "floor_layers": floor_at, "directions": {}}
+    if std_info is not None:
+        out["standardise"] = std_info
     for direction in DIRECTIONS:
         src, dst = direction.split("->")
         variants = [Patch(s, src_values[src][j]) for j, s in enumerate(sites)] + \
@@ -186,6 +201,11 @@ def _patch_step(study: Study, prompts, opts: RQ1Options) -> None:
     result: dict = {"site": opts.site, "layers": layers, "measure": opts.measure, "directions": main["directions"],
                     "clean_cross_kl_shared": main["clean_cross_kl_shared"], "readouts": readouts,
                     "groups": group_ids(prompts).tolist()}
+    if "standardise" in main:
+        result["standardise"] = main["standardise"]
+        if main["standardise"]["skipped_bit_equal_layers"]:
+            warn(f"--standardise: skipped at layers {main['standardise']['skipped_bit_equal_layers']}, where base "
+                 f"and tuned states are bit-equal (their patch KL is the exact no-op value 0)")
     if opts.all_positions:
         result["all_positions"] = _all_positions(study, prompts, layers, opts)
     study.run.write_json("patch.json", result)

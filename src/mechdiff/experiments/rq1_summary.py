@@ -99,7 +99,8 @@ def summarise_rq1(run: RunDir, pair: Pair, base: LoadedModel, tuned: LoadedModel
         plot_cka_curve(col("layer"), col("debiased"), col("ci_low"), col("ci_high"), col("biased"),
                        col("null_mean"), col("null_sd"), run.figure("cka_curve.png"),
                        title=f"CKA per layer ({cka['site']}, n={cka['n']})")
-        figures["cka_curve.png"] = "debiased CKA with jackknife CI, biased CKA, row-shuffled null"
+        figures["cka_curve.png"] = ("1 - CKA on a log axis: debiased with jackknife CI, biased, and the row-shuffled "
+                                    "independence null (CKA of unrelated states; per-layer permutation seeds)")
     plot_cka_matrix(cka["matrix_debiased"], run.figure("cka_matrix.png"),
                     xlabel="tuned layer", ylabel="base layer", xticks=cka["matrix_layers"]["tuned"],
                     yticks=cka["matrix_layers"]["base"], title="debiased CKA, base x tuned layers")
@@ -139,6 +140,10 @@ def summarise_rq1(run: RunDir, pair: Pair, base: LoadedModel, tuned: LoadedModel
         if choice["control"] is not None:
             ctrl = [r["kl_mean"] for r in table if r["layer"] == choice["control"]]
             headline["control layer KL (max dir)"] = max(ctrl)
+        if patch.get("standardise"):
+            st = patch["standardise"]
+            headline["standardised"] = (f"at layers {st['applied_layers']}; skipped at the bit-equal layers "
+                                        f"{st['skipped_bit_equal_layers']} (exact no-op: KL 0)")
     else:
         headline["patching"] = (f"skipped: hidden sizes or depths differ (base d={base.d_model}, "
                                 f"L={base.n_layers}; tuned d={tuned.d_model}, L={tuned.n_layers}); "

@@ -17,87 +17,152 @@ def _drop(raw, mapped):
     return None if raw is None or raw < MIN_RAW_KL else 100.0 * (raw - mapped) / raw
 
 
-def sweep_table(variants: dict) -> dict:
-    """Rows (layer, site, alpha, KL_raw, KL_mapped, delta, drop %), best per (layer, site), winner,
-    control rows, from variants.json."""
+def _dev(r: dict) -> dict:
+    """The row's dev numbers under the test keys (for :func:`_drop_text`)."""
+    return {**r, "drop_pct": r["dev_drop_pct"], "kl_raw": r["dev_kl_raw"]}
+
+
+def _split_means(variants: dict) -> tuple[list, list]:
+    """Per variant: (dev mean KL, test mean KL). Files without a dev/test split (no ``n_dev``): both
+    are the mean over all val prompts."""
     v = variants["variants"]
-    raw = {(x["layer"], x["site"]): x["kl_mean"] for x in v if x["kind"] == "raw"}
+    if "n_dev" not in variants:
+        return [x["kl_mean"] for x in v], [x["kl_mean"] for x in v]
+    return [x["kl_dev_mean"] for x in v], [x["kl_mean"] for x in v]
+
+
+def sweep_table(variants: dict) -> dict:
+    """Rows (solver, layer, site, alpha, KL_raw, KL_mapped, delta, drop %) on the test prompts with the
+    dev numbers beside (``dev_kl_raw``, ``dev_kl_mapped``, ``dev_drop_pct``); the best alpha per
+    (solver, layer, site) and the winner are chosen on dev; control rows; from variants.json."""
+    v = variants["variants"]
+    dev, test = _split_means(variants)
+    raw = {(x["layer"], x["site"]): (dev[i], test[i]) for i, x in enumerate(v) if x["kind"] == "raw"}
     rows, controls = [], []
-    for x in v:
+    for i, x in enumerate(v):
         if x["kind"] == "raw":
             continue
-        r = raw.get((x["layer"], x["site"]))
-        row = {"layer": x["layer"], "site": x["site"], "alpha": x["alpha"], "alpha_value": x["alpha_value"],
-               "kl_raw": r, "kl_mapped": x["kl_mean"], "delta": None if r is None else r - x["kl_mean"],
-               "drop_pct": _drop(r, x["kl_mean"]), "kl_mapped_unmasked": x["kl_unmasked_mean"]}
+        rd, rt = raw.get((x["layer"], x["site"]), (None, None))
+        row = {"solver": x.get("solver", variants.get("solver")), "layer": x["layer"], "site": x["site"],
+               "alpha": x["alpha"], "alpha_value": x["alpha_value"], "kl_raw": rt, "kl_mapped": test[i],
+               "delta": None if rt is None else rt - test[i], "drop_pct": _drop(rt, test[i]),
+               "kl_mapped_unmasked": x["kl_unmasked_mean"], "dev_kl_raw": rd, "dev_kl_mapped": dev[i],
+               "dev_drop_pct": _drop(rd, dev[i])}
         if x["kind"] == "mapped":
             rows.append(row)
         else:
             controls.append({**row, "control": x["kind"], "map_layer": x["map_layer"]})
     best = {}
     for r in rows:
-        k = (r["layer"], r["site"])
-        if k not in best or r["kl_mapped"] < best[k]["kl_mapped"]:
+        k = (r["solver"], r["layer"], r["site"])
+        if k not in best or r["dev_kl_mapped"] < best[k]["dev_kl_mapped"]:
             best[k] = r
-    best_rows = sorted(best.values(), key=lambda r: (r["layer"], r["site"]))
-    winner = max(best_rows, key=lambda r: (r["drop_pct"] if r["drop_pct"] is not None else -r["kl_mapped"]),
+    best_rows = sorted(best.values(), key=lambda r: (r["solver"], r["layer"], r["site"]))
+    winner = max(best_rows, key=lambda r: (r["dev_drop_pct"] is not None,
+                                           r["dev_drop_pct"] if r["dev_drop_pct"] is not None else -r["dev_kl_mapped"]),
                  default=None)
-    return {"rows": rows, "best": best_rows, "winner": winner, "controls": controls}
+    return {"rows": rows, "best": best_rows, "winner": winner, "controls": controls,
+            "chosen_on": "dev" if "n_dev" in variants else "val (no dev/test split in this file)"}
 
 
 def stop_conditions(t: dict, side: list[dict] | None) -> dict:
-    """The plan's stop conditions: a large drop, small side effects, controls not comparable."""
-    w = t["winner"]
+    """The plan's stop conditions, each True only on defined evidence: a large drop of the dev-chosen
+    winner on test; small side effects (refusal on harmful prompts the model refuses, MC), measured;
+    the bogus and shuffled maps of the winner's solver give a defined drop under half the winner's.
+    Missing or undefined evidence gives False with the reason in ``reasons``; ``met`` needs all three."""
+    w, reasons = t["winner"], {}
     drop = w["drop_pct"] if w else None
+    if w is None:
+        reasons["large_drop"] = "no mapped variant was measured"
+    elif drop is None:
+        reasons["large_drop"] = (f"undefined: the raw patch changes nothing on test (KL_raw "
+                                 f"{'n/a' if w['kl_raw'] is None else format(w['kl_raw'], '.2g')} < {MIN_RAW_KL:g})")
     big = drop is not None and drop >= THRESHOLDS["drop_pct"]
-    se = None
-    if side and w:
-        s = next((r for r in side if r["layer"] == w["layer"] and r["site"] == w["site"]), None)
-        if s:
-            se = (abs(s["d_refusal_pp_unmasked"]) <= THRESHOLDS["refusal_pp"]
-                  and abs(s["d_mc_dlogp_unmasked"]) <= THRESHOLDS["mc_dlogp"])
-    # A bogus or shuffled map must not give a comparable drop (half the winner's or more). Where the
-    # raw patch changes nothing (drop undefined) the control cannot reduce anything.
-    ctrl = [c["drop_pct"] for c in t["controls"] if c["control"] in ("bogus", "shuffle")]
-    ctrl_ok = None if drop is None or not ctrl else all(d is None or d < 0.5 * drop for d in ctrl)
+    if drop is not None and not big:
+        reasons["large_drop"] = f"test drop {drop:.1f}% < {THRESHOLDS['drop_pct']:.0f}%"
+    se = False
+    s = next((r for r in side or [] if w and r["layer"] == w["layer"] and r["site"] == w["site"]
+              and r.get("solver", w["solver"]) == w["solver"]), None)
+    if not side:
+        reasons["side_effects_small"] = "not measured (--no-side-effects or no side_effects.json)"
+    elif s is None:
+        reasons["side_effects_small"] = "not measured for the winner"
+    else:
+        ref, mc, clean = s.get("d_refusal_pp_unmasked"), s.get("d_mc_dlogp_unmasked"), s.get("refusal_clean_unmasked")
+        if ref is None or mc is None or ref != ref or mc != mc:
+            reasons["side_effects_small"] = "undefined: a side effect has no finite value"
+        elif not clean:
+            reasons["side_effects_small"] = ("undefined: the model refuses none of the harmful prompts, so a lost "
+                                             "refusal cannot show")
+        else:
+            se = abs(ref) <= THRESHOLDS["refusal_pp"] and abs(mc) <= THRESHOLDS["mc_dlogp"]
+            if not se:
+                reasons["side_effects_small"] = f"d refusal {ref:+.1f} pp, d mc_dlogp {mc:+.3f} over the thresholds"
+    ctrl = [c for c in t["controls"] if c["control"] in ("bogus", "shuffle") and w and c["solver"] == w["solver"]]
+    undefined = [c for c in ctrl if c["drop_pct"] is None]
+    if not ctrl:
+        reasons["controls_not_comparable"] = "no bogus or shuffle control was measured"
+        ctrl_ok = False
+    elif undefined:
+        reasons["controls_not_comparable"] = "not comparable: " + "; ".join(
+            f"{c['control']} control at L{c['layer']} has no defined drop (raw KL 0): evidence of nothing"
+            for c in undefined)
+        ctrl_ok = False
+    elif drop is None:
+        reasons["controls_not_comparable"] = "the winner's drop is undefined"
+        ctrl_ok = False
+    else:
+        ctrl_ok = all(c["drop_pct"] < 0.5 * drop for c in ctrl)
+        if not ctrl_ok:
+            reasons["controls_not_comparable"] = "a control gives half the winner's drop or more"
     return {"large_drop": big, "side_effects_small": se, "controls_not_comparable": ctrl_ok,
-            "met": bool(big and se is not False and ctrl_ok is not False), "thresholds": THRESHOLDS}
+            "met": bool(big and se and ctrl_ok), "reasons": reasons, "chosen_on": t.get("chosen_on", "dev"),
+            "reported_on": "test", "thresholds": THRESHOLDS}
 
 
 def _fmt(x, spec="7.3f"):
-    return " " * 7 if x is None else format(x, spec)
+    """A number, or "n/a" in the same width where it is undefined (null)."""
+    width = spec.split(".")[0]
+    return format("n/a", f">{width}" if width else "") if x is None else format(x, spec)
 
 
-def _drop_text(x, spec=".1f") -> str:
-    """A drop % or, where the raw KL is 0 (nothing to drop), a word instead of a blank."""
-    return "n/a: no gap" if x is None else format(x, spec) + "%"
+def _drop_text(r: dict, spec=".1f") -> str:
+    """The row's drop % or, where it is undefined, why: the raw KL is 0 (nothing to drop), or there is
+    no raw patch at all (base and tuned widths differ: only mapped states can be patched across)."""
+    x = r["drop_pct"]
+    if x is not None:
+        return format(x, spec) + "%"
+    return "n/a: no raw patch (widths differ)" if r.get("kl_raw") is None else "n/a: no gap"
 
 
 def summary_text(t: dict, side: list[dict] | None, stop: dict, meta: dict) -> str:
     """The one summary TXT of the plan (section 5)."""
-    L = [f"RQ2 — alpha sweep summary (val, n={meta['n_val']}, solver={meta['solver']}, "
-         f"measure={meta['measure']})", "",
-         "layer site        alpha   KL_raw   KL_mapped   delta    drop%"]
+    L = [f"RQ2 — alpha sweep summary (test n={meta['n_test']}, dev n={meta['n_dev']}, solvers="
+         f"{','.join(meta['solvers'])}, measure={meta['measure']}); alpha and winner chosen on dev, numbers on test",
+         "", "solver             layer site        alpha   KL_raw   KL_mapped   delta    drop%  (dev drop%)"]
     for r in t["rows"]:
-        L.append(f"{r['layer']:>5} {r['site']:<11} {str(r['alpha']):>5} {_fmt(r['kl_raw'])}  "
-                 f"{_fmt(r['kl_mapped'], '9.3f')}  {_fmt(r['delta'])}  {_drop_text(r['drop_pct'], '6.1f')}")
-    L += ["", "best per (layer, site):"]
+        L.append(f"{r['solver']:<18} {r['layer']:>5} {r['site']:<11} {str(r['alpha']):>5} {_fmt(r['kl_raw'])}  "
+                 f"{_fmt(r['kl_mapped'], '9.3f')}  {_fmt(r['delta'])}  {_drop_text(r, '6.1f')}  "
+                 f"({_drop_text(_dev(r))})")
+    L += ["", "alpha chosen on dev per (solver, layer, site), test numbers:"]
     for r in t["best"]:
-        L.append(f"  L{r['layer']} {r['site']}: alpha={r['alpha']} ({r['alpha_value']:.3f}) "
-                 f"KL {_fmt(r['kl_raw'], '.3f')} -> {r['kl_mapped']:.3f} (drop {_drop_text(r['drop_pct'])})")
+        L.append(f"  {r['solver']} L{r['layer']} {r['site']}: alpha={r['alpha']} ({r['alpha_value']:.3f}) "
+                 f"KL {_fmt(r['kl_raw'], '.3f')} -> {r['kl_mapped']:.3f} (drop {_drop_text(r)})")
     w = t["winner"]
     if w:
-        L.append(f"winner: L{w['layer']} {w['site']} alpha={w['alpha']} drop {_drop_text(w['drop_pct'])}")
+        L.append(f"winner (chosen on dev): {w['solver']} L{w['layer']} {w['site']} alpha={w['alpha']}, test drop "
+                 f"{_drop_text(w)} (dev {_drop_text(_dev(w))})")
     for s in side or []:
         n = lambda k, spec: "n/a" if s.get(k) is None else format(s[k], spec)  # noqa: E731  (undefined: null)
-        L.append(f"side effects L{s['layer']} {s['site']} alpha={s['alpha']}: "
+        L.append(f"side effects {s.get('solver', '')} L{s['layer']} {s['site']} alpha={s['alpha']}: "
                  f"d refusal {n('d_refusal_pp_unmasked', '+.1f')} pp (masked {n('d_refusal_pp_masked', '+.1f')}), "
                  f"d mc_dlogp {n('d_mc_dlogp_unmasked', '+.3f')} (masked {n('d_mc_dlogp_masked', '+.3f')})")
     for c in t["controls"]:
-        L.append(f"control {c['control']}: map L{c['map_layer']} at L{c['layer']} {c['site']}: "
-                 f"KL {_fmt(c['kl_raw'], '.3f')} -> {c['kl_mapped']:.3f} (drop {_drop_text(c['drop_pct'])})")
+        L.append(f"control {c['control']} ({c['solver']}): map L{c['map_layer']} at L{c['layer']} {c['site']}: "
+                 f"KL {_fmt(c['kl_raw'], '.3f')} -> {c['kl_mapped']:.3f} (drop {_drop_text(c)})")
     L.append(f"stop conditions met: {stop['met']} (large drop: {stop['large_drop']}, side effects small: "
              f"{stop['side_effects_small']}, controls not comparable: {stop['controls_not_comparable']})")
+    L += [f"  not met: {k}: {v}" for k, v in stop["reasons"].items()]
     return "\n".join(L) + "\n"
 
 
@@ -113,20 +178,28 @@ def summarise_rq2(run: RunDir, opts) -> dict:
     t = sweep_table(variants)
     side = run.read_json("side_effects.json")["table"] if run.exists("side_effects.json") else None
     stop = stop_conditions(t, side)
-    meta = {"n_val": variants["n_val"], "solver": variants["solver"], "measure": variants["measure"]}
+    meta = {"n_val": variants["n_val"], "n_dev": variants.get("n_dev", variants["n_val"]),
+            "n_test": variants.get("n_test", variants["n_val"]),
+            "solvers": variants.get("solvers", [variants["solver"]]), "measure": variants["measure"]}
     text = summary_text(t, side, stop, meta)
     atomic_write_text(run.file("rq2_summary.txt"), text)
     write_maps_figures(run)
-    if any(r["drop_pct"] is not None for r in t["rows"]):
-        plot_drop_heatmap(t["rows"], run.figure("drop_heatmap.png"), title="KL drop % (mapped vs raw), val")
     w = t["winner"]
+    shown = [r for r in t["rows"] if w is None or r["solver"] == w["solver"]]
+    if any(r["drop_pct"] is not None for r in shown):
+        plot_drop_heatmap(shown, run.figure("drop_heatmap.png"),
+                          title=f"KL drop % (mapped vs raw), test, {shown[0]['solver']}")
     out = {"title": "RQ2 — mapped patching and alpha-sweep", "summary": text, "table": t["rows"],
            "tables": {"best per (layer, site)": t["best"], "controls": t["controls"]},
            "winner": w, "controls": t["controls"], "side_effects": side, "stop_conditions": stop,
-           "headline": {"winner": None if not w else f"L{w['layer']} {w['site']} alpha={w['alpha']}",
+           "headline": {"winner": None if not w else f"{w['solver']} L{w['layer']} {w['site']} alpha={w['alpha']} "
+                                                     "(chosen on dev)",
                         "KL_raw -> KL_mapped": None if not w else
                         f"{_fmt(w['kl_raw'], '.3f')} -> {w['kl_mapped']:.3f}",
-                        "drop %": None if not w else w["drop_pct"], "stop conditions met": stop["met"], **meta}}
+                        "drop % (test)": None if not w else w["drop_pct"], "stop conditions met": stop["met"],
+                        **({"stop conditions not met because": "; ".join(f"{k}: {v}" for k, v in
+                                                                       stop["reasons"].items())} if stop["reasons"] else {}),
+                        **meta}}
     run.write_json("alpha_sweep.json", out)
     write_report(run.path)
     return out

@@ -5,7 +5,8 @@ At each chosen layer (RQ1's, else fallbacks) rank-k handles are built from fit p
 (aligned = target prompts vs neutral prompts, in the tuned model's space) and a seeded ``random``
 basis of the same k (control); with ``--transfer-lang kk`` also handles fitted on that language's
 prompts only; the same handles are also applied at RQ1's control layer (control). Fit / dev / test
-prompts are disjoint whole topic clusters (a translation group never straddles two splits). Every
+prompts are disjoint whole topic / translation clusters (``steps.cluster_split``, the split RQ2 uses too;
+RQ1's layer-selection prompts in the same run directory are kept out of dev and test). Every
 (layer, handle, mode, k, alpha) cell is one batched engine variant:
 ``steer`` (h + a h U U^T) and ``add`` (h + a s u, s = the mean ||h|| on the fit prompts) in the base,
 ``ablate`` (h - a h U U^T) in the tuned model.
@@ -29,7 +30,6 @@ figures/steer_vs_k.png, rq3_summary.txt.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 
 import torch
@@ -37,10 +37,10 @@ import torch
 from mechdiff.analyses import readouts as R
 from mechdiff.analyses import steering as S
 from mechdiff.analyses.kl import kl_shared
-from mechdiff.errors import ConfigError, DataError, NumericsError
+from mechdiff.errors import ConfigError, NumericsError
 from mechdiff.experiments.stage import Stage, Study, opt, register
-from mechdiff.experiments.steps import (capture_sides, check_layers, clean_run, kl_and_gap, patch_measure,
-                                        prompt_digest, study_layers)
+from mechdiff.experiments.steps import (capture_sides, check_layers, clean_run, cluster_split, fair_split,  # noqa: F401
+                                        kl_and_gap, patch_measure, prompt_digest, study_layers)
 
 STATES, BASES = "tensors/rq3_states.safetensors", "tensors/rq3_bases.safetensors"
 SWEEP = "tensors/rq3_sweep.safetensors"
@@ -110,34 +110,11 @@ def check(opts: RQ3Options, n_layers: int) -> None:
 
 
 # ------------------------------------------------------------------------------------- plan
-def cluster_split(prompts: list, sizes: list[int], seed: int) -> list[list]:
-    """Disjoint parts of the given sizes, whole clusters (``topic``, else the prompt) to one part, so no
-    translation or paraphrase of a fit prompt is held out. Clusters are shuffled with ``seed``; the last
-    cluster of a part is cut to size (its rest is dropped, never moved to another part)."""
-    groups: dict[str, list] = {}
-    for p in prompts:
-        groups.setdefault(str(p.get("topic") or p["id"]), []).append(p)
-    keys = sorted(groups)
-    random.Random(seed).shuffle(keys)
-    parts, it = [], iter(keys)
-    for n in sizes:
-        part: list = []
-        while len(part) < n:
-            key = next(it, None)
-            if key is None:
-                raise DataError(f"not enough prompts for fit/dev/test sizes {sizes}: {len(prompts)} prompts in "
-                                f"{len(groups)} clusters; lower --n-fit/--n-dev/--n-test")
-            part += groups[key][: n - len(part)]
-        parts.append(part)
-    return parts
-
-
 def _plan(study: Study, opts: RQ3Options) -> dict:
     from mechdiff.data.datasets import load_prompt_set
     from mechdiff.experiments.common import load_dataset_ref
     layers, control = study_layers(study, opts.layers, opts.control_layer)
-    kept, _ = study.fair_prompts(opts.min_shared_ratio)
-    fit, dev, test = cluster_split(kept, [opts.n_fit, opts.n_dev, opts.n_test], study.seed)
+    fit, dev, test = fair_split(study, [opts.n_fit, opts.n_dev, opts.n_test], opts.min_shared_ratio, study.seed)
     ref = study.pair.datasets.get("neutral")
     pool = load_dataset_ref(ref) if ref is not None else load_prompt_set("neutral")
     target_ids = {p["id"] for p in study.target_prompts}

@@ -174,6 +174,12 @@ def summarise(study, opts) -> dict:
         result = {"status": status, "minimal_k": min(mins) if mins else None,
                   "by_mode": {h["mode"]: {k: v for k, v in h.items() if not k.endswith("curve")} for h in heads},
                   "text": [_line(h, opts.gap_threshold) for h in heads]}
+        # missing or undefined evidence never counts as within the thresholds: say so where it decided
+        result["reasons"] = {h["mode"]: "side effects not measured or undefined (no neutral prompts or MC items, "
+                             "or NaN): no k counts as within the thresholds" if not R.within(h["cell"], math.inf, math.inf) else
+                             "the test share is undefined" for h in heads if h["minimal_k"] is None and
+                             (not R.within(h["cell"], math.inf, math.inf) or h["cell"]["test_share"] is None)}
+        result["text"] += [f"{m}: not found because {why}" for m, why in result["reasons"].items()]
         transfer = [t for h in heads for t in _transfer(chosen, h, opts.transfer_lang if prompts["fit_lang"] else None)]
         out.update(result=result, table=rows, chosen=chosen, transfer=transfer, summary=" ".join(result["text"]),
                    handles=_handles(study, chosen, heads, opts, meta),

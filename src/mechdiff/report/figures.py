@@ -17,8 +17,8 @@ from mechdiff.report.render import load
 from mechdiff.report.summary import best_map, importance_measure
 
 CAPTIONS = {
-    "A": "Figure A — where the models diverge: debiased CKA per layer (95% jackknife CI band, shuffled null in "
-         "grey) and cross-model patch KL per layer (mean of both directions ± SE over topic groups; chosen layers "
+    "A": "Figure A — where the models diverge: 1 - debiased CKA per layer on a log axis (95% jackknife CI band; "
+         "grey: the row-shuffled independence null, i.e. CKA of unrelated states, a fresh permutation seed per layer) and cross-model patch KL per layer (mean of both directions ± SE over topic groups; chosen layers "
          "dark, control grey, entry layer dashed, self-patch floor dotted).",
     "B": "Figure B — transport maps: held-out R² and CKA(mapped, tuned) beside the identity map and a "
          "shuffled-target map; patch KL of the raw vs the mapped base state (best alpha) and the control maps.",
@@ -67,14 +67,16 @@ def fig_b_data(maps: dict | None, sweep: dict | None, variants: dict | None) -> 
                  "identity_r2": _finite(r.get("identity_val_r2_vw")), "shuffle_r2": _finite(r.get("shuffle_val_r2_vw"))}
                 for r in shown][:12]
     patch = []
-    n = (variants or {}).get("n_val") or 0
+    n = (variants or {}).get("n_test", (variants or {}).get("n_val")) or 0     # kl_std: over the test prompts
     var = (variants or {}).get("variants") or []
     find = lambda **kw: next((v for v in var if all(str(v.get(k)) == str(x) for k, x in kw.items())), None)  # noqa: E731
     for r in (sweep or {}).get("tables", {}).get("best per (layer, site)") or []:
-        patch.append({"label": f"L{r['layer']} {r['site']} a={r['alpha']}", "raw": _finite(r.get("kl_raw")),
+        sol = {"solver": r["solver"]} if r.get("solver") else {}
+        patch.append({"label": f"{r.get('solver', '')} L{r['layer']} {r['site']} a={r['alpha']}".strip(),
+                      "raw": _finite(r.get("kl_raw")),
                       "raw_se": _se(find(layer=r["layer"], site=r["site"], kind="raw"), n),
                       "mapped": _finite(r.get("kl_mapped")),
-                      "mapped_se": _se(find(layer=r["layer"], site=r["site"], kind="mapped", alpha=r["alpha"]), n)})
+                      "mapped_se": _se(find(layer=r["layer"], site=r["site"], kind="mapped", alpha=r["alpha"], **sol), n)})
     for c in (sweep or {}).get("controls") or []:
         patch.append({"label": f"{c['control']}: map L{c['map_layer']} at L{c['layer']} {c['site']}", "raw": None,
                       "mapped": _finite(c.get("kl_mapped")),

@@ -72,7 +72,8 @@ def rq1_sentences(rq1: dict | None, cka: dict | None) -> list[str]:
         low = min(rows, key=lambda r: r["debiased"])
         out.append(f"Representations differ most at layer {low['layer']}: debiased CKA {_f(low['debiased'])} "
                    f"(95% CI {_f(low.get('ci_low'))} to {_f(low.get('ci_high'))}, jackknife over topic groups) "
-                   f"against a row-shuffled null of {_f(low.get('null_mean'))} +- {_f(low.get('null_sd'))} "
+                   f"against a row-shuffled independence null (the CKA of unrelated states, its own permutations per "
+                   f"layer) of {_f(low.get('null_mean'))} +- {_f(low.get('null_sd'))} "
                    f"(biased CKA {_f(low.get('biased'))}; n={cka.get('n')}).")
     layers = rq1.get("layers") or {}
     ev = layers.get("evidence") or {}
@@ -109,6 +110,9 @@ def rq1_sentences(rq1: dict | None, cka: dict | None) -> list[str]:
 
 # ------------------------------------------------------------------------------- RQ2
 def best_map(maps: dict | None) -> dict | None:
+    """The map chosen on dev R2 (``maps.json``'s ``best``), else the best val R2 (older files)."""
+    if (maps or {}).get("best"):
+        return maps["best"]
     rows = [r for r in (maps or {}).get("table") or [] if not r.get("control_layer") and r.get("val_r2_vw") is not None]
     return max(rows, key=lambda r: r["val_r2_vw"]) if rows else None
 
@@ -116,7 +120,7 @@ def best_map(maps: dict | None) -> dict | None:
 def _variant_se(variants: dict | None, layer, site, alpha, kind: str) -> float | None:
     if not variants:
         return None
-    n = variants.get("n_val") or 0
+    n = variants.get("n_test", variants.get("n_val")) or 0      # kl_std is over the test prompts
     for v in variants.get("variants") or []:
         if v.get("layer") == layer and v.get("site") == site and v.get("kind") == kind and \
                 (kind == "raw" or str(v.get("alpha")) == str(alpha)):
@@ -132,8 +136,8 @@ def rq2_sentences(maps: dict | None, sweep: dict | None, variants: dict | None) 
         ctrl = [r for r in (maps or {}).get("table") or [] if r.get("control_layer") and r.get("solver") == b["solver"]
                 and r.get("site") == b["site"]]
         c = f"; the same map at control layer {ctrl[0]['layer']}: R2 {_f(ctrl[0]['val_r2_vw'])}" if ctrl else ""
-        out.append(f"Best transport map base -> tuned: {b['solver']} at layer {b['layer']} ({b['site']}): held-out "
-                   f"R2 {_f(b['val_r2_vw'])} and CKA(mapped, tuned) {_f(b.get('val_cka'))}, vs the identity map's "
+        out.append(f"Best transport map base -> tuned (chosen on dev R2): {b['solver']} at layer {b['layer']} "
+                   f"({b['site']}): test R2 {_f(b.get('test_r2_vw', b['val_r2_vw']))}, held-out R2 {_f(b['val_r2_vw'])} and CKA(mapped, tuned) {_f(b.get('val_cka'))}, vs the identity map's "
                    f"R2 {_f(b.get('identity_val_r2_vw'))} and a map fitted on shuffled targets R2 "
                    f"{_f(b.get('shuffle_val_r2_vw'))}{c}.")
     w = (sweep or {}).get("winner")
@@ -145,11 +149,13 @@ def rq2_sentences(maps: dict | None, sweep: dict | None, variants: dict | None) 
         drop = ("no drop is defined (the raw patch changes nothing)" if w.get("drop_pct") is None
                 else f"a {w['drop_pct']:.0f}% drop")
         stop = (sweep.get("stop_conditions") or {}).get("met")
-        out.append(f"Mapped patching (val n={(variants or {}).get('n_val', sweep.get('headline', {}).get('n_val'))}): "
-                   f"at layer {w['layer']} {w['site']}, alpha {w['alpha']}, the mapped base state gives patch KL "
+        why = "; ".join(f"{k}: {v}" for k, v in ((sweep.get("stop_conditions") or {}).get("reasons") or {}).items())
+        out.append(f"Mapped patching (test n={(variants or {}).get('n_test', (variants or {}).get('n_val'))}; solver, "
+                   f"layer and alpha chosen on {(variants or {}).get('n_dev', 'the same')} dev prompts): "
+                   f"{w.get('solver', '')} at layer {w['layer']} {w['site']}, alpha {w['alpha']}, the mapped base state gives patch KL "
                    f"{_f(w['kl_mapped'])} +- {_f(map_se, '.2g')} vs {_f(w.get('kl_raw'))} +- {_f(raw_se, '.2g')} for "
                    f"the raw base state: {drop} (controls: {ctrls or 'none'}); stop conditions met: "
-                   f"{'yes' if stop else 'no'}.")
+                   f"{'yes' if stop else 'no'}" + (f" ({why})" if why and not stop else "") + ".")
     return out
 
 
@@ -269,7 +275,7 @@ def numbers(run_dir: Path) -> dict[str, Any]:
         "max patch KL layer": None if top is None else top["layer"],
         "min debiased CKA": None if low is None else low["debiased"],
         "min CKA layer": None if low is None else low["layer"],
-        "best map R2": None if b is None else b["val_r2_vw"],
+        "best map R2": None if b is None else b.get("test_r2_vw", b["val_r2_vw"]),
         "best map": None if b is None else f"{b['solver']} L{b['layer']} {b['site']}",
         "identity map R2": None if b is None else b.get("identity_val_r2_vw"),
         "mapped drop %": w.get("drop_pct"), "raw patch KL (val)": w.get("kl_raw"),

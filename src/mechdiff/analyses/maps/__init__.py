@@ -9,8 +9,9 @@ training means/covariances; validation data are used for lambda selection (Ridge
 Width support (dx != dy):
   IdentityMap            dx == dy only (SiteError otherwise)
   RidgeMap               any dx, dy
-  ProcrustesMap          any: thin-SVD semi-orthogonal R [dx, dy] (N < d: explicit completion,
-                         see :func:`procrustes`)
+  ProcrustesMap          any: thin-SVD semi-orthogonal R [dx, dy] (rank < d, e.g. N < d: the
+                         identity on the undetermined complement, see :func:`procrustes`;
+                         ``n_underdetermined_`` counts those directions)
   PCAProcrustesMap       any: rotation between q-dim PCA spaces
   ScaledProcrustesMap    any (for dx < dy the coloured output has rank <= dx)
   LogitSubspaceMap       dx == dy == W_U.shape[1] only (both sides are projected with the tuned W_U)
@@ -26,14 +27,14 @@ from mechdiff.analyses.maps.logit import LogitSubspaceMap
 from mechdiff.analyses.maps.procrustes import (PCAProcrustesMap, ProcrustesMap,
                                                _procrustes_few_rows as _procrustes_few_rows,
                                                _svd as _svd, _top_right_singular as _top_right_singular,
-                                               procrustes)
+                                               n_underdetermined, procrustes)
 from mechdiff.analyses.maps.ridge import RidgeMap
 from mechdiff.analyses.maps.whiten import ScaledProcrustesMap, Whitener, check_shrinkage, shrink_covariance
 
 __all__ = [
     "IdentityMap", "RidgeMap", "ProcrustesMap", "PCAProcrustesMap", "ScaledProcrustesMap",
     "LogitSubspaceMap", "Whitener", "check_shrinkage", "shrink_covariance", "procrustes", "load_map",
-    "MAP_CLASSES", "SOLVERS", "make_map",
+    "MAP_CLASSES", "SOLVERS", "make_map", "n_underdetermined",
 ]
 
 # The registry load_map reads (saved maps record their class name). It lives in base.py so that

@@ -71,7 +71,7 @@ class _Map:
     def state(self) -> tuple[dict, dict]:
         """(JSON-able config, {name: tensor}) for saving."""
         tensors = {k: getattr(self, k) for k in self._tensors if getattr(self, k, None) is not None}
-        fitted = {k: getattr(self, k) for k in self._fitted}
+        fitted = {k: getattr(self, k, None) for k in self._fitted}   # None: saved before k existed
         cfg = dict(cls=type(self).__name__, format_version=FORMAT_VERSION, hparams=self.hparams(),
                    fitted=fitted, dx=self.dx_, dy=self.dy_,
                    shapes={k: list(v.shape) for k, v in tensors.items()})

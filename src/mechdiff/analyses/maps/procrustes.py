@@ -23,30 +23,51 @@ def procrustes(A: torch.Tensor, B: torch.Tensor):
     """Orthogonal Procrustes for centred A [N, da], B [N, db]: R = U V^T from the thin SVD of A^T B.
 
     Returns (R [da, db] with R R^T = I (da <= db) or R^T R = I (da >= db), the nonzero-or-all singular
-    values S of A^T B; callers use ``S.sum()``).
+    values S of A^T B; callers use ``S.sum()``; :func:`n_underdetermined` counts the directions the
+    data leave open).
 
-    Few rows (da == db = d, 2N <= d): A^T B has rank r <= N, so R is fixed by the data only on the
-    r-dim subspace Sa = span(U_r) (to Sb = span(V_r)); the d x d SVD would fill the rest with
-    whatever its solver returns. Here R is computed and completed explicitly, without a d x d SVD:
-    with A^T = Qa Ra, B^T = Qb Rb (thin QR) and the SVD of the N x N core Ra Rb^T = Uc S Vc^T,
-    U_r = Qa Uc_r, V_r = Qb Vc_r (the same U_r S V_r^T as the full SVD, so A R agrees with it), and
+    Rank-deficient data (da == db = d, rank r of A^T B below d, e.g. every N < d): R is fixed by the
+    data only on the r-dim subspace Sa = span(U_r) (to Sb = span(V_r)); an SVD would fill the rest
+    with whatever its solver returns. R is completed explicitly as
 
         R = U_r V_r^T + polar(P_a P_b),   P_a = I - U_r U_r^T, P_b = I - V_r V_r^T,
 
     where polar() is the orthogonal factor of P_a P_b as a map from Sa's complement to Sb's
     complement: of all isometries between the two complements, the one closest to the identity. In
-    particular x R = x for every x orthogonal to both Sa and Sb (the shared complement), which suits
-    a base and a fine-tune that share a basis. It is computed in span([U_r, V_r]) (<= 2r dims).
-    R is exactly orthogonal. If a direction of one complement is orthogonal to the whole other
-    complement (polar factor not unique) the full SVD is used instead."""
+    particular x R = x for every x orthogonal to both Sa and Sb (the shared complement), which suits a
+    base and a fine-tune that share a basis; with A = B it gives R = I. For N < d this runs without a
+    d x d SVD (``_procrustes_few_rows``: thin QRs of A^T, B^T and the SVD of the N x N core give the
+    same U_r S V_r^T); otherwise from the full SVD, R = U_r V_r^T + U_c polar(U_c^T V_c) V_c^T over
+    the complements' bases U_c, V_c. R is exactly orthogonal."""
     N, da = A.shape
     db = B.shape[1]
-    if da == db and 2 * N <= da:
+    if da == db and N < da:
         out = _procrustes_few_rows(A, B)
         if out is not None:
             return out
     U, S, Vh = _svd(A.T @ B, full_matrices=False)
-    return U @ Vh, S
+    R = U @ Vh
+    if da == db:
+        r = _rank(S, N, da)
+        if r < da:                                     # complete on the complements (closest to I)
+            Uc, Vc = U[:, r:], Vh[r:].T
+            W, _, Zh = _svd(Uc.T @ Vc)
+            R = U[:, :r] @ Vh[:r] + Uc @ (W @ Zh) @ Vc.T
+    return R, S
+
+
+def _rank(S: torch.Tensor, N: int, d: int) -> int:
+    """Numerical rank of A^T B from its singular values ``S`` (descending)."""
+    if S.numel() == 0 or float(S[0]) <= 0:
+        return 0
+    return int((S > S[0] * max(N, d) * torch.finfo(S.dtype).eps).sum())
+
+
+def n_underdetermined(S: torch.Tensor, N: int, da: int, db: int) -> int:
+    """How many directions of a Procrustes rotation the data do not determine: min(da, db) minus the
+    rank of A^T B (``S`` from :func:`procrustes`, N training rows). 0: fully determined. Where da == db
+    these directions are completed with the identity (see :func:`procrustes`)."""
+    return min(da, db) - _rank(S, N, max(da, db))
 
 
 def _procrustes_few_rows(A: torch.Tensor, B: torch.Tensor):
@@ -57,9 +78,9 @@ def _procrustes_few_rows(A: torch.Tensor, B: torch.Tensor):
     Qb, Rb = torch.linalg.qr(B.T)
     Uc, S, Vch = _svd(Ra @ Rb.T)                       # core, N x N
     I = torch.eye(d, dtype=A.dtype, device=A.device)
-    if float(S[0]) <= 0:
+    r = _rank(S, N, d)
+    if r == 0:
         return I, S
-    r = int((S > S[0] * max(N, d) * eps).sum())
     Ua, Vb = Qa @ Uc[:, :r], Qb @ Vch[:r].T            # [d, r] each, orthonormal columns
     # orthonormal basis Z of span([Ua, Vb]) from the 2r x 2r Gram (then re-orthonormalised)
     UV = torch.cat([Ua, Vb], 1)
@@ -94,10 +115,11 @@ class ProcrustesMap(_Map):
     """Orthogonal Procrustes: Y_hat = mu_y + c (x - mu_x) R.
 
     R = U V^T from the thin SVD of Xc^T Yc = U S V^T (semi-orthogonal [dx, dy] when widths differ);
-    c = tr S / ||Xc||_F^2 if ``scale`` else 1. Fitted: R_, mu_x_, mu_y_, scale_."""
+    c = tr S / ||Xc||_F^2 if ``scale`` else 1. Fitted: R_, mu_x_, mu_y_, scale_, n_underdetermined_
+    (directions the training rows leave open, completed with the identity; 0 when N > d)."""
 
     _tensors = ("R_", "mu_x_", "mu_y_")
-    _fitted = ("scale_",)
+    _fitted = ("scale_", "n_underdetermined_")
 
     def __init__(self, scale: bool = True):
         self.scale = bool(scale)
@@ -111,6 +133,7 @@ class ProcrustesMap(_Map):
         self.mu_x_, self.mu_y_ = X.mean(0), Y.mean(0)
         Xc, Yc = X - self.mu_x_, Y - self.mu_y_
         self.R_, S = procrustes(Xc, Yc)
+        self.n_underdetermined_ = n_underdetermined(S, X.shape[0], self.dx_, self.dy_)
         nx = float((Xc * Xc).sum())
         if nx <= 0:
             raise NumericsError("X is constant on the training rows")
@@ -130,7 +153,7 @@ class PCAProcrustesMap(_Map):
     Y_hat = mu_y + ((x - mu_x) Px) c R Py^T with Px [dx, q], Py [dy, q], R [q, q]."""
 
     _tensors = ("Px_", "Py_", "R_", "mu_x_", "mu_y_")
-    _fitted = ("scale_",)
+    _fitted = ("scale_", "n_underdetermined_")
 
     def __init__(self, q: int = 64, scale: bool = True):
         if int(q) < 1:
@@ -153,6 +176,7 @@ class PCAProcrustesMap(_Map):
         self.Px_, self.Py_ = _top_right_singular(Xc, self.q), _top_right_singular(Yc, self.q)
         Zx, Zy = Xc @ self.Px_, Yc @ self.Py_
         self.R_, S = procrustes(Zx, Zy)
+        self.n_underdetermined_ = n_underdetermined(S, N, self.q, self.q)
         self.scale_ = float(S.sum()) / float((Zx * Zx).sum()) if self.scale else 1.0
         self.fitted_ = True
         return self

@@ -9,7 +9,7 @@ import math
 import torch
 
 from mechdiff.analyses.maps.base import F64, _f64, _Map, _out, _pair
-from mechdiff.analyses.maps.procrustes import procrustes
+from mechdiff.analyses.maps.procrustes import n_underdetermined, procrustes
 from mechdiff.errors import ConfigError, DataError, NumericsError
 
 
@@ -111,10 +111,11 @@ class ScaledProcrustesMap(_Map):
     keeps the output covariance equal to the target's (in 1-D with correlation rho this gives
     R^2 = 2 rho - 1, MATH.md); "lstsq" c = tr S / ||Zx||^2 (the least-squares Procrustes scale, which
     shrinks by the correlation and no longer matches covariances); "none" c = 1. This is not the
-    least-squares map: report it beside ridge."""
+    least-squares map: report it beside ridge. ``n_underdetermined_``: directions of R the training
+    rows leave open (completed with the identity, :func:`~mechdiff.analyses.maps.procrustes.procrustes`)."""
 
     _tensors = ("R_",)
-    _fitted = ("scale_",)
+    _fitted = ("scale_", "n_underdetermined_")
 
     def __init__(self, shrink: float = 0.05, eig_floor: float = 1e-6, scale: str = "norm"):
         self.shrink = check_shrinkage(shrink)
@@ -133,6 +134,7 @@ class ScaledProcrustesMap(_Map):
         self.wy_ = Whitener(self.shrink, self.eig_floor).fit(Y)
         Zx, Zy = self.wx_.transform(X), self.wy_.transform(Y)
         self.R_, S = procrustes(Zx, Zy)
+        self.n_underdetermined_ = n_underdetermined(S, X.shape[0], self.dx_, self.dy_)
         nx, ny = float((Zx * Zx).sum()), float((Zy * Zy).sum())
         self.scale_ = {"norm": math.sqrt(ny / nx), "lstsq": float(S.sum()) / nx, "none": 1.0}[self.scale]
         self.fitted_ = True
