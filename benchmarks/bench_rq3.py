@@ -103,7 +103,7 @@ def main(argv=None):
     table("Sweep throughput vs a plain forward (token-layers per second)",
           ["plain forward tokens/s", "sweep token-layers", "sweep seconds", "sweep / plain throughput"],
           [[n_tok / t_plain, work, sweep, ratio]],
-          f"plain forward: {len(ev)} prompts, {n_tok} tokens, batch {bs}, logits_to_keep=1: {t_plain:.3f} s")
+          f"plain forward: {len(ev)} prompts, {n_tok} tokens, batch {bs}, contiguous last-token head (common.honest_forward): {t_plain:.3f} s")
     C.RESULTS["rq3"] = {"steps_s": times, "summarise_s": t_sum, "total_s": t_run + t_sum, "cells": len(cells["cells"]),
                         "sweep_token_layers": work, "plain_tok_s": n_tok / t_plain, "sweep_vs_plain": ratio,
                         "options": dataclasses.asdict(opts), "result": summary.get("result", {}).get("status")}
