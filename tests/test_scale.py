@@ -96,50 +96,79 @@ OFFLOAD = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers
            "lm_head": "disk"}
 
 
+def _every_number(lm) -> dict:
+    """Capture, patching (engine, naive, patch_measure KL), steering, attribution and the logit lens
+    of ``lm`` on five fixed prompts."""
+    from mechdiff.analyses.attribution import Target, grad_x_act
+    from mechdiff.analyses.steering import Handle, logit_lens, random_basis
+    from mechdiff.data.prompts import encode
+    from mechdiff.experiments.steps import kl_to_clean, patch_measure
+    from mechdiff.patching import Patch, PatchEngine
+    from mechdiff.sites.capture import capture, capture_logits
+
+    prompts = [{"id": f"p{i}", "text": "word " * (1 + 3 * i) + "end"} for i in range(5)]
+    sites = ["resid_post.1", "attn_out.2", "head_out.1", "head_z.2", "mlp_out.1"]
+    cap = capture(lm.model, lm.tokenizer, prompts, sites, batch_size=2, positions=("k", 2))
+    b = encode(lm.tokenizer, prompts)
+    eng = PatchEngine(lm.model, b, measure="decision", record_sites=["resid_post.2"])
+    variants = [Patch("resid_post.1", value=torch.randn(5, 64, generator=torch.Generator().manual_seed(1))),
+                Patch("mlp_out.2", value=torch.ones(64), mode="add", alpha=2.0),
+                Patch("resid_pre.2", mode="project_out", basis=random_basis(64, 3))]
+    h = Handle(layer=2, site="resid_post", basis=random_basis(64, 2), mode="steer", alpha=3.0)
+    with torch.no_grad(), h.apply(lm.model, b.decision):
+        steered = capture_logits(lm.model, b)
+    tgt = Target(torch.tensor([5, 6, 7, 8, 9]), "logprob")
+    return {
+        **{f"cap.{k}": v for k, v in cap.tensors.items()},
+        "logits": capture_logits(lm.model, b), "clean": eng.clean_logits,
+        "state": eng.clean_states()["resid_post.2"], "patched": eng.run(variants),
+        "naive": eng.run_naive(variants),
+        "kl": patch_measure(lm, prompts, variants, batch_size=2, reducer=kl_to_clean(list(range(200)))),
+        "steered": steered, "attr": grad_x_act(lm.model, lm.tokenizer, prompts, tgt, [1, 2], batch_size=3)["attr"],
+        "lens": torch.tensor([r["promoted_logit"] for r in logit_lens(lm.model, lm.tokenizer,
+                                                                       random_basis(64, 2), top=3)]),
+    }
+
+
 def test_a_dispatched_offloaded_model_gives_the_plain_models_numbers(tmp_path):
     """accelerate's dispatch (the same hooks a multi-GPU device_map installs): layers 1, 2 and the LM
     head offloaded, their weights on "meta" between forwards. Capture (head_out reads o_proj's
     weights), patching, steering, attribution and the logit lens give the plain model's numbers
     bit for bit."""
-    from mechdiff.analyses.attribution import Target, grad_x_act
-    from mechdiff.analyses.steering import Handle, logit_lens, random_basis
-    from mechdiff.data.prompts import encode
-    from mechdiff.experiments.steps import kl_to_clean, patch_measure
     from mechdiff.models.load import load_model
-    from mechdiff.patching import Patch, PatchEngine
-    from mechdiff.sites.capture import capture, capture_logits
-
     d = _saved_tiny(tmp_path / "m")
     plain = load_model(d, dtype="float32", device="cpu")
     off = load_model(d, dtype="float32", device_map=OFFLOAD)
     assert off.model.model.layers[1].mlp.up_proj.weight.device.type == "meta"     # really offloaded
     assert off.info["device"] == "cpu,disk" and str(off.device) == "cpu"
-    prompts = [{"id": f"p{i}", "text": "word " * (1 + 3 * i) + "end"} for i in range(5)]
-    sites = ["resid_post.1", "attn_out.2", "head_out.1", "head_z.2", "mlp_out.1"]
-    got = {}
-    for name, lm in (("plain", plain), ("off", off)):
-        cap = capture(lm.model, lm.tokenizer, prompts, sites, batch_size=2, positions=("k", 2))
-        b = encode(lm.tokenizer, prompts)
-        eng = PatchEngine(lm.model, b, measure="decision", record_sites=["resid_post.2"])
-        variants = [Patch("resid_post.1", value=torch.randn(5, 64, generator=torch.Generator().manual_seed(1))),
-                    Patch("mlp_out.2", value=torch.ones(64), mode="add", alpha=2.0),
-                    Patch("resid_pre.2", mode="project_out", basis=random_basis(64, 3))]
-        h = Handle(layer=2, site="resid_post", basis=random_basis(64, 2), mode="steer", alpha=3.0)
-        with torch.no_grad(), h.apply(lm.model, b.decision):
-            steered = capture_logits(lm.model, b)
-        tgt = Target(torch.tensor([5, 6, 7, 8, 9]), "logprob")
-        got[name] = {
-            **{f"cap.{k}": v for k, v in cap.tensors.items()},
-            "logits": capture_logits(lm.model, b), "clean": eng.clean_logits,
-            "state": eng.clean_states()["resid_post.2"], "patched": eng.run(variants),
-            "naive": eng.run_naive(variants),
-            "kl": patch_measure(lm, prompts, variants, batch_size=2, reducer=kl_to_clean(list(range(200)))),
-            "steered": steered, "attr": grad_x_act(lm.model, lm.tokenizer, prompts, tgt, [1, 2], batch_size=3)["attr"],
-            "lens": torch.tensor([r["promoted_logit"] for r in logit_lens(lm.model, lm.tokenizer,
-                                                                           random_basis(64, 2), top=3)]),
-        }
-    for k, v in got["plain"].items():
-        assert torch.equal(v, got["off"][k]), k
+    want, got = _every_number(plain), _every_number(off)
+    for k, v in want.items():
+        assert torch.equal(v, got[k]), k
+
+
+SPLIT = {"model.embed_tokens": 0, "model.rotary_emb": 0, "model.layers.0": 0, "model.layers.1": "cpu",
+         "model.layers.2": 0, "model.layers.3": "cpu", "model.norm": "cpu", "lm_head": 0}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_model_split_between_a_gpu_and_the_cpu_gives_the_plain_models_numbers(tmp_path):
+    """Layers alternate between cuda:0 and the CPU, each running where its weights are (accelerate's
+    dispatch with the CPU as main device, so nothing is offloaded: every block boundary crosses
+    devices, as on a multi-GPU host). Every number equals the model on one GPU to float32 rounding
+    (TF32 off)."""
+    from accelerate import dispatch_model
+
+    from mechdiff.models.load import load_model
+    torch.backends.cuda.matmul.allow_tf32 = False
+    d = _saved_tiny(tmp_path / "m")
+    one = load_model(d, dtype="float32", device="cuda")
+    split = load_model(d, dtype="float32", device="cpu")
+    dispatch_model(split.model, SPLIT, main_device="cpu")
+    assert split.model.model.layers[1].mlp.up_proj.weight.device.type == "cpu"
+    assert split.model.model.layers[2].mlp.up_proj.weight.device.type == "cuda"
+    want, got = _every_number(one), _every_number(split)
+    for k, v in want.items():
+        assert torch.allclose(v.cpu(), got[k].cpu(), rtol=1e-4, atol=1e-5), (k, (v.cpu() - got[k].cpu()).abs().max())
 
 
 def test_what_a_hook_writes_goes_to_the_hooked_tensors_device(monkeypatch):

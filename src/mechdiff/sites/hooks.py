@@ -240,7 +240,7 @@ def validate_sites(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
         pairs = [("resid_pre", hs[l])] + ([("resid_post", hs[l + 1])] if l < sm.n_layers - 1 else [])
         for name, ref in pairs:
             got = rec[Site(name, l)]
-            err = (got.float() - ref.float()).abs().max().item()
+            err = (got.float().cpu() - ref.float().cpu()).abs().max().item()   # layers may live on other devices
             scale = ref.float().abs().max().item() + 1e-6
             if not err <= atol * max(1.0, scale):
                 raise SiteError(f"site {Site(name, l)} of {sm.family} does not match output_hidden_states "
