@@ -58,3 +58,59 @@ def test_default_batch_size_from_free_memory():
     assert default_batch_size([m], 10, free_bytes=10 ** 6 * need) == 256
     assert default_batch_size([m], 10) == 32                       # CPU
     assert resolve_batch_size(5, [], []) == 5
+
+
+def _tiny_pair_toml(root, n_prompts: int):
+    """A pair of two different tiny Llamas and a prompt file of ``n_prompts`` prompts (3 topics)."""
+    import json
+
+    from mechdiff.models.tiny import tiny_model
+    for side, seed in (("base", 0), ("tuned", 1)):
+        m, tok = tiny_model("llama", seed=seed, n_layers=4)
+        m.save_pretrained(root / side)
+        tok.save_pretrained(root / side)
+    prompts = root / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"id": f"q{i}", "text": "word " * (1 + i % 4) + f"item {i}",
+                                             "topic": f"t{i % 3}"}) for i in range(n_prompts)), encoding="utf-8")
+    f = root / "pair.toml"
+    f.write_text(f'name = "tiny"\nbase = "{root / "base"}"\ntuned = "{root / "tuned"}"\ndtype = "float32"\n'
+                 f'[datasets]\nset = "{prompts}"\n', encoding="utf-8")
+    return str(f)
+
+
+RQ1_SMALL = dict(behaviour=False, n_perm=2, layers=[1, 2], device="cpu", batch_size=4)
+
+
+def test_fewer_prompts_than_asked_is_a_printed_warning_and_a_field(tmp_path, capsys):
+    """Issue 10, item 5: asking for 12 prompts of a 7-prompt set runs on 7, says so on stderr, and
+    fairness.json records both numbers."""
+    from mechdiff.experiments.stage import run_stage
+    run = run_stage("rq1", _tiny_pair_toml(tmp_path, 7), out=tmp_path / "run", n_prompts=12, **RQ1_SMALL)
+    fair = run.read_json("fairness.json")
+    assert (fair["n_asked"], fair["n_used"]) == (12, 7)
+    err = capsys.readouterr().err
+    assert "warning:" in err and "12" in err and "7" in err
+
+
+def test_a_failed_stage_does_not_block_its_corrected_rerun(tmp_path, monkeypatch):
+    """Issue 10, item 2: a stage that fails after its run directory is opened leaves no recorded
+    options behind, so the corrected rerun (other options, same --out) runs instead of being refused
+    for the failed attempt's options; a finished stage still refuses other options."""
+    import dataclasses
+
+    from mechdiff.errors import DataError
+    from mechdiff.experiments import stage as st
+    pair, out = _tiny_pair_toml(tmp_path, 9), tmp_path / "run"
+    real = st.get_stage("rq1")
+
+    def fail(study, opts):
+        raise DataError("failed half-way")
+    monkeypatch.setitem(st.STAGES, "rq1", dataclasses.replace(real, run=fail))
+    with pytest.raises(DataError, match="half-way"):
+        st.run_stage("rq1", pair, out=out, n_prompts=6, **RQ1_SMALL)
+    assert (out / "manifest.json").is_file()
+    monkeypatch.setitem(st.STAGES, "rq1", real)
+    run = st.run_stage("rq1", pair, out=out, n_prompts=8, **RQ1_SMALL)
+    assert run.read_json("fairness.json")["n_used"] == 8
+    with pytest.raises(ConfigError, match="n_prompts"):
+        st.run_stage("rq1", pair, out=out, n_prompts=5, **RQ1_SMALL)
