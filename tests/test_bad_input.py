@@ -117,3 +117,27 @@ def test_too_long_prompts_are_named_before_any_forward_pass(monkeypatch):
     with pytest.raises(DataError, match=rf"1 prompt\(s\) are longer than the models' context of {limit} tokens"
                                         r".*huge \(\d+ tokens\); shorten or remove them"):
         study.fair_prompts(1.0)
+
+
+@pytest.mark.parametrize("error", ["cuda", "cpu"])
+def test_out_of_memory_says_what_to_do(monkeypatch, tmp_path, error):
+    """An allocation failure mid-run (CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError):
+    one line naming --batch-size and resume, exit 2, no traceback; other RuntimeErrors still raise."""
+    import torch
+
+    import mechdiff.experiments.stage as stage
+    exc = (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB") if error == "cuda" else
+           RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+
+    def oom(*a, **k):
+        raise exc
+    monkeypatch.setattr(stage, "run_stage", oom)
+    res = CliRunner().invoke(app, ["rq1", "--pair", "planted-cultural", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2, res.output
+    assert "out of memory" in res.stderr and "--batch-size" in res.stderr and "Traceback" not in res.output
+
+    def other(*a, **k):
+        raise RuntimeError("shape mismatch")
+    monkeypatch.setattr(stage, "run_stage", other)
+    res = CliRunner().invoke(app, ["rq1", "--pair", "planted-cultural", "--out", str(tmp_path / "run")])
+    assert isinstance(res.exception, RuntimeError) and "shape mismatch" in str(res.exception)

@@ -114,3 +114,26 @@ def test_a_failed_stage_does_not_block_its_corrected_rerun(tmp_path, monkeypatch
     assert run.read_json("fairness.json")["n_used"] == 8
     with pytest.raises(ConfigError, match="n_prompts"):
         st.run_stage("rq1", pair, out=out, n_prompts=5, **RQ1_SMALL)
+
+
+def test_editing_the_prompt_file_in_place_recomputes_what_reads_it(tmp_path):
+    """Issue 10, item 1, end to end: the same command and --out after the prompt texts changed (same
+    ids, same path) recomputes capture, CKA and patching on the new texts instead of reusing the old
+    states; an unchanged rerun reuses them."""
+    import json
+    from pathlib import Path
+
+    from mechdiff.experiments.stage import run_stage
+    pair, out = _tiny_pair_toml(tmp_path, 9), tmp_path / "run"
+    first = run_stage("rq1", pair, out=out, n_prompts=6, **RQ1_SMALL)
+    cka1 = first.read_json("cka.json")
+    again = run_stage("rq1", pair, out=out, n_prompts=6, **RQ1_SMALL)
+    assert again.read_json("cka.json") == cka1                       # unchanged input: same numbers
+    f = Path(tmp_path / "prompts.jsonl")
+    rows = [json.loads(line) for line in f.read_text(encoding="utf-8").splitlines()]
+    f.write_text("\n".join(json.dumps({**r, "text": r["text"] + " and more words here"}) for r in rows),
+                 encoding="utf-8")
+    edited = run_stage("rq1", pair, out=out, n_prompts=6, **RQ1_SMALL)
+    assert edited.read_json("cka.json") != cka1                      # new texts: recomputed
+    fresh = run_stage("rq1", pair, out=tmp_path / "fresh", n_prompts=6, **RQ1_SMALL)
+    assert edited.read_json("cka.json") == fresh.read_json("cka.json")   # = a run from scratch on them

@@ -69,6 +69,22 @@ def _run(fn, *args, **kwargs):
     except KeyboardInterrupt:
         err_console.print("interrupted; rerun the same command to resume")
         raise typer.Exit(130)
+    except (MemoryError, RuntimeError) as e:     # torch.OutOfMemoryError is a RuntimeError
+        if not _out_of_memory(e):
+            raise
+        err_console.print(f"[bold red]error:[/] out of memory ({str(e).splitlines()[0][:160]}); rerun the same "
+                          "command with a smaller --batch-size (finished steps are kept and skipped), or fewer "
+                          "prompts / layers", markup=True, highlight=False)
+        raise typer.Exit(2)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """A device or host allocation failure (CUDA, MPS, or the CPU allocator)."""
+    import torch
+    if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    msg = str(e).lower()
+    return "out of memory" in msg or "can't allocate memory" in msg
 
 
 # ---- stage commands, built from the registry ----------------------------------------------
