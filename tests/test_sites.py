@@ -192,3 +192,19 @@ def test_site_keys_accepted_by_hooks_and_capture():
     cap = capture(model, tok, PROMPTS, [Site("resid_post", 1), "resid_post.1"])
     assert list(cap.tensors) == ["resid_post.1"] and Site("resid_post", 1) in cap
     assert torch.allclose(cap[Site("resid_post", 1)], rec["resid_post.1"][torch.arange(3), batch.decision])
+
+
+@torch.no_grad()
+def test_stop_after_last_records_every_site_at_the_deepest_point(fam):
+    """head_z and head_out of the deepest layer are read by hooks at the same point: the pass stops
+    only after both are recorded, and they equal a full pass's values (either order asked)."""
+    _, model, _, b = fam
+    L = resolve(model).n_layers - 1
+    for sites in ([f"head_z.{L}", f"head_out.{L}"], [f"head_out.{L}", f"head_z.{L}", "resid_post.0"]):
+        with record(model, sites) as full:
+            model(**b.model_inputs())
+        with record(model, sites, stop_after_last=True) as rec:
+            model(**b.model_inputs())
+        assert set(rec) == set(full), sorted(rec)
+        for k in sites:
+            assert torch.equal(rec[k], full[k]), k

@@ -136,7 +136,9 @@ def hooked(model: nn.Module, read: Iterable = (), edit: Mapping | None = None,
     # The deepest recorded site, in forward order (resid_pre < head_z/head_out < attn_out < mlp_out
     # < resid_post within a layer).
     order = {"resid_pre": 0, "head_z": 1, "head_out": 1, "attn_out": 2, "mlp_out": 3, "resid_post": 4}
-    last = max(read, key=lambda s: (s.layer, order[s.name])) if (stop_after_last and read) else None
+    # Ties (head_z and head_out: pre-hooks on the same module, run in the order installed): the last
+    # one installed stops the pass, so the others at that point are recorded first.
+    last = max(reversed(read), key=lambda s: (s.layer, order[s.name])) if (stop_after_last and read) else None
     handles = []
     try:
         for (name, layer), f in edits:
