@@ -137,3 +137,38 @@ def test_editing_the_prompt_file_in_place_recomputes_what_reads_it(tmp_path):
     assert edited.read_json("cka.json") != cka1                      # new texts: recomputed
     fresh = run_stage("rq1", pair, out=tmp_path / "fresh", n_prompts=6, **RQ1_SMALL)
     assert edited.read_json("cka.json") == fresh.read_json("cka.json")   # = a run from scratch on them
+
+
+def test_rq2_raw_patch_at_a_shared_layer_is_exactly_zero_in_bf16(tmp_path):
+    """The mapped-patch sweep takes its sources along the destination's engine path: on a bf16 pair
+    whose blocks 0-1 are shared bit for bit, the raw patch at the shared control layer is a detected
+    no-op (KL exactly 0, both readouts), while the raw patch at a changed block is not."""
+    import json
+
+    import torch
+
+    from mechdiff.experiments.stage import run_stage
+    from mechdiff.models.tiny import tiny_model
+    base, tok = tiny_model("llama", seed=0, n_layers=4)
+    g = torch.Generator().manual_seed(3)
+    tuned, _ = tiny_model("llama", seed=0, n_layers=4)
+    with torch.no_grad():
+        for block in tuned.model.layers[2:]:
+            for p in block.parameters():
+                p.add_(0.2 * p.std() * torch.randn(p.shape, generator=g))
+    for side, m in (("base", base), ("tuned", tuned)):
+        m.save_pretrained(tmp_path / side)
+        tok.save_pretrained(tmp_path / side)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"id": f"q{i}", "text": "word " * (2 + i % 5) + f"item {i}",
+                                             "topic": f"t{i % 10}"}) for i in range(40)), encoding="utf-8")
+    pair = tmp_path / "pair.toml"
+    pair.write_text(f'name = "tiny-bf16"\nbase = "{tmp_path / "base"}"\ntuned = "{tmp_path / "tuned"}"\n'
+                    f'dtype = "bfloat16"\n[datasets]\nset = "{prompts}"\n', encoding="utf-8")
+    for measure in ("decision", "last"):
+        run = run_stage("mapped-patch", str(pair), out=tmp_path / f"run-{measure}", layers=[2], control_layer=1,
+                        sites=["resid_post"], solvers=["procrustes"], alphas=["1.0"], n_train=12, n_val=8,
+                        side_effects=False, measure=measure, device="cpu", batch_size=3)
+        raw = {v["layer"]: v for v in run.read_json("variants.json")["variants"] if v["kind"] == "raw"}
+        assert raw[1]["kl_mean"] == 0.0 and raw[1]["kl_unmasked_mean"] == 0.0, raw[1]
+        assert raw[2]["kl_mean"] > 0, raw[2]

@@ -32,8 +32,8 @@ from mechdiff.analyses.map_metrics import map_metrics, rotation_drift, shuffle_c
 from mechdiff.artifacts import RunDir
 from mechdiff.errors import ConfigError
 from mechdiff.experiments.stage import Stage, Study, opt, register, run_stage
-from mechdiff.experiments.steps import capture_sides, check_layers, fair_split, kl_to_clean, patch_measure, \
-    prompt_digest, rq1_prompt_ids, study_layers
+from mechdiff.experiments.steps import (capture_sides, check_layers, clean_run, fair_split, kl_to_clean,
+                                        patch_measure, prompt_digest, rq1_prompt_ids, study_layers)
 from mechdiff.patching import Patch
 from mechdiff.sites.names import Site
 
@@ -216,6 +216,13 @@ def _sweep_step(study: Study, val, n_dev: int, states, layers, control, opts: RQ
     variant: over the test rows (what is reported); ``kl_dev_mean``: over the dev rows (what is chosen on)."""
     variants, labels = [], []
     fitted, mapped_val = {}, {}
+    # The base states patched in come from the destination's own engine path (same chunking and
+    # measure as the loop below), not from the capture step: at a layer both models share, the raw
+    # patch is then the tuned model's clean state bit for bit, a detected no-op with KL exactly 0 (a
+    # plain forward's states differ from it in the last bits in bf16).
+    keys = sorted({str(Site(site, l)) for site in opts.sites for l in layers + [control]})
+    src = {k: v.float() for k, v in clean_run(study.base, val, keys, batch_size=study.batch_size,
+                                              measure=opts.measure)[1].items()}
 
     def mapped(solver, map_layer, at_layer, site, alpha_key, kind):
         if (solver, map_layer, site) not in fitted:   # each map is loaded once, each val set mapped once
@@ -223,7 +230,7 @@ def _sweep_step(study: Study, val, n_dev: int, states, layers, control, opts: RQ
         m = fitted[(solver, map_layer, site)]
         if (solver, map_layer, at_layer, site) not in mapped_val:
             mapped_val[(solver, map_layer, at_layer, site)] = \
-                m.transform(states[f"base/val/{Site(site, at_layer)}"]).float()
+                m.transform(src[str(Site(site, at_layer))]).float()
         Xtr, Ytr = states[f"base/train/{Site(site, map_layer)}"], states[f"tuned/train/{Site(site, at_layer)}"]
         a = _alpha_value(alpha_key, m, Xtr, Ytr)
         labels.append({"solver": solver, "layer": at_layer, "site": site, "alpha": alpha_key, "alpha_value": a,
@@ -235,7 +242,7 @@ def _sweep_step(study: Study, val, n_dev: int, states, layers, control, opts: RQ
         if study.same_shape:
             for l in layers + [control]:
                 labels.append({"solver": None, "layer": l, "site": site, "alpha": None, "kind": "raw"})
-                variants.append(Patch(Site(site, l), states[f"base/val/{Site(site, l)}"]))
+                variants.append(Patch(Site(site, l), src[str(Site(site, l))]))
         for solver in opts.solvers:
             for l in layers + [control]:
                 for a in (opts.alphas if l != control else ["1.0"]):
@@ -248,7 +255,7 @@ def _sweep_step(study: Study, val, n_dev: int, states, layers, control, opts: RQ
             sm = _fit(_make(solver, opts, study), Xtr, Ytr[perm], states["base/train_prompt_index"])
             labels.append({"solver": solver, "layer": l0, "site": site, "alpha": "1.0", "alpha_value": 1.0,
                            "kind": "shuffle", "map_layer": l0})
-            variants.append(Patch(Site(site, l0), sm.transform(states[f"base/val/{Site(site, l0)}"]).float()))
+            variants.append(Patch(Site(site, l0), sm.transform(src[str(Site(site, l0))]).float()))
     k = patch_measure(study.tuned, val, variants, batch_size=study.batch_size, measure=opts.measure,
                       reducer=kl_to_clean(study.allowed_ids("tuned")))
     km, ku = k[..., 0], k[..., 1]
@@ -275,7 +282,9 @@ def _side_step(study: Study, states, opts: RQ2Options) -> None:
     rows, ref_patches, mc_patches = [], [], []
     keys = sorted({Site(b["site"], b["layer"]) for b in table["best"]})
     x_ref = capture_sides(study, refusal, keys, sides=["base"])["base"]   # one pass per set
-    x_mc = capture_sides(study, [mc_prompt(it) for it in mc], keys, sides=["base"])["base"]
+    # MC sources along mc_effects' engine path (one batch, "last" readout): see _sweep_step
+    x_mc = {Site.parse(k): v.float() for k, v in clean_run(study.base, [mc_prompt(it) for it in mc], keys,
+                                                           batch_size=max(1, len(mc)), measure="last")[1].items()}
     for best in table["best"]:
         site, l, solver = best["site"], best["layer"], best["solver"]
         key = Site(site, l)
