@@ -344,3 +344,18 @@ def test_planted_standardised_patch_is_exactly_zero_at_bit_equal_layers(planted_
         assert [x["mean"] for x in v["unmasked"]][:2] == [0.0, 0.0], d
     headline = _read(out, "rq1.json")["headline"]
     assert "skipped at the bit-equal layers [5, 19]" in headline["standardised"]
+
+
+@pytest.mark.real
+def test_planted_cognitive_entry_layer_is_its_first_planted_layer(planted_cognitive, tmp_path):
+    """Issue 11: on the second planted pair too, divergence enters at the first planted layer (0):
+    patching layer 0 already moves the readout above the exact self-patch floor."""
+    from mechdiff.experiments.stage import run_stage
+    from mechdiff.pairs import load_pair
+    base, tuned, truth = planted_cognitive
+    first = min(truth["layers"])
+    run = run_stage("rq1", load_pair("planted-cognitive"), out=tmp_path, models=(base, tuned), n_prompts=8,
+                    layers=[first, first + 2, 14, 28], behaviour=False, n_perm=2, readouts=["decision"])
+    layers = run.read_json("rq1.json")["layers"]
+    assert first == 0 and layers["entry"] == first, layers["evidence"]
+    assert layers["evidence"]["floor"] == 0.0
