@@ -271,6 +271,22 @@ def test_alpha_and_winner_are_chosen_on_dev_and_reported_on_test():
     assert w["dev_drop_pct"] == pytest.approx(80.0)
 
 
+def test_a_near_identity_map_over_a_tiny_gap_does_not_win():
+    """A layer whose raw patch KL is a small share of the largest (a fine-tune touching every layer
+    enters at layer 0) cannot win on its drop % alone: the winner is the best drop among layers that
+    carry at least WINNER_GAP_SHARE of the largest raw KL."""
+    from mechdiff.experiments.rq2_summary import WINNER_GAP_SHARE, sweep_table
+    v = _variants()
+    v["variants"] += [{"solver": None, "layer": 0, "site": SITE, "alpha": None, "kind": "raw", "kl_mean": 7e-4,
+                       "kl_dev_mean": 7e-4, "kl_unmasked_mean": 7e-4},
+                      {"solver": "ridge", "layer": 0, "site": SITE, "alpha": "1.0", "alpha_value": 1.0,
+                       "kind": "mapped", "map_layer": 0, "kl_mean": 1e-6, "kl_dev_mean": 1e-6, "kl_unmasked_mean": 1e-6}]
+    t = sweep_table(v)
+    assert 7e-4 < WINNER_GAP_SHARE * 1.0
+    assert t["winner"]["layer"] == 22 and t["winner"]["alpha"] == "0.5"
+    assert any(r["layer"] == 0 and r["dev_drop_pct"] > 99 for r in t["best"])    # still listed, not chosen
+
+
 def test_stop_conditions_met_only_on_defined_evidence():
     from mechdiff.experiments.rq2_summary import stop_conditions, sweep_table
     t = sweep_table(_variants())

@@ -152,3 +152,22 @@ def test_bad_options_raise_config_error_before_model_work(bad, tmp_path):
         check(RQ3Options(**dict(SMALL, **bad)), 30)
     with pytest.raises(ConfigError, match="--alpha"):
         RQ3Options(alphas=["x"])
+
+
+def test_minimal_k_and_layer_are_chosen_on_dev_and_reported_on_test():
+    """Issue 11 (choose on dev, report on test), RQ3: a cell that looks good on test but not on dev
+    (k=1 at L5: +40% test, -20% dev) is not the minimal k; k=2 at L5 (15% dev) is, and its test share
+    is what is reported; the layer with the better dev evidence wins over a better test share."""
+    from mechdiff.experiments.rq3_summary import _headline, minimal_k
+
+    def cell(layer, k, dev, test, kind="diff", within=True):
+        return {"layer": layer, "basis_layer": layer, "kind": kind, "fit_lang": None, "mode": "ablate", "k": k,
+                "alpha": 1.0, "side": "tuned", "dev_share": dev, "test_share": test, "within": within}
+    rows = [cell(5, 1, -0.2, 0.4), cell(5, 2, 0.15, 0.05), cell(5, 3, 0.3, 0.2),
+            cell(7, 1, 0.05, 0.9), cell(7, 2, 0.08, 0.95),
+            cell(5, 2, 0.01, 0.0, kind="random"), cell(9, 2, 0.0, 0.0, kind="diff")]
+    assert minimal_k([r for r in rows if r["layer"] == 5 and r["kind"] == "diff"], 0.1) == 2
+    assert minimal_k([r for r in rows if r["layer"] == 5 and r["kind"] == "diff"], 0.1, on="test_share") == 1
+    h = _headline(rows, "ablate", [5, 7], 9, 0.1)
+    assert (h["layer"], h["minimal_k"]) == (5, 2) and h["cell"]["test_share"] == 0.05
+    assert h["k_saturation"] == 3 and h["random"]["kind"] == "random"

@@ -11,6 +11,7 @@ THRESHOLDS = {"drop_pct": 30.0, "refusal_pp": 1.0, "mc_dlogp": 0.1}
 
 
 MIN_RAW_KL = 1e-4  # below this the raw patch changes nothing: a drop % is undefined
+WINNER_GAP_SHARE = 0.1  # the winner's raw patch KL is at least this share of the largest one
 
 
 def _drop(raw, mapped):
@@ -58,11 +59,18 @@ def sweep_table(variants: dict) -> dict:
         if k not in best or r["dev_kl_mapped"] < best[k]["dev_kl_mapped"]:
             best[k] = r
     best_rows = sorted(best.values(), key=lambda r: (r["solver"], r["layer"], r["site"]))
-    winner = max(best_rows, key=lambda r: (r["dev_drop_pct"] is not None,
-                                           r["dev_drop_pct"] if r["dev_drop_pct"] is not None else -r["dev_kl_mapped"]),
+    # The winner: the largest dev drop among the (solver, layer, site) rows whose raw patch carries at
+    # least WINNER_GAP_SHARE of the largest raw dev KL, so that a near-identity map over a tiny gap
+    # (a fine-tune that touches every layer enters at layer 0) cannot win on its percentage alone.
+    top_raw = max((r["dev_kl_raw"] for r in best_rows if r["dev_kl_raw"] is not None), default=None)
+    pool = [r for r in best_rows if top_raw is None or
+            (r["dev_kl_raw"] is not None and r["dev_kl_raw"] >= WINNER_GAP_SHARE * top_raw)] or best_rows
+    winner = max(pool, key=lambda r: (r["dev_drop_pct"] is not None,
+                                      r["dev_drop_pct"] if r["dev_drop_pct"] is not None else -r["dev_kl_mapped"]),
                  default=None)
     return {"rows": rows, "best": best_rows, "winner": winner, "controls": controls,
-            "chosen_on": "dev" if "n_dev" in variants else "val (no dev/test split in this file)"}
+            "chosen_on": "dev" if "n_dev" in variants else "val (no dev/test split in this file)",
+            "winner_rule": f"largest dev drop among rows whose raw dev KL is >= {WINNER_GAP_SHARE:g} x the largest"}
 
 
 def stop_conditions(t: dict, side: list[dict] | None) -> dict:
@@ -138,7 +146,8 @@ def _drop_text(r: dict, spec=".1f") -> str:
 def summary_text(t: dict, side: list[dict] | None, stop: dict, meta: dict) -> str:
     """The one summary TXT of the plan (section 5)."""
     L = [f"RQ2 — alpha sweep summary (test n={meta['n_test']}, dev n={meta['n_dev']}, solvers="
-         f"{','.join(meta['solvers'])}, measure={meta['measure']}); alpha and winner chosen on dev, numbers on test",
+         f"{','.join(meta['solvers'])}, measure={meta['measure']}); alpha and winner chosen on dev (the winner: "
+         f"the largest drop among layers carrying >= {WINNER_GAP_SHARE:g} x the largest raw KL), numbers on test",
          "", "solver             layer site        alpha   KL_raw   KL_mapped   delta    drop%  (dev drop%)"]
     for r in t["rows"]:
         L.append(f"{r['solver']:<18} {r['layer']:>5} {r['site']:<11} {str(r['alpha']):>5} {_fmt(r['kl_raw'])}  "
