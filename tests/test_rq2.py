@@ -66,9 +66,10 @@ def test_bogus_control_does_not_reduce_kl(rq2_run):
     control = rq2_run["prompts"]["control_layer"]
     assert 0 < control < 20  # below the first planted layer
     bogus = [c for c in rq2_run["sweep"]["controls"] if c["control"] == "bogus" and c["solver"] == SOLVER]
-    assert len(bogus) == 1
-    b = bogus[0]
-    assert b["map_layer"] == PLANTED_LAYERS[0] and b["layer"] == control
+    layers = rq2_run["prompts"]["layers"]
+    assert sorted(c["map_layer"] for c in bogus) == sorted(layers)   # one per chosen layer's map
+    b = next(c for c in bogus if c["map_layer"] == PLANTED_LAYERS[0])
+    assert b["layer"] == control
     # raw patching at the control layer is a no-op (identical layers): KL_raw ~ 0
     assert b["kl_raw"] is not None and b["kl_raw"] < 1e-5
     assert b["drop_pct"] is None or b["drop_pct"] <= 0
@@ -285,6 +286,20 @@ def test_a_near_identity_map_over_a_tiny_gap_does_not_win():
     assert 7e-4 < WINNER_GAP_SHARE * 1.0
     assert t["winner"]["layer"] == 22 and t["winner"]["alpha"] == "0.5"
     assert any(r["layer"] == 0 and r["dev_drop_pct"] > 99 for r in t["best"])    # still listed, not chosen
+
+
+def test_stop_conditions_use_the_controls_of_the_winners_own_map():
+    """The controls compared with the winner are those of its own map (solver, layer, site): a control
+    of another layer's map does not count, and with none of its own the condition is not met."""
+    from mechdiff.experiments.rq2_summary import stop_conditions, sweep_table
+    v = _variants()
+    for r in v["variants"]:
+        if r["kind"] in ("bogus", "shuffle"):
+            r["map_layer"] = 21                                   # controls of another layer's map only
+    stop = stop_conditions(sweep_table(v), SIDE_OK)
+    assert not stop["controls_not_comparable"] and "winner's map" in stop["reasons"]["controls_not_comparable"]
+    stop = stop_conditions(sweep_table(_variants()), SIDE_OK)     # its own (map_layer 22): compared
+    assert stop["controls_not_comparable"], stop["reasons"]
 
 
 def test_stop_conditions_met_only_on_defined_evidence():

@@ -247,15 +247,16 @@ def _sweep_step(study: Study, val, n_dev: int, states, layers, control, opts: RQ
             for l in layers + [control]:
                 for a in (opts.alphas if l != control else ["1.0"]):
                     mapped(solver, l, l, site, a, "mapped" if l != control else "control_map")
-            mapped(solver, layers[0], control, site, "1.0", "bogus")   # a late-layer map at the control layer
-            # shuffle control: a map fitted on row-permuted targets, applied at the first chosen layer
-            l0 = layers[0]
-            Xtr, Ytr = states[f"base/train/{Site(site, l0)}"], states[f"tuned/train/{Site(site, l0)}"]
-            perm = torch.randperm(len(Ytr), generator=torch.Generator().manual_seed(study.seed))
-            sm = _fit(_make(solver, opts, study), Xtr, Ytr[perm], states["base/train_prompt_index"])
-            labels.append({"solver": solver, "layer": l0, "site": site, "alpha": "1.0", "alpha_value": 1.0,
-                           "kind": "shuffle", "map_layer": l0})
-            variants.append(Patch(Site(site, l0), sm.transform(src[str(Site(site, l0))]).float()))
+            # controls for every chosen layer (whichever wins on dev is compared with its own):
+            for lc in layers:
+                mapped(solver, lc, control, site, "1.0", "bogus")   # this layer's map at the control layer
+                # shuffle control: a map fitted on row-permuted targets, applied at its own layer
+                Xtr, Ytr = states[f"base/train/{Site(site, lc)}"], states[f"tuned/train/{Site(site, lc)}"]
+                perm = torch.randperm(len(Ytr), generator=torch.Generator().manual_seed(study.seed))
+                sm = _fit(_make(solver, opts, study), Xtr, Ytr[perm], states["base/train_prompt_index"])
+                labels.append({"solver": solver, "layer": lc, "site": site, "alpha": "1.0", "alpha_value": 1.0,
+                               "kind": "shuffle", "map_layer": lc})
+                variants.append(Patch(Site(site, lc), sm.transform(src[str(Site(site, lc))]).float()))
     k = patch_measure(study.tuned, val, variants, batch_size=study.batch_size, measure=opts.measure,
                       reducer=kl_to_clean(study.allowed_ids("tuned")))
     km, ku = k[..., 0], k[..., 1]

@@ -76,7 +76,8 @@ def sweep_table(variants: dict) -> dict:
 def stop_conditions(t: dict, side: list[dict] | None) -> dict:
     """The plan's stop conditions, each True only on defined evidence: a large drop of the dev-chosen
     winner on test; small side effects (refusal on harmful prompts the model refuses, MC), measured;
-    the bogus and shuffled maps of the winner's solver give a defined drop under half the winner's.
+    the bogus and shuffled versions of the winner's own map (its solver, layer and site) give a defined
+    drop under half the winner's.
     Missing or undefined evidence gives False with the reason in ``reasons``; ``met`` needs all three."""
     w, reasons = t["winner"], {}
     drop = w["drop_pct"] if w else None
@@ -106,10 +107,11 @@ def stop_conditions(t: dict, side: list[dict] | None) -> dict:
             se = abs(ref) <= THRESHOLDS["refusal_pp"] and abs(mc) <= THRESHOLDS["mc_dlogp"]
             if not se:
                 reasons["side_effects_small"] = f"d refusal {ref:+.1f} pp, d mc_dlogp {mc:+.3f} over the thresholds"
-    ctrl = [c for c in t["controls"] if c["control"] in ("bogus", "shuffle") and w and c["solver"] == w["solver"]]
+    ctrl = [c for c in t["controls"] if c["control"] in ("bogus", "shuffle") and w and c["solver"] == w["solver"]
+            and c["site"] == w["site"] and c.get("map_layer", w["layer"]) == w["layer"]]   # the winner's own map
     undefined = [c for c in ctrl if c["drop_pct"] is None]
     if not ctrl:
-        reasons["controls_not_comparable"] = "no bogus or shuffle control was measured"
+        reasons["controls_not_comparable"] = "no bogus or shuffle control was measured for the winner's map"
         ctrl_ok = False
     elif undefined:
         reasons["controls_not_comparable"] = "not comparable: " + "; ".join(

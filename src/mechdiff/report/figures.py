@@ -80,7 +80,8 @@ def fig_b_data(maps: dict | None, sweep: dict | None, variants: dict | None) -> 
     for c in (sweep or {}).get("controls") or []:
         patch.append({"label": f"{c['control']}: map L{c['map_layer']} at L{c['layer']} {c['site']}", "raw": None,
                       "mapped": _finite(c.get("kl_mapped")),
-                      "mapped_se": _se(find(layer=c["layer"], site=c["site"], kind=c["control"]), n)})
+                      "mapped_se": _se(find(layer=c["layer"], site=c["site"], kind=c["control"],
+                                            **{k: c[k] for k in ("map_layer", "solver") if c.get(k) is not None}), n)})
     return {"maps": out_maps, "patch": patch[:14], "best": best} if out_maps or patch else None
 
 
