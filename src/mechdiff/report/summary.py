@@ -181,12 +181,13 @@ def rq3_sentences(rq3: dict | None) -> list[str]:
                 f"{ctl.get('layer', 'n/a')}: {_pct(ctl.get('test_share'))}")
         where = f"{mode} ({'base' if c.get('side') == 'base' else 'tuned'} model), {h.get('kind')} handle at layer {h.get('layer')}"
         if h.get("minimal_k") is not None:
-            out.append(f"Rank-k handle, {where}: minimal k = {h['minimal_k']} closes {_pct(c.get('test_share'))} of "
-                       f"the base-tuned gap on {n_test or 'the'} held-out prompts (target >= {_pct(thr)}; {ctrl}); "
-                       f"side effects: {side}.")
+            out.append(f"Rank-k handle, {where}: minimal k = {h['minimal_k']} (chosen on dev prompts, where it closes "
+                       f"{_pct(c.get('dev_share'))}; target >= {_pct(thr)}) closes {_pct(c.get('test_share'))} of "
+                       f"the base-tuned gap on {n_test or 'the'} held-out test prompts ({ctrl}); side effects: {side}.")
         else:
-            out.append(f"Rank-k handle, {where}: no k closes >= {_pct(thr)} of the gap within the side-effect limits "
-                       f"(best k={c.get('k')}: {_pct(c.get('test_share'))}; {ctrl}); side effects there: {side}.")
+            out.append(f"Rank-k handle, {where}: no k closes >= {_pct(thr)} of the gap on dev within the side-effect "
+                       f"limits (best on dev: k={c.get('k')}, {_pct(c.get('dev_share'))} on dev, "
+                       f"{_pct(c.get('test_share'))} on test; {ctrl}); side effects there: {side}.")
     return out
 
 
