@@ -58,3 +58,21 @@ def planted_rq1(planted_cultural, tmp_path_factory):
     t0 = time.perf_counter()
     run = run_rq1(pair, opts, out=out, models=(base, tuned))
     return run.path, opts, pair, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------ tiny pairs on disk (fast stage runs)
+@pytest.fixture
+def tiny_pair():
+    """Factory ``(root, name, seed, prompts) -> pair TOML path``: two tiny random Llamas saved under
+    ``root`` (base seed 0, tuned ``seed``), float32, whose prompt set is the JSONL file ``prompts``."""
+    def make(root, name: str, seed: int, prompts):
+        from mechdiff.models.tiny import tiny_model
+        for side, s in (("base", 0), ("tuned", seed)):
+            m, tok = tiny_model("llama", seed=s, n_layers=4)
+            m.save_pretrained(root / f"{name}-{side}")
+            tok.save_pretrained(root / f"{name}-{side}")
+        f = root / f"{name}.toml"
+        f.write_text(f'name = "{name}"\nbase = "{root / (name + "-base")}"\ntuned = "{root / (name + "-tuned")}"\n'
+                     f'dtype = "float32"\n[datasets]\nset = "{prompts}"\n', encoding="utf-8")
+        return f
+    return make

@@ -60,39 +60,30 @@ def test_default_batch_size_from_free_memory():
     assert resolve_batch_size(5, [], []) == 5
 
 
-def _tiny_pair_toml(root, n_prompts: int):
-    """A pair of two different tiny Llamas and a prompt file of ``n_prompts`` prompts (3 topics)."""
+def _prompts(root, n_prompts: int):
+    """A prompt file of ``n_prompts`` prompts in 3 topics."""
     import json
-
-    from mechdiff.models.tiny import tiny_model
-    for side, seed in (("base", 0), ("tuned", 1)):
-        m, tok = tiny_model("llama", seed=seed, n_layers=4)
-        m.save_pretrained(root / side)
-        tok.save_pretrained(root / side)
-    prompts = root / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps({"id": f"q{i}", "text": "word " * (1 + i % 4) + f"item {i}",
-                                             "topic": f"t{i % 3}"}) for i in range(n_prompts)), encoding="utf-8")
-    f = root / "pair.toml"
-    f.write_text(f'name = "tiny"\nbase = "{root / "base"}"\ntuned = "{root / "tuned"}"\ndtype = "float32"\n'
-                 f'[datasets]\nset = "{prompts}"\n', encoding="utf-8")
-    return str(f)
+    f = root / "prompts.jsonl"
+    f.write_text("\n".join(json.dumps({"id": f"q{i}", "text": "word " * (1 + i % 4) + f"item {i}",
+                                        "topic": f"t{i % 3}"}) for i in range(n_prompts)), encoding="utf-8")
+    return f
 
 
 RQ1_SMALL = dict(behaviour=False, n_perm=2, layers=[1, 2], device="cpu", batch_size=4)
 
 
-def test_fewer_prompts_than_asked_is_a_printed_warning_and_a_field(tmp_path, capsys):
+def test_fewer_prompts_than_asked_is_a_printed_warning_and_a_field(tmp_path, capsys, tiny_pair):
     """Issue 10, item 5: asking for 12 prompts of a 7-prompt set runs on 7, says so on stderr, and
     fairness.json records both numbers."""
     from mechdiff.experiments.stage import run_stage
-    run = run_stage("rq1", _tiny_pair_toml(tmp_path, 7), out=tmp_path / "run", n_prompts=12, **RQ1_SMALL)
+    run = run_stage("rq1", str(tiny_pair(tmp_path, "tiny", 1, _prompts(tmp_path, 7))), out=tmp_path / "run", n_prompts=12, **RQ1_SMALL)
     fair = run.read_json("fairness.json")
     assert (fair["n_asked"], fair["n_used"]) == (12, 7)
     err = capsys.readouterr().err
     assert "warning:" in err and "12" in err and "7" in err
 
 
-def test_a_failed_stage_does_not_block_its_corrected_rerun(tmp_path, monkeypatch):
+def test_a_failed_stage_does_not_block_its_corrected_rerun(tmp_path, monkeypatch, tiny_pair):
     """Issue 10, item 2: a stage that fails after its run directory is opened leaves no recorded
     options behind, so the corrected rerun (other options, same --out) runs instead of being refused
     for the failed attempt's options; a finished stage still refuses other options."""
@@ -100,7 +91,7 @@ def test_a_failed_stage_does_not_block_its_corrected_rerun(tmp_path, monkeypatch
 
     from mechdiff.errors import DataError
     from mechdiff.experiments import stage as st
-    pair, out = _tiny_pair_toml(tmp_path, 9), tmp_path / "run"
+    pair, out = str(tiny_pair(tmp_path, "tiny", 1, _prompts(tmp_path, 9))), tmp_path / "run"
     real = st.get_stage("rq1")
 
     def fail(study, opts):
@@ -116,7 +107,7 @@ def test_a_failed_stage_does_not_block_its_corrected_rerun(tmp_path, monkeypatch
         st.run_stage("rq1", pair, out=out, n_prompts=5, **RQ1_SMALL)
 
 
-def test_editing_the_prompt_file_in_place_recomputes_what_reads_it(tmp_path):
+def test_editing_the_prompt_file_in_place_recomputes_what_reads_it(tmp_path, tiny_pair):
     """Issue 10, item 1, end to end: the same command and --out after the prompt texts changed (same
     ids, same path) recomputes capture, CKA and patching on the new texts instead of reusing the old
     states; an unchanged rerun reuses them."""
@@ -124,7 +115,7 @@ def test_editing_the_prompt_file_in_place_recomputes_what_reads_it(tmp_path):
     from pathlib import Path
 
     from mechdiff.experiments.stage import run_stage
-    pair, out = _tiny_pair_toml(tmp_path, 9), tmp_path / "run"
+    pair, out = str(tiny_pair(tmp_path, "tiny", 1, _prompts(tmp_path, 9))), tmp_path / "run"
     first = run_stage("rq1", pair, out=out, n_prompts=6, **RQ1_SMALL)
     cka1 = first.read_json("cka.json")
     again = run_stage("rq1", pair, out=out, n_prompts=6, **RQ1_SMALL)

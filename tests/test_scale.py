@@ -268,27 +268,15 @@ def test_two_gloo_ranks_gather_the_one_process_numbers(tmp_path):
 
 
 # ------------------------------------------------------------------------------ Ray sweep
-def _tiny_pair(root: Path, name: str, seed: int, prompts: Path) -> Path:
-    from mechdiff.models.tiny import tiny_model
-    for side, s in (("base", 0), ("tuned", seed)):
-        m, tok = tiny_model("llama", seed=s, n_layers=4)
-        m.save_pretrained(root / f"{name}-{side}")
-        tok.save_pretrained(root / f"{name}-{side}")
-    f = root / f"{name}.toml"
-    f.write_text(f'name = "{name}"\nbase = "{root / (name + "-base")}"\ntuned = "{root / (name + "-tuned")}"\n'
-                 f'dtype = "float32"\n[datasets]\nset = "{prompts}"\n', encoding="utf-8")
-    return f
-
-
-def test_sweep_runs_two_pairs_on_a_local_ray_and_compares_them(tmp_path):
+def test_sweep_runs_two_pairs_on_a_local_ray_and_compares_them(tmp_path, tiny_pair):
     pytest.importorskip("ray")
     from mechdiff.experiments.study import run_study
     from mechdiff.scale.sweep import sweep
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"id": f"q{i}", "text": "word " * (1 + i % 5) + f"item {i}",
                                              "category": f"c{i % 3}"}) for i in range(12)), encoding="utf-8")
-    a = _tiny_pair(tmp_path, "tiny-a", 1, prompts)
-    b = _tiny_pair(tmp_path, "tiny-b", 2, prompts)
+    a = tiny_pair(tmp_path, "tiny-a", 1, prompts)
+    b = tiny_pair(tmp_path, "tiny-b", 2, prompts)
     cfg = {"rq1": {"n_prompts": 8, "behaviour": False, "n_perm": 2, "layers": [1, 2]}}
     out = sweep(f"{a},{b}", "rq1", tmp_path / "sweep", config=cfg, device="cpu", batch_size=4, num_cpus=2)
     for name in ("tiny-a", "tiny-b"):

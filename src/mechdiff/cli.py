@@ -26,15 +26,6 @@ MaxMemoryOpt = typer.Option(None, "--max-memory", help="memory per device for --
                             "0=70GiB,1=70GiB (base:0=..,tuned:1=.. per model)")
 
 
-def _placed(pair, device_map: Optional[str], max_memory: Optional[str]):
-    """``pair`` with --device-map / --max-memory (checked by the Pair) over its TOML values."""
-    if device_map is None and max_memory is None:
-        return pair
-    return dataclasses.replace(pair, device_map=device_map or pair.device_map,
-                               max_memory=max_memory or pair.max_memory)
-
-
-
 def _split(text: str) -> list[str]:
     return [x for x in text.replace(" ", "").split(",") if x]
 
@@ -198,9 +189,8 @@ def run_cmd(pair: Optional[str] = typer.Option(None, "--pair", help="built-in pa
     from mechdiff.experiments.study import run_study
     from mechdiff.report.summary import terminal_summary
     the_pair = _run(resolve_pair, pair, base, tuned)
-    if trust_remote_code:
-        the_pair = dataclasses.replace(the_pair, trust_remote_code=True)
-    the_pair = _run(_placed, the_pair, device_map, max_memory)
+    the_pair = _run(the_pair.with_command_line, trust_remote_code=trust_remote_code, device_map=device_map,
+                    max_memory=max_memory)
     run = _run(run_study, the_pair, config, stages, out, device=device, dtype=dtype, batch_size=batch_size,
                seed=seed, prompts=prompts)
     console.print(terminal_summary(run.path), markup=False, highlight=False)

@@ -73,6 +73,12 @@ def sweep_table(variants: dict) -> dict:
             "winner_rule": f"largest dev drop among rows whose raw dev KL is >= {WINNER_GAP_SHARE:g} x the largest"}
 
 
+def winner_controls(controls: list[dict], w: dict | None) -> list[dict]:
+    """The bogus and shuffle controls of the winner's own map (its solver, site and map layer)."""
+    return [c for c in controls if w and c["control"] in ("bogus", "shuffle") and c.get("solver") == w.get("solver")
+            and c["site"] == w["site"] and c.get("map_layer", w["layer"]) == w["layer"]]
+
+
 def stop_conditions(t: dict, side: list[dict] | None) -> dict:
     """The plan's stop conditions, each True only on defined evidence: a large drop of the dev-chosen
     winner on test; small side effects (refusal on harmful prompts the model refuses, MC), measured;
@@ -107,8 +113,7 @@ def stop_conditions(t: dict, side: list[dict] | None) -> dict:
             se = abs(ref) <= THRESHOLDS["refusal_pp"] and abs(mc) <= THRESHOLDS["mc_dlogp"]
             if not se:
                 reasons["side_effects_small"] = f"d refusal {ref:+.1f} pp, d mc_dlogp {mc:+.3f} over the thresholds"
-    ctrl = [c for c in t["controls"] if c["control"] in ("bogus", "shuffle") and w and c["solver"] == w["solver"]
-            and c["site"] == w["site"] and c.get("map_layer", w["layer"]) == w["layer"]]   # the winner's own map
+    ctrl = winner_controls(t["controls"], w)
     undefined = [c for c in ctrl if c["drop_pct"] is None]
     if not ctrl:
         reasons["controls_not_comparable"] = "no bogus or shuffle control was measured for the winner's map"

@@ -261,11 +261,8 @@ def run_stage(name: str, pair: "Pair | str", opts: Any = None, *, out=None, devi
     before = None
     if study is None:
         pair = load_pair(pair) if isinstance(pair, str) else pair
-        if trust_remote_code:
-            pair = dataclasses.replace(pair, trust_remote_code=True)
-        if device_map is not None or max_memory is not None:   # --device-map / --max-memory win over the TOML
-            pair = dataclasses.replace(pair, device_map=device_map or pair.device_map,
-                                       max_memory=max_memory or pair.max_memory)
+        pair = pair.with_command_line(trust_remote_code=trust_remote_code, device_map=device_map,
+                                      max_memory=max_memory)
         if out is not None and (Path(out) / "manifest.json").is_file():
             before = ((RunDir(out).read_manifest() or {}).get("options") or {}).get(stage.name)
         study = open_study(pair, stage, opts, out=out, device=device, dtype=dtype, batch_size=batch_size,

@@ -30,6 +30,8 @@ any TOML file with the same keys.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import os
 import re
 import sys
@@ -327,6 +329,15 @@ class Pair:
         if not isinstance(self.trust_remote_code, bool):
             raise ConfigError(f"pair {self.name!r}: trust_remote_code must be true or false, "
                               f"got {self.trust_remote_code!r}")
+
+    def with_command_line(self, *, trust_remote_code: bool = False, device_map: Any = None,
+                          max_memory: Any = None) -> "Pair":
+        """This pair with the command line's --trust-remote-code (only ever turns it on, at the user's
+        request) and --device-map / --max-memory (each over its TOML value when given)."""
+        if not trust_remote_code and device_map is None and max_memory is None:
+            return self
+        return dataclasses.replace(self, trust_remote_code=self.trust_remote_code or bool(trust_remote_code),
+                                   device_map=device_map or self.device_map, max_memory=max_memory or self.max_memory)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], *, source: str | None = None) -> "Pair":

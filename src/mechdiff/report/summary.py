@@ -144,10 +144,9 @@ def rq2_sentences(maps: dict | None, sweep: dict | None, variants: dict | None) 
     if w:
         raw_se = _variant_se(variants, w["layer"], w["site"], None, "raw")
         map_se = _variant_se(variants, w["layer"], w["site"], w["alpha"], "mapped")
+        from mechdiff.experiments.rq2_summary import winner_controls
         ctrls = "; ".join(f"{c['control']} map {'n/a' if c.get('drop_pct') is None else format(c['drop_pct'], '.0f') + '%'}"
-                          for c in (sweep.get("controls") or []) if c.get("control") in ("bogus", "shuffle")
-                          and c.get("solver") == w.get("solver") and c.get("site") == w["site"]
-                          and c.get("map_layer", w["layer"]) == w["layer"])      # the winner's own map
+                          for c in winner_controls(sweep.get("controls") or [], w))
         drop = ("no drop is defined (the raw patch changes nothing)" if w.get("drop_pct") is None
                 else f"a {w['drop_pct']:.0f}% drop")
         stop = (sweep.get("stop_conditions") or {}).get("met")
