@@ -68,7 +68,7 @@ class PatchEngine:
             self.sm.check(*parse_site(s))
         self._blocks = _block_list(model, self.sm) if skip_layers else None
         self._logits_kw = {"logits_to_keep": 1} if _accepts(model.forward, "logits_to_keep") else {}
-        self._cache = _cache_arg(model)
+        self._cache, self._base_cache = _cache_arg(model), _cache_arg(model.base_model)
         self._tuple_len = 0
         B, T = self.batch.input_ids.shape
         dec = self.batch.decision.long()
@@ -106,7 +106,7 @@ class PatchEngine:
                         self.model.base_model(input_ids=b.input_ids[rows, lead:p],
                                               attention_mask=b.attention_mask[rows, lead:p],
                                               position_ids=b.position_ids[rows, lead:p],
-                                              use_cache=True, **{_cache_arg(self.model.base_model): cache})
+                                              use_cache=True, **{self._base_cache: cache})
                 g = _Group(rows, lead, p, self._suffix_end(p), cache, {})
                 kinds = []
                 h0 = self.sm.blocks[0].register_forward_hook(
