@@ -16,7 +16,12 @@ with noise, so every patch is computed), per measure, batch and ``max_rows``; se
 baseline (one plain forward of both models, output layer on a contiguous copy of the last position,
 common.honest_baseline, as in bench_exactness.py), the sweep's FLOP floor in the same unit, extra peak GiB.
 
-Then a torch.profiler table of one direction of the ``last`` sweep (the top kernels by CUDA time).
+"FLOP floor": the sweep's token-blocks over the forward's; "engine floor": the matmul FLOPs of what the
+engine computes at the ``last`` readout over the forward's (:func:`engine_floor`: in-pass references,
+final block trimmed, the output layer on every row).
+
+Then (``profile``, CUDA) CUDA kernel time by kind for one honest forward of one model against one
+direction of the ``last`` sweep, per 1k token-blocks, and the sweep's top kernels.
 """
 from __future__ import annotations
 
@@ -41,6 +46,55 @@ def flop_floor(L: int, T: int, tail: int) -> float:
     return 2 * (tail + 1) * (L * (L - 1) // 2) / (2 * T * L)
 
 
+def engine_floor(cfg, T: int, tail: int) -> float:
+    """Matmul FLOPs of what the engine computes for a both-direction resid_post sweep over every layer
+    at ``measure="last"`` over those of one honest forward of both models (T tokens through every
+    block, the output layer on the last position): the patched rows (a patch at layer l re-runs the
+    ``tail + 1`` suffix tokens through blocks l+1..L-1; the last layer's patch is dropped, it cannot
+    reach the last position), one in-pass reference row per prompt from block 1, the final block's
+    output projection and MLP on the last position only (the other ``tail`` positions cost its
+    query/key/value projections), and the output layer on every row (the forward: one per prompt)."""
+    L, s, d, f, V = cfg.num_hidden_layers, tail + 1, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    hd = getattr(cfg, "head_dim", None) or d // cfg.num_attention_heads
+    q, kv = cfg.num_attention_heads * hd * d, 2 * cfg.num_key_value_heads * hd * d
+    block = q + kv + q + 3 * d * f                          # multiply-adds per token and block
+    last = block + tail * (q + kv)                          # the trimmed final block, all s tokens
+    rows = L - 1 + 1                                        # patched rows + the reference, per prompt
+    sweep = sum((L - 2 - l) * s * block + last for l in range(L - 1)) + (L - 2) * s * block + last + rows * d * V
+    return sweep / (T * L * block + d * V)
+
+
+KINDS = {"attention": r"fmha|attention|flash|efficient",
+         "gemm": r"gemm|cutlass|nvjet|xmma|cublas|sm90_|splitk|matmul",
+         "copy/index": r"copy|index|gather|cat|scatter|memcpy|memset",
+         "reduce/softmax": r"reduce|softmax|norm",
+         "other elementwise": r"."}
+
+
+def kernel_breakdown(fn, top: int = 0):
+    """CUDA time of one call of ``fn`` by kernel kind (``KINDS``, first match wins), in ms, and (top > 0) the
+    profiler's table of the ``top`` kernels by CUDA time."""
+    import re
+
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    C.sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        C.sync()
+    out = {}
+    for ev in prof.key_averages():
+        ms = getattr(ev, "device_time_total", None)
+        ms = (ev.cuda_time_total if ms is None else ms) / 1000
+        if ms <= 0:
+            continue
+        kind = next(k for k, rx in KINDS.items() if re.search(rx, ev.key, re.I))
+        out[kind] = out.get(kind, 0.0) + ms
+    out["total"] = sum(out.values())
+    tab = prof.key_averages().table(sort_by="cuda_time_total", row_limit=top, max_name_column_width=90) if top else ""
+    return out, tab
+
+
 def main(argv=None):
     ap = C.parser(__doc__, reps=3)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="llama8b")
@@ -49,7 +103,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=600, help="prompts captured")
     ap.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64, 128, 150, 256])
     ap.add_argument("--sweep-batch", type=int, nargs="+", default=[50, 150])
-    ap.add_argument("--max-rows", type=int, nargs="+", default=[512, 1024, 2048])
+    ap.add_argument("--max-rows", type=int, nargs="+", default=[1024, 2048],
+                    help="besides the engine's default (batching.default_max_rows)")
     ap.add_argument("--seq", type=int, default=48)
     ap.add_argument("--tail", type=int, default=5)
     ap.add_argument("--sections", default="capture,sweep,profile")
@@ -107,32 +162,41 @@ def main(argv=None):
                     var = {"base": [Patch(s, noisy["tuned"][s]) for s in sites],     # tuned -> base
                            "tuned": [Patch(s, noisy["base"][s]) for s in sites]}     # base -> tuned
                     tail = args.tail if measure == "last" else 0
-                    for mr in args.max_rows if "sweep" in secs else []:
-                        for e in eng.values():
-                            e.max_rows = mr
-                        run = lambda: [patch_kl(eng[k], var[k]) for k in eng]   # noqa: E731
-                        t = best_of(run, reps=args.reps)
-                        mem = C.peak_extra(run)
-                        rows.append((B, measure, mr, t_plain, t, t / t_plain, flop_floor(L, args.seq, tail), mem))
-                    if "profile" in secs and measure == "last" and B == args.sweep_batch[0] and dev.type == "cuda":
-                        from torch.profiler import ProfilerActivity, profile
-                        e = eng["tuned"]
-                        e.max_rows = 1024
-                        patch_kl(e, var["tuned"])
-                        C.sync()
-                        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                            patch_kl(e, var["tuned"])
-                            C.sync()
-                        C.log(f"\nProfile: one direction, measure=last, B={B}, max_rows=1024\n```\n"
-                              + prof.key_averages().table(sort_by="cuda_time_total", row_limit=25,
-                                                          max_name_column_width=70) + "\n```")
+                    auto = eng["base"].max_rows           # the engine's default (batching.default_max_rows)
+                    for mr in sorted(set(args.max_rows + [auto])) if "sweep" in secs else []:
+                        for trim in ((True, False) if measure == "last" and mr == auto else (True,)):
+                            for e in eng.values():
+                                e.max_rows, e._trim_final = mr, trim
+                            run = lambda: [patch_kl(eng[k], var[k]) for k in eng]   # noqa: E731
+                            t = best_of(run, reps=args.reps)
+                            mem = C.peak_extra(run)
+                            rows.append((B, measure, f"{mr} (default)" if mr == auto else mr,
+                                         "yes" if trim else "no", t_plain, t, t / t_plain,
+                                         flop_floor(L, args.seq, tail),
+                                         engine_floor(cfg, args.seq, tail) if measure == "last" else None, mem))
+                    for e in eng.values():
+                        e.max_rows, e._trim_final = auto, True
+                    if "profile" in secs and measure == "last" and dev.type == "cuda":
+                        fwd = kernel_breakdown(lambda: honest_forward(tuned, b))
+                        swp = kernel_breakdown(lambda: patch_kl(eng["tuned"], var["tuned"]), top=25)
+                        table(f"Kernel time by kind (CUDA ms): one honest forward of one model vs one direction of "
+                              f"the `last` sweep (base -> tuned patches), B={B}, max_rows={auto} (default); per 1k token-blocks "
+                              f"= ms over the token x block products run (forward {B * args.seq * L}, sweep "
+                              f"{B * (tail + 1) * (L * (L - 1) // 2)} + references)",
+                              ["kind", "forward ms", "sweep ms", "forward ms / 1k tb", "sweep ms / 1k tb"],
+                              [[k, fwd[0].get(k, 0.0), swp[0].get(k, 0.0),
+                                fwd[0].get(k, 0.0) * 1000 / (B * args.seq * L),
+                                swp[0].get(k, 0.0) * 1000 / (B * (tail + 1) * (L * (L - 1) // 2))]
+                               for k in list(KINDS) + ["total"]])
+                        C.log(f"\nTop kernels of the sweep direction (B={B}):\n```\n{swp[1]}\n```")
                     del eng, st, noisy, var
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
             if rows:
                 table("Sweep: every layer, both directions, every patch computed; x = multiple of one honest plain "
                       "forward of both models (contiguous last-token output layer)",
-                      ["B", "measure", "max_rows", "plain both s", "sweep s", "x", "FLOP floor x", "extra peak GiB"],
+                      ["B", "measure", "max_rows", "final block last-only", "plain both s", "sweep s", "x",
+                       "FLOP floor x", "engine floor x", "extra peak GiB"],
                       [list(r) for r in rows])
     C.flush_results()
 

@@ -60,6 +60,31 @@ def test_default_batch_size_from_free_memory():
     assert resolve_batch_size(5, [], []) == 5
 
 
+def test_default_max_rows_from_free_memory():
+    """Known answer: the patch engine's rows per pass are a quarter of the free memory over one pass
+    row's bytes, clamped to [256, 16384]; 2048 on CPU; an explicit max_rows wins."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mechdiff.batching import bytes_per_pass_row, default_max_rows
+    from mechdiff.patching import PatchEngine
+    from test_patching import make_batch
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=100)
+    m = LlamaForCausalLM(cfg)
+    need = bytes_per_pass_row(m, 6, 40)
+    # float32: 6 suffix tokens x (6*64 + 3*128) x 4 + (40 + 6) x 2 x (2 heads x 16) x 4 + 100 x 4 + 3 x 100 x 4
+    assert need == 6 * 768 * 4 + 46 * 64 * 4 + 400 + 1200
+    assert default_max_rows(m, 6, 40, free_bytes=4000 * need) == 1000
+    assert default_max_rows(m, 6, 40, free_bytes=need) == 256
+    assert default_max_rows(m, 6, 40, free_bytes=10 ** 6 * need) == 16384
+    assert default_max_rows(m, 6, 40) == 2048                      # CPU
+    from mechdiff.models.tiny import tiny_model
+    model, tok = tiny_model("llama", n_layers=2)
+    batch = make_batch(tok)
+    assert PatchEngine(model, batch).max_rows == 2048
+    assert PatchEngine(model, batch, max_rows=7).max_rows == 7
+
+
 def _prompts(root, n_prompts: int):
     """A prompt file of ``n_prompts`` prompts in 3 topics."""
     import json

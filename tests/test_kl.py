@@ -89,3 +89,27 @@ def test_summarise():
     s2 = summarise([1.0, float("inf"), 5.0])
     assert s2["n"] == 2 and s2["n_nonfinite"] == 1 and s2["mean"] == 3.0
     assert summarise([7.0])["std"] == 0.0
+
+
+def test_patch_kl_against_one_shared_reference_checks_nan():
+    """kl_reducer's path for one reference shared by every variant equals kl_from_logits row by row
+    (exactly 0 for a copy of the reference), and NaN logits are an error, not a silent 0."""
+    import pytest
+
+    from mechdiff.errors import NumericsError
+    from mechdiff.patching.kl import _kl_shared_ref
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(3, 50, generator=g)
+    q = torch.stack([ref, torch.randn(3, 50, generator=g), ref + 0.1 * torch.randn(3, 50, generator=g)])
+    got = _kl_shared_ref(ref, q)
+    want = kl_from_logits(ref.expand_as(q), q)
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+    assert torch.equal(got[0], torch.zeros(3)) and (got[1:] > 0).all()
+    bad = q.clone()
+    bad[1, 2, 7] = float("nan")
+    with pytest.raises(NumericsError, match="NaN"):
+        _kl_shared_ref(ref, bad)
+    ref_bad = ref.clone()
+    ref_bad[0] = float("-inf")
+    with pytest.raises(NumericsError, match="-inf everywhere"):
+        _kl_shared_ref(ref_bad, q)

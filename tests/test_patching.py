@@ -192,8 +192,11 @@ def test_validation_errors():
         layer_sweep(eng, {"resid_post.1": torch.randn(B, 2 * d)})
     bad = torch.randn(B, d)
     bad[1, 3] = float("nan")
-    with pytest.raises(NumericsError):
-        eng.run([Patch("resid_post.1", bad)])
+    with pytest.raises(NumericsError, match=r"value for resid_post\.1 contains NaN"):
+        eng.run([Patch("resid_post.0", torch.randn(B, d)), Patch("resid_post.1", bad)])   # the bad one named
+    basis = torch.full((d, 2), float("inf"))
+    with pytest.raises(NumericsError, match=r"basis for mlp_out\.0 contains NaN/Inf"):
+        eng.run([Patch("resid_post.1", bad), Patch("mlp_out.0", mode="project_out", basis=basis)][::-1])
     with pytest.raises(SiteError, match="out of range"):
         eng.run([Patch("resid_post.4", torch.randn(B, d))])
     with pytest.raises(SiteError):

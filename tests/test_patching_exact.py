@@ -199,3 +199,39 @@ def test_old_style_reduce_still_works():
     # the naive path compares with its own clean forward: alpha 0 is exactly 0 there too
     kl = eng.run_naive([Patch("resid_post.1", v, alpha=0.0), Patch("resid_post.1", v)], reduce=kl_reducer(eng))
     assert torch.equal(kl[0], torch.zeros(len(batch))) and (kl[1] > 0).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_final_block_on_last_position_only(family):
+    """At the ``last`` readout the final block's output projection and MLP run on the last position
+    only, and a patch after the final block's keys/values (head_z/attn_out/mlp_out/resid_post of the
+    last layer) cannot reach a later position: exactly 0 where the prompt has a template tail, a real
+    effect where the decision token is the last one; the engine still equals the naive recomputation."""
+    model, tok = _model(family)
+    batch = make_batch(tok)
+    L, B, T = model.config.num_hidden_layers, len(batch), batch.input_ids.shape[1]
+    tail = batch.decision < T - 1
+    assert tail.any() and (~tail).any()
+    eng = PatchEngine(model, batch, measure="last", detect_noops=False)
+    d = eng.sm.d_model
+    g = torch.Generator().manual_seed(0)
+    variants = [Patch(f"resid_post.{L - 2}", torch.randn(B, d, generator=g)),
+                [Patch(f"mlp_out.{L - 1}", torch.randn(B, d, generator=g)),
+                 Patch(f"attn_out.{L - 2}", torch.randn(B, d, generator=g))],
+                Patch(f"mlp_out.{L - 1}", torch.randn(B, d, generator=g)),
+                Patch(f"resid_post.{L - 1}", torch.randn(B, d, generator=g)),
+                Patch(f"head_z.{L - 1}", torch.randn(B, eng.sm.n_heads * eng.sm.head_dim, generator=g))]
+    widths = []
+    h = eng.sm.ffn[L - 1].register_forward_hook(lambda m, a, o: widths.append(o.shape[1]))
+    try:
+        fast = eng.run(variants)
+    finally:
+        h.remove()
+    assert 1 in widths                    # a pass ran the final MLP on one position
+    naive = eng.run_naive(variants)
+    assert torch.allclose(fast, naive, atol=1e-4, rtol=1e-5), (fast - naive).abs().max()
+    kl = patch_kl(eng, variants)
+    assert (kl[:2].min() > 1e-6).item()
+    for v in (2, 3, 4):                   # the final-layer patches: exactly 0 where a tail follows
+        assert torch.equal(kl[v, tail], torch.zeros_like(kl[v, tail]))
+        assert (kl[v, ~tail] > 1e-6).all()

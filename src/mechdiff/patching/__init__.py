@@ -55,7 +55,12 @@ against the prefix cache, all (variant, prompt) rows of a sweep stacked along th
 passes (``max_rows`` bounds rows per pass), each attending to its prompt's prefix (gathered per layer,
 never stored). Blocks below a row's first patched layer are not recomputed (``skip_layers=True``):
 a pass starts at its shallowest layer with the clean residual, and rows join at their own layer; a
-``resid_post.l`` patch is applied as the input of block ``l+1``. No-op rows cost nothing. The prefix
+``resid_post.l`` patch is applied as the input of block ``l+1``. At the ``last`` readout the final
+block's output projection and MLP run on the last position only (its keys/values at the other suffix
+positions are made before them), and a patch of that block after its keys/values (head_z, attn_out,
+mlp_out, resid_post of the last layer) cannot reach the last position: its rows are exactly the clean
+logits, not computed. No-op rows cost nothing. ``max_rows`` defaults to a share of the free GPU
+memory (``mechdiff.batching.default_max_rows``): fewer passes, fewer reference rows. The prefix
 cache is never mutated, so repeated calls give identical results. (The former *packed* layout, variants
 side by side along the sequence under a 4D mask, is gone: identical variants at different pack
 positions did not give bitwise-equal logits.)

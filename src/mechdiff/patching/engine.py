@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mechdiff.errors import ConfigError, SiteError
-from mechdiff.patching.passes import _Seg, _start, plan_passes, run_pass
+from mechdiff.patching.passes import _inert, _Seg, _start, _trimmed, plan_passes, run_pass
 from mechdiff.patching.plumbing import (_accepts, _attn_backends, _block_list, _cache_arg, _contiguous_head,
                                        _grouped_attention, _pass_cache)
 from mechdiff.patching.variants import _noop_rows, _prepare
@@ -38,7 +38,9 @@ class PatchEngine:
     measure: "last" | "decision". record_sites: sites whose clean value at the decision position
     :meth:`clean_states` returns. max_rows: most rows in one pass (reference rows + one row per
     (variant, prompt) computed); also the most prompts that share one prefix pass. Memory per pass
-    ~ max_rows x (suffix length x d_model + vocab), plus one layer's prefix KV for those rows.
+    ~ max_rows x (suffix length x d_model + vocab), plus one layer's prefix KV for those rows. None
+    (default): :func:`mechdiff.batching.default_max_rows` (a share of the free GPU memory; 2048 on
+    CPU), and the clean run's prefix passes take the whole batch.
     skip_layers: a pass row starts at its variant's first patched layer (blocks below are not
     recomputed). detect_noops: prompts a variant leaves bit for bit at the clean state get the clean
     logits without being computed (False: compute them too, e.g. to test the pass itself).
@@ -49,16 +51,18 @@ class PatchEngine:
     """
 
     def __init__(self, model: nn.Module, batch, *, measure: str = "last", record_sites: Iterable = (),
-                 max_rows: int = 2048, skip_layers: bool = True, packed: bool = True,
+                 max_rows: int | None = None, skip_layers: bool = True, packed: bool = True,
                  max_packed: int = 48, detect_noops: bool = True):
         if measure not in MEASURES:
             raise ConfigError(f"measure must be one of {', '.join(MEASURES)}, got {measure!r}")
-        if max_rows < 1:
+        if max_rows is not None and max_rows < 1:
             raise ConfigError(f"max_rows must be >= 1, got {max_rows}")
         if max_packed < 1:
             raise ConfigError(f"max_packed must be >= 1, got {max_packed}")
-        self.model, self.measure, self.max_rows, self.skip_layers = model, measure, int(max_rows), skip_layers
+        self.model, self.measure, self.skip_layers = model, measure, skip_layers
+        self.max_rows = None if max_rows is None else int(max_rows)
         self.packed, self.max_packed, self.detect_noops = False, int(max_packed), bool(detect_noops)
+        self._trim_final = True     # passes.py, _trimmed: the final block on the measured position only
         self.sm = resolve(model)
         from mechdiff.scale.devices import input_device
         self.device = input_device(model)           # a sharded model: where its embeddings run
@@ -79,6 +83,10 @@ class PatchEngine:
         self._clean = torch.empty(0)
         self._dec: dict[str, torch.Tensor] = {}   # "name.layer" -> [B, w] clean value at the decision token
         self._run_clean()
+        if self.max_rows is None:
+            from mechdiff.batching import default_max_rows
+            s = max((g.e - g.p for g in self.groups), default=1)
+            self.max_rows = default_max_rows(model, s, T)
 
     # ---- clean pass ----------------------------------------------------------------------
     def _suffix_end(self, p: int) -> int:
@@ -94,8 +102,9 @@ class PatchEngine:
         read = list(dict.fromkeys(resid + self.record_sites))
         for p in sorted(set(dec.tolist())):
             all_rows = torch.nonzero(dec == p).flatten()
-            for c in range(0, len(all_rows), self.max_rows):
-                rows = all_rows[c:c + self.max_rows].to(self.device)
+            step = self.max_rows or self.B
+            for c in range(0, len(all_rows), step):
+                rows = all_rows[c:c + step].to(self.device)
                 cols = mask[rows].any(0).nonzero().flatten()
                 lead = min(int(cols[0]), p) if len(cols) else p
                 cache = None
@@ -211,8 +220,13 @@ class PatchEngine:
             noop = _noop_rows(prepared, self._dec, self.B)                     # [n, B] bool, CPU
         else:
             noop = torch.zeros(len(prepared), self.B, dtype=torch.bool)
-        sink.put_clean(noop)
         L = self.sm.n_layers
+        inert = torch.tensor([v for v, var in enumerate(prepared)
+                              if var and all(_inert(name, layer, L) for name, layer, *_ in var)], dtype=torch.long)
+        for g in self.groups if len(inert) else ():
+            if _trimmed(self, g):   # variants that cannot reach the measured position: exactly clean
+                noop[inert[:, None], g.rows.cpu()[None, :]] = True
+        sink.put_clean(noop)
         starts = [_start(var, L) for var in prepared]
         for g in self.groups:
             todo = ~noop[:, g.rows.cpu()]                                      # [n, Bg]

@@ -17,12 +17,27 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mechdiff.patching.plumbing import (_attn_backends, _branching, _contiguous_head, _grouped_attention, _pass_cache,
-                                       _skipping)
+from mechdiff.patching.plumbing import (_attn_backends, _branching, _contiguous_head, _grouped_attention,
+                                       _last_position_only, _pass_cache, _skipping)
 from mechdiff.patching.variants import _apply
 from mechdiff.sites.hooks import hooked
 
 _ORDER = {"resid_pre": 0, "head_z": 1, "attn_out": 2, "mlp_out": 3, "resid_post": 4}
+
+
+def _inert(name: str, layer: int, L: int) -> bool:
+    """A patch at the decision token that cannot reach a later position's logits: it edits the final
+    block after its keys/values are made (head_z, attn_out, mlp_out, resid_post of layer ``L-1``), so
+    it changes only the decision token's own output. Where the measured position is later (``last``
+    readout, suffix longer than one token) such a patch is dropped and changes nothing, exactly."""
+    return layer == L - 1 and name in ("head_z", "attn_out", "mlp_out", "resid_post")
+
+
+def _trimmed(eng, g) -> bool:
+    """Whether group ``g``'s passes read a position after the decision token (``last`` readout, a
+    suffix of more than one token): then the final block runs on the last position only and
+    :func:`_inert` patches are dropped (``eng._trim_final = False`` turns this off, for benchmarks)."""
+    return eng._trim_final and eng.measure == "last" and g.e - g.p > 1
 
 
 def _pass_site(name: str, layer: int, L: int) -> tuple[str, int]:
@@ -80,8 +95,9 @@ def plan_passes(segs: list, max_rows: int) -> list:
 
 
 def _edits(eng, g, plan: _Plan, prepared, R: int) -> dict:
-    """{site: f(t)} editing each entry's decision token (suffix offset 0) in the pass layout."""
-    L = eng.sm.n_layers
+    """{site: f(t)} editing each entry's decision token (suffix offset 0) in the pass layout
+    (:func:`_inert` patches dropped where the group is :func:`_trimmed`)."""
+    L, trim = eng.sm.n_layers, _trimmed(eng, g)
     by_site: dict[str, list] = {}
     off = R
     for seg in plan.segs:
@@ -90,6 +106,8 @@ def _edits(eng, g, plan: _Plan, prepared, R: int) -> dict:
         grows = g.rows[seg.rows.to(g.rows.device)]
         var = sorted(prepared[seg.v], key=lambda x: (x[1], _ORDER[x[0]]))   # forward order
         for name, layer, p, value, basis, centre in var:
+            if trim and _inert(name, layer, L):
+                continue
             value = value[grows] if value is not None and value.dim() == 2 else value
             centre = centre[grows] if centre is not None and centre.dim() == 2 else centre
             site = "%s.%d" % _pass_site(name, layer, L)
@@ -135,7 +153,8 @@ def run_pass(eng, g, plan: _Plan, prepared) -> tuple[torch.Tensor, int]:
         grow_ctx = _branching(eng.sm.blocks, S, counts, join, first[local[:counts[S]].to(first.device)], N)
     else:
         grow_ctx = _skipping(None, 0, 0)
+    last_only = (eng.sm.oproj[L - 1], eng.sm.ffn[L - 1]) if _trimmed(eng, g) else ()
     with skip, grow_ctx, hooked(eng.model, edit=_edits(eng, g, plan, prepared, R)), \
-            _contiguous_head(eng.model), _attn_backends(dev), _grouped_attention():
+            _last_position_only(last_only), _contiguous_head(eng.model), _attn_backends(dev), _grouped_attention():
         logits = eng.model(**kw).logits
     return logits[:, -1].float().to(dev), R

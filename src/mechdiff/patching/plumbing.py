@@ -2,8 +2,9 @@
 serve each pass row its prompt's prefix without storing anything (``_pass_cache``), swapping blocks
 below a pass's first computed layer for identities (``_Skip``/``_skipping``), the branching layout in
 which pass rows join at their own start layer (``_branching``), a contiguous input for the output
-layer (``_contiguous_head``), the SDPA backend choice on CUDA (``_attn_backends``) and a
-model-signature probe (``_accepts``). Nothing here knows about patches; it only changes what a
+layer (``_contiguous_head``), the final block's output projection and MLP on the last position only
+(``_last_position_only``), the SDPA backend choice on CUDA (``_attn_backends``) and a model-signature
+probe (``_accepts``). Nothing here knows about patches; it only changes what a
 forward pass recomputes."""
 from __future__ import annotations
 
@@ -150,6 +151,27 @@ def _contiguous_head(model):
         yield
     finally:
         h.remove()
+
+
+@contextmanager
+def _last_position_only(modules):
+    """When only the last position's logits are read, the final block's outputs at the other
+    positions feed nothing (their keys/values there, which the last position attends to, are made
+    before the output projection). Inside the ``with`` block ``modules`` (that block's attention
+    output projection and MLP) run on a contiguous copy of the last position, ``[N, 1, w]``; the
+    block's residual adds broadcast it, so the block's output is right at the last position and
+    meaningless (never read) at the others."""
+    def pre(mod, args):
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[1] > 1:
+            return (x[:, -1:].contiguous(),) + tuple(args[1:])
+        return None
+    handles = [m.register_forward_pre_hook(pre) for m in modules if m is not None]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _attn_backends(device: torch.device):

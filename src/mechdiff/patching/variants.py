@@ -75,7 +75,7 @@ def _prepare(sm, variants, B: int, device, positions: str = "decision"):
     """Normalise variants to ``[[(name, layer, patch, value, basis, centre), ...], ...]`` and validate."""
     if isinstance(variants, Patch):
         variants = [variants]
-    out = []
+    out, checks = [], []
     for var in variants:
         patches = [var] if isinstance(var, Patch) else list(var)
         norm = []
@@ -101,8 +101,7 @@ def _prepare(sm, variants, B: int, device, positions: str = "decision"):
                                                                          centre.shape[0] != B):
                     raise SiteError(f"patch centre for {name}.{layer} has shape {tuple(centre.shape)}; "
                                     f"expected [{B}, {w}] or [{w}]")
-                if not torch.isfinite(centre).all():
-                    raise NumericsError(f"patch centre for {name}.{layer} contains NaN/Inf")
+                checks.append((centre, f"patch centre for {name}.{layer} contains NaN/Inf"))
                 centre = centre.to(device)
             if p.mode in ("replace", "add"):
                 if p.value is None:
@@ -120,20 +119,33 @@ def _prepare(sm, variants, B: int, device, positions: str = "decision"):
                 if value.dim() not in ok_dims or (value.dim() >= 2 and value.shape[0] != B):
                     raise SiteError(f"patch value for {name}.{layer} has shape {tuple(value.shape)}; expected "
                                     f"[{B}, {w}] or [{w}]" + (f" or [{B}, T, {w}]" if positions == "all" else ""))
-                if not torch.isfinite(value).all():
-                    raise NumericsError(f"patch value for {name}.{layer} contains NaN/Inf; check the source "
-                                        "states or the map that produced them")
+                checks.append((value, f"patch value for {name}.{layer} contains NaN/Inf; check the source "
+                                      "states or the map that produced them"))
                 value = value.to(device)
             else:
                 if p.basis is None or p.basis.dim() != 2 or p.basis.shape[0] != w:
                     raise SiteError(f"project_out at {name}.{layer} needs a basis of shape [{w}, k], got "
                                     f"{None if p.basis is None else tuple(p.basis.shape)}")
-                if not torch.isfinite(p.basis).all():
-                    raise NumericsError(f"project_out basis for {name}.{layer} contains NaN/Inf")
+                checks.append((p.basis, f"project_out basis for {name}.{layer} contains NaN/Inf"))
                 basis = p.basis.detach().to(device)
             norm.append((name, layer, p, value, basis, centre))
         out.append(norm)
+    _check_finite(checks)
     return out
+
+
+def _check_finite(checks: list) -> None:
+    """Raise NumericsError with the message of the first ``(tensor, message)`` whose tensor is not all
+    finite; one device-to-host read per device, not one per tensor."""
+    by_dev: dict = {}
+    for i, (t, _) in enumerate(checks):
+        by_dev.setdefault(t.device, []).append(i)
+    bad = []
+    for idx in by_dev.values():
+        ok = torch.stack([torch.isfinite(checks[i][0]).all() for i in idx]).cpu()
+        bad += [i for i, o in zip(idx, ok.tolist()) if not o]
+    if bad:
+        raise NumericsError(checks[min(bad)][1])
 
 
 # ---- no-op detection ---------------------------------------------------------------------------
@@ -153,12 +165,16 @@ def _noop_rows(prepared, clean: dict, B: int) -> torch.Tensor:
     (each patch sees the clean value, because every earlier one changed nothing), so its result is
     the clean logits exactly and need not be computed."""
     out = torch.ones(len(prepared), B, dtype=torch.bool)
+    found, rows = [], []
     for v, var in enumerate(prepared):
         ok = None
         for name, layer, p, value, basis, centre in var:
             h = clean[f"{name}.{layer}"]
             same = (_bits(_apply(h, p, value, basis, centre)) == _bits(h)).all(-1)
-            ok = same if ok is None else ok & same
+            ok = same if ok is None else ok & same.to(ok.device)
         if ok is not None:
-            out[v] = ok.cpu()
+            found.append(v)
+            rows.append(ok.to(rows[0].device) if rows else ok)
+    if found:
+        out[found] = torch.stack(rows).cpu()     # one device-to-host read
     return out

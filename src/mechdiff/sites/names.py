@@ -63,6 +63,7 @@ class SiteMap:
     attn: list = field(repr=False)   # per layer: module whose output is attn_out
     mlp: list = field(repr=False)    # per layer: module whose output is mlp_out
     oproj: list = field(repr=False)  # per layer: the attention output projection
+    ffn: list = field(repr=False, default_factory=list)  # per layer: the MLP module itself
 
     def check(self, site: str, layer: int) -> None:
         """Raise SiteError unless ``site`` is known and ``0 <= layer < n_layers``."""
@@ -164,7 +165,7 @@ def resolve(model: nn.Module) -> SiteMap:
                             "mechdiff supports decoder-only HF causal LMs (Llama, Qwen2, Gemma, GPT-2, "
                             "GPT-NeoX families and look-alikes)")
         blocks = max(lists, key=len)
-    attn, mlp, oproj = [], [], []
+    attn, mlp, oproj, ffn = [], [], [], []
     for i, blk in enumerate(blocks):
         aname, a = _first_child(blk, _ATTN_NAMES)
         mname, m = _first_child(blk, _MLP_NAMES)
@@ -172,6 +173,7 @@ def resolve(model: nn.Module) -> SiteMap:
             raise SiteError(f"block {i} of {type(model).__name__} has no attention/MLP child named "
                             f"{_ATTN_NAMES}/{_MLP_NAMES}; add its names to mechdiff.sites.names")
         _, o = _first_child(a, _OPROJ_NAMES)
+        ffn.append(m)
         # Sandwich norms (Gemma 2/3): the branch output is normed before it joins the residual.
         if hasattr(blk, "pre_feedforward_layernorm") and hasattr(blk, "post_feedforward_layernorm"):
             a, m = blk.post_attention_layernorm, blk.post_feedforward_layernorm
@@ -183,6 +185,6 @@ def resolve(model: nn.Module) -> SiteMap:
     head_dim = getattr(text_cfg, "head_dim", None) or d_model // n_heads
     sm = SiteMap(family=getattr(cfg, "model_type", type(model).__name__), n_layers=len(blocks),
                  d_model=d_model, n_heads=n_heads, head_dim=head_dim, blocks=list(blocks),
-                 attn=attn, mlp=mlp, oproj=oproj)
+                 attn=attn, mlp=mlp, oproj=oproj, ffn=ffn)
     model.__dict__["_mechdiff_sites"] = sm  # plain attribute: not a submodule, not in state_dict
     return sm
