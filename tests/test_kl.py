@@ -113,3 +113,12 @@ def test_patch_kl_against_one_shared_reference_checks_nan():
     ref_bad[0] = float("-inf")
     with pytest.raises(NumericsError, match="-inf everywhere"):
         _kl_shared_ref(ref_bad, q)
+    # masked to allowed ids, with the unmasked KL beside it: kl_masked / kl_from_logits row by row
+    allowed = [1, 4, 9, 30]
+    both = _kl_shared_ref(ref, q, allowed, with_unmasked=True)
+    assert both.shape == (3, 3, 2)
+    assert torch.allclose(both[..., 0], kl_masked(ref.expand_as(q), q, allowed), atol=1e-6, rtol=1e-5)
+    assert torch.allclose(both[..., 1], want, atol=1e-6, rtol=1e-5)
+    assert torch.equal(both[0], torch.zeros(3, 2))
+    with pytest.raises(NumericsError, match="-inf everywhere"):
+        _kl_shared_ref(ref, q, [])

@@ -31,8 +31,8 @@ def kl_reducer(engine: PatchEngine, allowed_ids=None, with_unmasked: bool = Fals
     def reduce(logits: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
         c = ref if ref is not None else clean.to(logits.device)[rows.to(logits.device)][None]
         c = c.to(logits.device).expand_as(logits)
-        if allowed_ids is None and c.stride(0) == 0:   # one reference for every variant: its log-softmax once
-            return _kl_shared_ref(c[0], logits)
+        if c.shape[0] == 1 or c.stride(0) == 0:      # one reference for every variant: its log-softmax once
+            return _kl_shared_ref(c[0], logits, allowed_ids, with_unmasked)
         # a few variants at a time: the KL's float32 temporaries stay ~_CHUNK elements each
         per = max(1, _CHUNK // max(1, logits[0].numel()))
         out = []
@@ -47,22 +47,34 @@ def kl_reducer(engine: PatchEngine, allowed_ids=None, with_unmasked: bool = Fals
 _CHUNK = 1 << 25   # elements (128 MiB in float32)
 
 
-def _kl_shared_ref(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
-    """KL(P || Q_i) ``[n, b]`` for one reference ``p_logits`` ``[b, V]`` and ``q_logits`` ``[n, b, V]``:
-    :func:`mechdiff.analyses.kl.kl_from_logits` row by row (float32 log-softmax, tokens with p = 0
-    contribute 0, exactly 0 where a row of Q is bit for bit P's), with P's log-softmax taken once and
-    one device-to-host read for the NaN check, a few variants at a time."""
-    logp = torch.log_softmax(p_logits.float(), -1)
-    prob = logp.exp()
+def _kl_shared_ref(p_logits: torch.Tensor, q_logits: torch.Tensor, allowed_ids=None,
+                   with_unmasked: bool = False) -> torch.Tensor:
+    """KL(P || Q_i) ``[n, b]`` (``[n, b, 2]`` ``[masked, unmasked]`` with ``with_unmasked``) for one
+    reference ``p_logits`` ``[b, V]`` and ``q_logits`` ``[n, b, V]``, both masked to ``allowed_ids``
+    when given: :func:`mechdiff.analyses.kl.kl_from_logits` / ``kl_masked`` row by row (float32
+    log-softmax, tokens with p = 0 contribute 0, exactly 0 where a row of Q is bit for bit P's), with
+    P's log-softmax taken once, a few variants at a time, and one device-to-host read for the checks."""
+    from mechdiff.fairness import mask_logits
+    views = []
+    for ids in [allowed_ids] + ([None] if with_unmasked else []):
+        logp = torch.log_softmax((p_logits if ids is None else mask_logits(p_logits, ids)).float(), -1)
+        views.append((ids, logp, logp.exp()))
     per = max(1, _CHUNK // max(1, p_logits.numel()))
     out = []
     for i in range(0, q_logits.shape[0], per):
-        t = prob * (logp - torch.log_softmax(q_logits[i:i + per].float(), -1))
-        out.append(torch.where(prob > 0, t, 0.0).sum(-1).clamp_min(0.0))
+        q, cols = q_logits[i:i + per], []
+        for ids, logp, prob in views:
+            t = prob * (logp - torch.log_softmax((q if ids is None else mask_logits(q, ids)).float(), -1))
+            cols.append(torch.where(prob > 0, t, 0.0).sum(-1).clamp_min(0.0))
+        out.append(torch.stack(cols, -1) if with_unmasked else cols[0])
     kl = torch.cat(out)
-    if (torch.isnan(kl).any() | torch.isnan(logp).any()).item():
-        raise NumericsError("the clean or patched logits contain NaN, or a row that is -inf everywhere: check the "
-                            "model's forward pass (dtype overflow?) and the patch values")
+    bad = torch.isnan(kl).any()
+    for _, logp, _ in views:
+        bad = bad | torch.isnan(logp).any()
+    if bad.item():
+        raise NumericsError("the clean or patched logits contain NaN, or a row that is -inf everywhere (an "
+                            "empty allowed/shared id set?): check the model's forward pass (dtype overflow?), "
+                            "the patch values and the allowed ids")
     return kl
 
 
