@@ -63,7 +63,7 @@ class SiteMap:
     attn: list = field(repr=False)   # per layer: module whose output is attn_out
     mlp: list = field(repr=False)    # per layer: module whose output is mlp_out
     oproj: list = field(repr=False)  # per layer: the attention output projection
-    ffn: list = field(repr=False, default_factory=list)  # per layer: the MLP module itself
+    ffn: list = field(repr=False)    # per layer: the MLP module itself (its input: the normed residual)
 
     def check(self, site: str, layer: int) -> None:
         """Raise SiteError unless ``site`` is known and ``0 <= layer < n_layers``."""
