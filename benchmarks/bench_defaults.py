@@ -12,7 +12,9 @@ Table 1, capture: resid_post/attn_out/mlp_out x every layer at the last position
 share of the best batch size's, and as a share of the honest baseline's (common.honest_forward).
 
 Table 2, sweep: every layer, both directions (resid_post, sources = the other model's clean states
-with noise, so every patch is computed), per measure, batch and ``max_rows``; seconds, x the honest
+with noise, so every patch is computed), per measure, batch and ``max_rows`` (each of ``--max-rows`` and
+the engine's default; at the default also with the final block on all positions, the engine's
+``_trim_final`` off, for comparison); seconds, x the honest
 baseline (one plain forward of both models, output layer on a contiguous copy of the last position,
 common.honest_baseline, as in bench_exactness.py), the sweep's FLOP floor in the same unit, extra peak GiB.
 
