@@ -10,28 +10,37 @@ with a `ModelLoadError` that says how to point at a local copy.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import socket
 import time
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 
 from mechdiff.errors import ConfigError, ModelLoadError
+from mechdiff.models.hashes import (  # noqa: F401  (re-exported: importable from here as before)
+    _VOLATILE_CONFIG_KEYS,
+    _sha256,
+    chat_template_hash,
+    config_hash,
+    tokenizer_hash,
+)
+# The loaders below call these through this module's namespace, so a test that patches
+# mechdiff.models.load.hub_offline (or _cached_file, _not_cached_error) still takes effect.
+from mechdiff.models.hub import (  # noqa: F401  (re-exported: importable from here as before)
+    _cached_file,
+    _commit_from_cached_path,
+    _endpoint_reachable,
+    _env_flag,
+    _not_cached_error,
+    hub_offline,
+)
 from mechdiff.models.kinds import offline_kind, resolve_offline
 from mechdiff.pairs.spec import ModelSpec
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-# Config keys that do not change the model's function (left out of config_hash).
-_VOLATILE_CONFIG_KEYS = {"_name_or_path", "_model_name_or_path", "transformers_version", "_commit_hash",
-                         "dtype", "torch_dtype", "quantization_config", "use_cache", "architectures"}
 
 
 @dataclass
@@ -95,102 +104,6 @@ def resolve_dtype(dtype: "str | torch.dtype", device: "str | torch.device | None
         return _DTYPES[str(dtype)]
     except KeyError:
         raise ConfigError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16") from None
-
-
-def _sha256(data: "str | bytes") -> str:
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    return hashlib.sha256(data).hexdigest()
-
-
-def tokenizer_hash(tok: Any) -> str:
-    """sha256 of the tokenizer's full serialisation (vocab, merges, normaliser, added tokens).
-
-    Fast tokenizers hash `backend_tokenizer.to_str()`; others the sorted vocabulary plus added tokens.
-    Padding side and pad token are not part of it (they do not change the token ids of a text).
-    """
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is not None:
-        d = json.loads(backend.to_str())
-        d.pop("padding", None)
-        d.pop("truncation", None)
-        return _sha256(json.dumps(d, sort_keys=True, ensure_ascii=False))
-    vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-    return _sha256(json.dumps(vocab, ensure_ascii=False))
-
-
-def chat_template_hash(tok: Any) -> str | None:
-    """sha256 of the chat template (None when the tokenizer has none)."""
-    tpl = getattr(tok, "chat_template", None)
-    if not tpl:
-        return None
-    return _sha256(tpl if isinstance(tpl, str) else json.dumps(tpl, sort_keys=True))
-
-
-def config_hash(config: Any) -> str:
-    """sha256 of the model config without volatile keys (paths, versions, dtype, quantisation)."""
-    d = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    return _sha256(json.dumps(d, sort_keys=True, default=str))
-
-
-def _env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-@lru_cache(maxsize=4)
-def _endpoint_reachable(host: str, port: int, timeout: float = 3.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def hub_offline() -> bool:
-    """True when the hub must not be contacted: offline env flags set, or the endpoint unreachable."""
-    if _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE"):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:
-            return True
-        endpoint = constants.ENDPOINT
-    except Exception:  # pragma: no cover
-        endpoint = "https://huggingface.co"
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return False  # a proxy decides; let the download try
-    u = urlparse(endpoint)
-    return not _endpoint_reachable(u.hostname or "huggingface.co", u.port or (443 if u.scheme == "https" else 80))
-
-
-def _cached_file(repo_id: str, filename: str, revision: str | None) -> str | None:
-    """Path of `filename` of `repo_id` in the local HF cache, or None."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        p = try_to_load_from_cache(repo_id, filename, revision=revision)
-    except Exception:
-        return None
-    return p if isinstance(p, str) else None
-
-
-def _commit_from_cached_path(path: str | None) -> str | None:
-    if path and "/snapshots/" in path:
-        return path.split("/snapshots/", 1)[1].split("/", 1)[0]
-    return None
-
-
-def _not_cached_error(what: str, repo_id: str, revision: str | None, filename: str) -> ModelLoadError:
-    from huggingface_hub import constants
-
-    rev = f"@{revision}" if revision else ""
-    return ModelLoadError(
-        f"{what} {repo_id}{rev} is not in the local cache ({constants.HF_HUB_CACHE}; missing {filename}) "
-        f"and the model hub is unreachable (offline mode or no network). Point at a local copy instead: "
-        f"--base/--tuned /path/to/model_dir (a save_pretrained directory) or /path/to/model.gguf, "
-        f"or set HF_HOME/HF_HUB_CACHE to a cache that holds it."
-    )
 
 
 def _prepare_tokenizer(tok: Any) -> Any:
