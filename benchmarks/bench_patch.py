@@ -35,7 +35,8 @@ from common import (bench_tokenizer, cleanup, honest_forward, kl_gap, log, peak_
 
 @section("patch")
 def sec_patch(base, tuned, cfg, shapes, tail, max_rows_list, reps, profile=True):
-    from mechdiff.patching import Patch, PatchEngine, _kl, patch_kl
+    from mechdiff.analyses.kl import kl_from_logits
+    from mechdiff.patching import Patch, PatchEngine, patch_kl
     RESULTS = C.RESULTS
     L = cfg.num_hidden_layers
     sites = [f"resid_post.{l}" for l in range(L)]
@@ -62,7 +63,7 @@ def sec_patch(base, tuned, cfg, shapes, tail, max_rows_list, reps, profile=True)
         sync()
         t_naive = time.perf_counter() - t0
         # noise floor: clean logits through the cached path vs a plain full forward
-        kl_naive_t = _kl(et.clean_logits[None].expand_as(nv_t), nv_t)
+        kl_naive_t = kl_from_logits(et.clean_logits[None].expand_as(nv_t), nv_t)
         full_t = tuned(**b.model_inputs(), use_cache=False).logits[:, -1].float()
         floor = (et.clean_logits - full_t).abs().max().item()
         scale = full_t.abs().max().item()

@@ -76,7 +76,6 @@ Shapes: ``d`` is the site width: ``d_model`` for resid/attn/mlp sites, ``H * hea
 from __future__ import annotations
 
 from mechdiff.patching.engine import MEASURES, PatchEngine
-from mechdiff.patching.kl import _kl as _kl
 from mechdiff.patching.kl import kl_reducer, layer_sweep, patch_kl
 from mechdiff.patching.sources import chunked_clean_states
 from mechdiff.patching.variants import MODES, Patch, Variant

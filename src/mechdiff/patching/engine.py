@@ -221,15 +221,16 @@ class PatchEngine:
         else:
             noop = torch.zeros(len(prepared), self.B, dtype=torch.bool)
         L = self.sm.n_layers
+        rows_cpu = [g.rows.cpu() for g in self.groups]
         inert = torch.tensor([v for v, var in enumerate(prepared)
                               if var and all(_inert(name, layer, L) for name, layer, *_ in var)], dtype=torch.long)
-        for g in self.groups if len(inert) else ():
+        for g, on_cpu in zip(self.groups, rows_cpu) if len(inert) else ():
             if _trimmed(self, g):   # variants that cannot reach the measured position: exactly clean
-                noop[inert[:, None], g.rows.cpu()[None, :]] = True
+                noop[inert[:, None], on_cpu[None, :]] = True
         sink.put_clean(noop)
         starts = [_start(var, L) for var in prepared]
-        for g in self.groups:
-            todo = ~noop[:, g.rows.cpu()]                                      # [n, Bg]
+        for g, on_cpu in zip(self.groups, rows_cpu):
+            todo = ~noop[:, on_cpu]                                            # [n, Bg]
             segs = [_Seg(v, starts[v], todo[v].nonzero().flatten()) for v in range(len(prepared))
                     if todo[v].any()]
             for plan in plan_passes(segs, self.max_rows):

@@ -13,34 +13,21 @@ from mechdiff.patching.variants import Patch
 from mechdiff.sites.names import site_str
 
 
-def _kl(p_logits: torch.Tensor, q_logits: torch.Tensor, allowed_ids=None) -> torch.Tensor:
-    """KL(P || Q) per row (``mechdiff.analyses.kl``), masked to ``allowed_ids`` when given."""
-    from mechdiff.analyses.kl import kl_from_logits, kl_masked
-    if allowed_ids is None:
-        return kl_from_logits(p_logits, q_logits)
-    return kl_masked(p_logits, q_logits, allowed_ids)
-
-
 def kl_reducer(engine: PatchEngine, allowed_ids=None, with_unmasked: bool = False):
     """``reduce`` for :meth:`PatchEngine.run`: KL(clean || patched) per prompt of each pass, masked
     to ``allowed_ids`` when given; ``with_unmasked`` adds a last axis ``[masked, unmasked]``. The
-    clean side is ``ref`` (the engine passes each row's same-path reference: exactly 0 for a patch
-    that changes nothing); called as ``reduce(logits, rows)`` it falls back to ``clean_logits``."""
+    clean side is ``ref`` (the engine passes each row's same-path reference, the same for every
+    variant: exactly 0 for a patch that changes nothing); called as ``reduce(logits, rows)`` it falls
+    back to ``clean_logits``."""
     clean = engine.clean_logits
+    keep = None
+    if allowed_ids is not None:   # the allowed ids as a vocabulary mask, built once for every pass
+        from mechdiff.fairness import allowed_mask
+        keep = allowed_mask(allowed_ids, clean.shape[-1], clean.device)
 
     def reduce(logits: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
-        c = ref if ref is not None else clean.to(logits.device)[rows.to(logits.device)][None]
-        c = c.to(logits.device).expand_as(logits)
-        if c.shape[0] == 1 or c.stride(0) == 0:      # one reference for every variant: its log-softmax once
-            return _kl_shared_ref(c[0], logits, allowed_ids, with_unmasked)
-        # a few variants at a time: the KL's float32 temporaries stay ~_CHUNK elements each
-        per = max(1, _CHUNK // max(1, logits[0].numel()))
-        out = []
-        for i in range(0, logits.shape[0], per):
-            ci, li = c[i:i + per], logits[i:i + per]
-            kl = _kl(ci, li, allowed_ids)
-            out.append(torch.stack([kl, _kl(ci, li)], -1) if with_unmasked else kl)
-        return torch.cat(out)
+        c = ref[0] if ref is not None else clean.to(logits.device)[rows.to(logits.device)]
+        return _kl_shared_ref(c.to(logits.device), logits, keep, with_unmasked)
     return reduce
 
 
@@ -51,12 +38,13 @@ def _kl_shared_ref(p_logits: torch.Tensor, q_logits: torch.Tensor, allowed_ids=N
                    with_unmasked: bool = False) -> torch.Tensor:
     """KL(P || Q_i) ``[n, b]`` (``[n, b, 2]`` ``[masked, unmasked]`` with ``with_unmasked``) for one
     reference ``p_logits`` ``[b, V]`` and ``q_logits`` ``[n, b, V]``, both masked to ``allowed_ids``
-    when given: :func:`mechdiff.analyses.kl.kl_from_logits` / ``kl_masked`` row by row (float32
+    (ids or a boolean vocabulary mask) when given: :func:`mechdiff.analyses.kl.kl_from_logits` / ``kl_masked`` row by row (float32
     log-softmax, tokens with p = 0 contribute 0, exactly 0 where a row of Q is bit for bit P's), with
     P's log-softmax taken once, a few variants at a time, and one device-to-host read for the checks."""
-    from mechdiff.fairness import mask_logits
+    from mechdiff.fairness import allowed_mask, mask_logits
+    keep = None if allowed_ids is None else allowed_mask(allowed_ids, p_logits.shape[-1], p_logits.device)
     views = []
-    for ids in [allowed_ids] + ([None] if with_unmasked else []):
+    for ids in [keep] + ([None] if with_unmasked else []):   # allowed ids as a mask, built once
         logp = torch.log_softmax((p_logits if ids is None else mask_logits(p_logits, ids)).float(), -1)
         views.append((ids, logp, logp.exp()))
     per = max(1, _CHUNK // max(1, p_logits.numel()))
