@@ -1,0 +1,95 @@
+"""Known-answer tests of the estimators in analyses/intervals.py and analyses/rank.py (synthetic truths)."""
+import math
+
+import pytest
+import torch
+
+from mechdiff.analyses import intervals as I
+from mechdiff.analyses import rank as RK
+from mechdiff.errors import DataError
+
+
+def _groups(n, size):
+    return torch.arange(n) // size
+
+
+def test_ratio_interval_covers_truth_and_flags_zero_denominator():
+    g = torch.Generator().manual_seed(0)
+    n = 120
+    den = 2.0 + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+    num = 0.5 * den + 0.1 * torch.randn(n, generator=g, dtype=torch.float64)
+    r = I.ratio_of_means(num, den, _groups(n, 4))
+    assert r["ci_low"] < 0.5 < r["ci_high"] and not r["undefined"] and r["n_groups"] == 30
+    s = I.share_closed(num, den, _groups(n, 4))
+    assert s["estimate"] == pytest.approx(1 - r["estimate"]) and s["ci_low"] < 0.5 < s["ci_high"]
+    z = I.ratio_of_means(num, torch.randn(n, generator=g, dtype=torch.float64), _groups(n, 4))
+    assert z["undefined"] and math.isnan(z["ci_low"]) and "undefined" in I.fmt(z)
+
+
+def test_cluster_bootstrap_resamples_whole_groups():
+    # every row of a group carries the group's value: the interval of the mean is as wide as for the
+    # group means alone (30 groups), not as narrow as 120 independent rows would make it
+    g = torch.Generator().manual_seed(1)
+    vals = torch.randn(30, generator=g, dtype=torch.float64).repeat_interleave(4)
+    grouped = I.mean(vals, _groups(120, 4))
+    rows = I.mean(vals)
+    assert grouped["ci_high"] - grouped["ci_low"] > 1.6 * (rows["ci_high"] - rows["ci_low"])
+    with pytest.raises(DataError):
+        I.mean(vals, torch.zeros(120))
+
+
+def test_difference_of_runs_resolved_or_not():
+    a = {"estimate": 0.5, "se": 0.05}
+    assert I.difference(a, {"estimate": 0.1, "se": 0.05})["resolved"]
+    nr = I.difference(a, {"estimate": 0.45, "se": 0.05})
+    assert not nr["resolved"] and nr["verdict"] == "not resolved"
+
+
+def _planted(n, d, r, noise, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))[0]
+    coef = torch.randn(n, r, generator=g, dtype=torch.float64) * torch.linspace(3, 1.5, r, dtype=torch.float64)
+    return coef @ B.T + noise * torch.randn(n, d, generator=g, dtype=torch.float64), B
+
+
+@pytest.mark.parametrize("r", [1, 2, 4, 8])
+def test_rank_recovers_planted_rank_with_interval(r):
+    D, B = _planted(160, 96, r, 0.05, seed=r)
+    est = RK.estimate_rank(D, _groups(160, 4), n_boot=60)
+    assert est["estimate"] == r and est["ci_low"] <= r <= est["ci_high"]
+    assert not est["exact"]                    # noise above float rounding: not exactly low rank
+    U = torch.linalg.svd(D, full_matrices=False)[2][:r].T
+    assert float(RK.principal_angles(U, B).max()) < 10
+
+
+def test_rank_exact_low_rank_and_self_pair():
+    H = torch.randn(80, 64, dtype=torch.float64)
+    D, _ = _planted(80, 64, 2, 0.0)
+    est = RK.estimate_rank((H + D).float() - H.float(), _groups(80, 2), scale=float(H.pow(2).mean().sqrt()), n_boot=40)
+    assert est["estimate"] == 2 and est["exact"] and (est["ci_low"], est["ci_high"]) == (2, 2)
+    zero = RK.estimate_rank(H.float() - H.float(), _groups(80, 2), n_boot=40)
+    assert zero["estimate"] == 0 and (zero["ci_low"], zero["ci_high"]) == (0, 0)
+
+
+def test_rank_against_an_explicit_null():
+    D, _ = _planted(160, 96, 3, 0.05, seed=3)
+    null = 0.05 * torch.randn(160, 96, dtype=torch.float64)
+    assert RK.estimate_rank(D, _groups(160, 4), null=null, n_boot=30)["estimate"] == 3
+
+
+def test_saturation_is_against_the_whole_difference_not_the_best_k():
+    # shares 0.39, 0.40, 0.46 for k = 1..3 and the whole difference closes 0.95: nothing saturates
+    # (90% of the best k tried would say k = 1)
+    assert RK.saturation_k({1: 0.39, 2: 0.40, 3: 0.46}, 0.95) is None
+    assert RK.saturation_k({1: 0.5, 2: 0.9, 3: 0.92}, 0.95) == 2
+    n = 48
+    gap = 1.0 + 0.1 * torch.rand(n, dtype=torch.float64)
+    kl = torch.stack([gap * 0.6, gap * 0.1, gap * 0.08])     # shares 0.4, 0.9, 0.92
+    s = RK.saturation(kl, [1, 2, 3], gap * 0.05, gap, _groups(n, 4), n_boot=50)
+    assert s["estimate"] == 2 and s["ci_low"] == 2 == s["ci_high"] and s["full_share"] == pytest.approx(0.95)
+
+
+def test_principal_angles():
+    e = torch.eye(4, dtype=torch.float64)
+    a = RK.principal_angles(e[:, :2], torch.stack([e[:, 0], (e[:, 1] + e[:, 2]) / 2 ** .5], 1))
+    assert a.tolist() == pytest.approx([0.0, 45.0], abs=1e-6)
