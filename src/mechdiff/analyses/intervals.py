@@ -23,7 +23,7 @@ import torch
 from mechdiff.analyses.resample import t_quantile, unit_ids
 from mechdiff.errors import ConfigError, DataError
 
-__all__ = ["bootstrap", "ratio_of_means", "share_closed", "mean", "difference", "covers", "fmt"]
+__all__ = ["pack", "bootstrap", "ratio_of_means", "share_closed", "mean", "difference", "covers", "fmt"]
 
 METHOD = "cluster bootstrap over topic groups (percentile)"
 
@@ -36,7 +36,8 @@ def _draws(uid: torch.Tensor, n_units: int, n_boot: int, seed: int) -> torch.Ten
         1, pick, torch.ones_like(pick, dtype=torch.float64))
 
 
-def _pack(estimate: float, reps: torch.Tensor, level: float, n_units: int, n_boot: int, **extra) -> dict:
+def pack(estimate: float, reps: torch.Tensor, level: float, n_units: int, n_boot: int, **extra) -> dict:
+    """The interval dict of ``estimate`` from bootstrap replicates ``reps [B]`` (non-finite ones dropped)."""
     r = reps[torch.isfinite(reps)]
     lo_q, hi_q = (1 - level) / 2, (1 + level) / 2
     if r.numel() >= 2:
@@ -70,7 +71,7 @@ def bootstrap(stat: Callable[[torch.Tensor], float], n: int, groups=None, *, n_b
         rows = torch.cat([members[u].repeat(int(c)) for u, c in enumerate(w.tolist()) if c])
         reps.append(float(stat(rows)))
     r = torch.tensor(reps, dtype=torch.float64)
-    return _pack(float(stat(torch.arange(n))), r, level, n_units, n_boot,
+    return pack(float(stat(torch.arange(n))), r, level, n_units, n_boot,
                  **({"replicates": reps} if keep else {}))
 
 
@@ -99,7 +100,7 @@ def ratio_of_means(num, den, groups=None, *, n_boot: int = 2000, level: float = 
     den_ci = [float(torch.quantile(md, lo_q)), float(torch.quantile(md, hi_q))]
     undefined = den_ci[0] <= 0 <= den_ci[1]
     est = float(num.mean() / den.mean()) if float(den.mean()) != 0 else math.nan
-    out = _pack(est, mn / md, level, n_units, n_boot, den_ci=den_ci, undefined=bool(undefined),
+    out = pack(est, mn / md, level, n_units, n_boot, den_ci=den_ci, undefined=bool(undefined),
                 **({"replicates": (mn / md).tolist()} if keep else {}))
     if undefined:
         out.update(ci_low=math.nan, ci_high=math.nan, se=math.nan)
