@@ -85,8 +85,11 @@ def test_handle_round_trips_and_applies_in_two_lines(tmp_path):
     assert torch.equal(model(**batch.model_inputs()).logits, clean)  # hooks removed after the block
     # the engine's patch for the same handle gives the same logits (all positions, naive path)
     eng = PatchEngine(model, batch, measure="last")
-    for mode, alpha in (("ablate", 1.0), ("steer", 2.0), ("add", 0.5)):
-        hh = S.Handle(2, "resid_post", U, mode=mode, alpha=alpha, scale=3.0)
+    extra = {"reference": torch.randn(64), "matrix": torch.randn(2, 2), "offset": torch.randn(2)}
+    for mode, alpha, kw in (("ablate", 1.0, {}), ("steer", 2.0, {}), ("add", 0.5, {}),
+                            ("ablate", 0.5, {"reference": extra["reference"]}),
+                            ("map", 0.7, {"matrix": extra["matrix"], "offset": extra["offset"]})):
+        hh = S.Handle(2, "resid_post", U, mode=mode, alpha=alpha, scale=3.0, **kw)
         with hh.apply(model):
             ref = model(**batch.model_inputs()).logits[:, -1]
         got = eng.run([hh.patch()], positions="all")[0]
@@ -94,8 +97,16 @@ def test_handle_round_trips_and_applies_in_two_lines(tmp_path):
         with hh.apply(model, batch.decision):                         # the decision token only
             ref = model(**batch.model_inputs()).logits[:, -1]
         assert torch.allclose(eng.run([hh.patch()])[0], ref, atol=1e-4), mode   # the engine's cached path
+    h.reference, h.matrix, h.offset = extra["reference"], extra["matrix"], extra["offset"]
+    h.save(tmp_path / "h2")
+    back = S.Handle.load(tmp_path / "h2", mode="map")
+    assert torch.equal(back.matrix, h.matrix) and torch.equal(back.reference, h.reference)
     with pytest.raises(NumericsError, match="orthonormal"):
         S.Handle(2, "resid_post", U * 2.0)
+    with pytest.raises(ConfigError, match="reflect"):
+        S.Handle(2, "resid_post", U, mode="ablate", alpha=2.0)          # alpha > 1 is a reflection
+    with pytest.raises(ConfigError, match="map handle"):
+        S.Handle(2, "resid_post", U, mode="map")
     with pytest.raises(ConfigError, match="mode"):
         S.Handle(2, "resid_post", U, mode="zap")
 
@@ -144,3 +155,25 @@ def test_readouts_known_answers():
     assert not R.within({**ok, "mc_drop_pp_unmasked": 12.5}, 5.0, 5.0)
     assert not R.within({**ok, "ppl_change_pct_masked": float("nan")}, 5.0, 5.0)
     assert not R.within({"k": 1}, 5.0, 5.0)                # nothing measured: no evidence, not "within"
+
+
+def test_handles_mean_what_they_say():
+    """Ablation moves the subspace component to the other model's (never reflects); an exactly
+    rank-2 difference gives a 2-column basis when asked for 4 (at_most); the map handle reproduces an
+    input-dependent change inside the subspace, which steer (a scaled own component) cannot."""
+    g = torch.Generator().manual_seed(3)
+    d, N = 32, 200
+    W = _orth(d, 2, 4)
+    base = torch.randn(N, d, generator=g)
+    B = torch.tensor([[0.5, -1.2], [0.8, 0.3]])
+    tuned = base + ((base @ W) @ B) @ W.T + 0.7 * W[:, 0]          # an input-dependent rank-2 change
+    U = S.diff_basis(tuned, base, 4, at_most=True)
+    assert U.shape == (d, 2) and _span_err(U, W) < 1e-4
+    assert torch.allclose(S.ablate_toward(tuned, U, base, 1.0), base, atol=1e-4)     # the whole difference
+    half = S.ablate_toward(tuned, U, base, 0.5)
+    assert torch.allclose(half, (tuned + base) / 2, atol=1e-4)
+    A, c = S.fit_map(U, tuned[:150], base[:150])
+    pred = S.map_step(base[150:], U, A, c, 1.0)
+    assert float((pred - tuned[150:]).norm() / (tuned[150:] - base[150:]).norm()) < 1e-3
+    best_steer = min(float((S.project_in(base[150:], U, a) - tuned[150:]).norm()) for a in torch.linspace(-3, 3, 61))
+    assert best_steer > 0.5 * float((tuned[150:] - base[150:]).norm())

@@ -23,7 +23,19 @@ to the patching engine):
 - ``add``:    ``h + alpha s u``             (``u`` = the first column, the mean-difference direction;
   ``s`` = the handle's ``scale``, the mean ``||h||`` at the site on the fit prompts: a fixed vector, so
   the sweep and the deployed handle add exactly the same thing)
-- ``ablate``: ``h - alpha (h U) U^T``      (:func:`project_out`; alpha = 1 removes the span exactly)
+- ``ablate``: ``h + alpha ((r - h) U) U^T`` (:func:`ablate_toward`; alpha in [0, 1]): the component in
+  span(U) moved to the reference's, ``r`` = the other model's state on this input (the sweep) or the
+  handle's ``reference`` (the other model's mean state at the site on the fit prompts; a deployed
+  handle). alpha = 1 with a basis spanning the whole difference gives the other model's state; it
+  never reflects (alpha > 1 is refused). Without a reference, ``r = 0`` (the span projected out).
+- ``map``:    ``h + alpha ((h U)(A - I) + c) U^T`` (:func:`map_step`): the component in span(U) replaced
+  by the tuned model's as predicted from the base's by the affine map ``U^T h_t ~ A^T U^T h_b + c``
+  (:func:`fit_map`, least squares on the fit prompts): reproduces an input-dependent change inside
+  the subspace, which ``steer`` (a scaled copy of the base's own component) and ``add`` (one fixed
+  vector) cannot.
+
+A difference of exactly rank r < k has only r directions: :func:`diff_basis` with ``at_most=True``
+returns those r (the caller reports the layer as exactly rank r and analyses k <= r).
 """
 from __future__ import annotations
 
@@ -38,7 +50,7 @@ import torch
 
 from mechdiff.errors import ConfigError, DataError, NumericsError, SiteError
 
-MODES = ("steer", "add", "ablate")
+MODES = ("steer", "add", "ablate", "map")
 FORMAT = "mechdiff.handle"
 VERSION = 1
 
@@ -68,12 +80,12 @@ def difference_in_means(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     return _unit(A.mean(0) - B.mean(0), "mean(A) - mean(B)").float()
 
 
-def orthonormal_around(D: torch.Tensor, first: torch.Tensor, k: int) -> torch.Tensor:
+def orthonormal_around(D: torch.Tensor, first: torch.Tensor, k: int, at_most: bool = False) -> torch.Tensor:
     """``[d, k]`` orthonormal basis: column 0 = ``first / ||first||``, columns 1.. = the top ``k - 1``
     right singular vectors of ``D [N, d]`` after projecting ``first`` out of its rows.
 
-    NumericsError when fewer than ``k - 1`` directions carry variance (too few rows, or data that
-    lives in fewer dimensions)."""
+    When fewer than ``k - 1`` directions carry variance (too few rows, or data that lives in fewer
+    dimensions): NumericsError, or with ``at_most`` the ``r + 1 < k`` columns there are."""
     D = _rows(D, "difference data")
     if k < 1 or k > D.shape[1]:
         raise ConfigError(f"k must be in 1..{D.shape[1]} (the width), got {k}")
@@ -87,7 +99,11 @@ def orthonormal_around(D: torch.Tensor, first: torch.Tensor, k: int) -> torch.Te
     # rank tolerance at float32 precision (the states come from float32 or lower)
     tol = max(float(S[0]) if S.numel() else 0.0, 1e-30) * max(R.shape) * torch.finfo(torch.float32).eps
     r = int((S > tol).sum())
-    if r < k - 1:
+    if r < k - 1 and at_most:
+        k = r + 1
+        if k == 1:
+            return u[:, None].float()
+    elif r < k - 1:
         raise NumericsError(f"only {r} directions besides the mean difference carry variance in {D.shape[0]} "
                             f"rows; use k <= {r + 1} or more prompts")
     Q, _ = torch.linalg.qr(torch.cat([u[:, None], Vh[:k - 1].T], 1))
@@ -102,15 +118,16 @@ def contrast_basis(A: torch.Tensor, B: torch.Tensor, k: int) -> torch.Tensor:
     return orthonormal_around(A.double() - B.double().mean(0), u, k)
 
 
-def diff_basis(tuned: torch.Tensor, base: torch.Tensor, k: int) -> torch.Tensor:
+def diff_basis(tuned: torch.Tensor, base: torch.Tensor, k: int, at_most: bool = False) -> torch.Tensor:
     """Label-free handle ``[d, k]`` from the same prompts through both models: ``D = tuned - base``
-    (``[N, d]`` each, row i = prompt i on both sides), mean difference first."""
+    (``[N, d]`` each, row i = prompt i (or one position of it) on both sides), mean difference first.
+    ``at_most``: fewer columns where the difference has fewer directions (exact low rank)."""
     if tuned.shape != base.shape:
         raise ConfigError(f"diff_basis needs paired states of one width, got {tuple(tuned.shape)} and "
                           f"{tuple(base.shape)}; for models of different widths use contrast_basis in "
                           "the tuned model's space")
     D = _rows(tuned, "tuned") - _rows(base, "base")
-    return orthonormal_around(D, _unit(D.mean(0), "mean(tuned - base)"), k)
+    return orthonormal_around(D, _unit(D.mean(0), "mean(tuned - base)"), k, at_most)
 
 
 def random_basis(d: int, k: int, seed: int = 0) -> torch.Tensor:
@@ -133,6 +150,44 @@ def project_in(H: torch.Tensor, U: torch.Tensor, alpha: float = 1.0) -> torch.Te
 def project_out(H: torch.Tensor, U: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """``H - alpha (H U) U^T``: ``H [..., d]``, ``U [d, k]`` -> ``[..., d]``; alpha = 1 removes span(U)."""
     return project_in(H, U, -float(alpha))
+
+
+def _check_ablate_alpha(alpha: float) -> None:
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ConfigError(f"ablation alpha must be in [0, 1] (1 removes the difference in the subspace; "
+                          f"above 1 would reflect it), got {alpha}")
+
+
+def ablate_toward(H: torch.Tensor, U: torch.Tensor, ref: torch.Tensor | None, alpha: float = 1.0) -> torch.Tensor:
+    """``H + alpha ((ref - H) U) U^T``: ``H [..., d]``, ``ref`` ``[d]`` or like ``H`` (None: 0),
+    ``alpha`` in [0, 1]."""
+    _check_ablate_alpha(alpha)
+    Hf, Uf = H.float(), U.to(H.device).float()
+    R = torch.zeros_like(Hf) if ref is None else ref.to(H.device).float()
+    return (Hf + float(alpha) * ((R - Hf) @ Uf) @ Uf.T).to(H.dtype)
+
+
+def fit_map(U: torch.Tensor, tuned: torch.Tensor, base: torch.Tensor, ridge: float = 1e-6
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A [k, k], c [k])`` with ``tuned U ~ (base U) A + c`` (least squares over the rows of the paired
+    states ``[N, d]``; a ridge of ``ridge x`` the mean squared projection keeps it defined for N <= k)."""
+    if tuned.shape != base.shape or tuned.shape[-1] != U.shape[0]:
+        raise ConfigError(f"fit_map needs paired states [N, {U.shape[0]}], got {tuple(tuned.shape)}, {tuple(base.shape)}")
+    Uf = U.double()
+    X, Y = _rows(base, "base") @ Uf, _rows(tuned, "tuned") @ Uf
+    X1 = torch.cat([X, torch.ones(X.shape[0], 1, dtype=X.dtype)], 1)
+    lam = ridge * float(X.pow(2).mean()) * X.shape[0]
+    reg = lam * torch.eye(X1.shape[1], dtype=X.dtype)
+    reg[-1, -1] = 0.0                                               # the offset is not shrunk
+    W = torch.linalg.solve(X1.T @ X1 + reg, X1.T @ Y)              # [k + 1, k]
+    return W[:-1].float(), W[-1].float()
+
+
+def map_step(H: torch.Tensor, U: torch.Tensor, A: torch.Tensor, c: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``H + alpha ((H U)(A - I) + c) U^T``: alpha = 1 puts the predicted tuned component in span(U)."""
+    Hf, Uf = H.float(), U.to(H.device).float()
+    M = A.to(H.device).float() - torch.eye(A.shape[0], device=H.device)
+    return (Hf + float(alpha) * ((Hf @ Uf) @ M + c.to(H.device).float()) @ Uf.T).to(H.dtype)
 
 
 def _final_norm(model) -> torch.nn.Module:
@@ -190,6 +245,9 @@ class Handle:
     alpha: float = 1.0
     scale: float = 1.0
     provenance: dict = field(default_factory=dict)
+    reference: torch.Tensor | None = None    # [d] ablate: the other model's mean state (None: 0)
+    matrix: torch.Tensor | None = None       # [k, k] map: tuned U ~ (base U) A + c
+    offset: torch.Tensor | None = None       # [k]    map: c
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -204,6 +262,20 @@ class Handle:
             raise NumericsError(f"handle basis columns are not orthonormal (max |U^T U - I| = {err:.2g})")
         self.basis = U.detach().float().cpu().contiguous()
         self.alpha, self.scale = float(self.alpha), float(self.scale)
+        if self.mode == "ablate":
+            _check_ablate_alpha(self.alpha)
+        if self.mode == "map" and (self.matrix is None or self.offset is None or tuple(self.matrix.shape) !=
+                                   (self.k, self.k) or tuple(self.offset.shape) != (self.k,)):
+            raise ConfigError(f"a map handle needs matrix [{self.k}, {self.k}] and offset [{self.k}] "
+                              "(analyses.steering.fit_map)")
+        if self.reference is not None and tuple(self.reference.shape) != (U.shape[0],):
+            raise DataError(f"handle reference must be [{U.shape[0]}], got {tuple(self.reference.shape)}")
+        for name in ("reference", "matrix", "offset"):
+            t = getattr(self, name)
+            if t is not None:
+                if not torch.isfinite(t).all():
+                    raise NumericsError(f"handle {name} contains NaN/Inf")
+                setattr(self, name, t.detach().float().cpu().contiguous())
 
     @property
     def k(self) -> int:
@@ -219,8 +291,12 @@ class Handle:
         U = self.basis.to(flat.device)
         if self.mode == "add":
             new = (flat.float() + self.alpha * self.scale * U[:, 0]).to(t.dtype)
+        elif self.mode == "ablate":
+            new = ablate_toward(flat, U, self.reference, self.alpha)
+        elif self.mode == "map":
+            new = map_step(flat, U, self.matrix, self.offset, self.alpha)
         else:
-            new = project_in(flat, U, self.alpha if self.mode == "steer" else -self.alpha)
+            new = project_in(flat, U, self.alpha)
         return new.reshape(t.shape)
 
     @contextmanager
@@ -240,13 +316,22 @@ class Handle:
         with intervene(model, {self.key: self.edit if positions is None else at_positions}):
             yield
 
-    def patch(self):
-        """The same intervention as a :class:`mechdiff.patching.Patch` for the patching engine."""
+    def patch(self, reference: torch.Tensor | None = None):
+        """The same intervention as patches for the patching engine (a :class:`mechdiff.patching.Patch`
+        or a list of them). ``reference`` (ablate only): ``[N, d]`` per-prompt states of the other
+        model at the site, used instead of the handle's ``reference`` (the sweep's ablation)."""
         from mechdiff.patching import Patch
+        U, a = self.basis, self.alpha
         if self.mode == "add":
-            return Patch(self.key, self.scale * self.basis[:, 0], mode="add", alpha=self.alpha)
-        return Patch(self.key, mode="project_out", basis=self.basis,
-                     alpha=-self.alpha if self.mode == "steer" else self.alpha)
+            return Patch(self.key, self.scale * U[:, 0], mode="add", alpha=a)
+        if self.mode == "map":
+            M = self.matrix - torch.eye(self.k)
+            return Patch(self.key, self.offset @ U.T, mode="affine", basis=U, matrix=M, alpha=a)
+        if self.mode == "steer":
+            return Patch(self.key, mode="project_out", basis=U, alpha=-a)
+        ref = self.reference if reference is None else reference.float()
+        out = [Patch(self.key, mode="project_out", basis=U, alpha=a)]
+        return out + ([Patch(self.key, a * (ref @ U) @ U.T, mode="add")] if ref is not None else [])
 
     # ---- artifact: <prefix>.safetensors (basis) + <prefix>.json (everything else)
     def save(self, prefix) -> tuple[Path, Path]:
@@ -258,7 +343,9 @@ class Handle:
         meta = {"format": FORMAT, "version": VERSION, "layer": int(self.layer), "site": self.site, "k": self.k,
                 "d": int(self.basis.shape[0]), "mode": self.mode, "alpha": self.alpha, "scale": self.scale,
                 "provenance": self.provenance}
-        st = atomic_write_bytes(prefix.with_name(prefix.name + ".safetensors"), save({"basis": self.basis}))
+        tensors = {"basis": self.basis, **{n: getattr(self, n) for n in ("reference", "matrix", "offset")
+                                           if getattr(self, n) is not None}}
+        st = atomic_write_bytes(prefix.with_name(prefix.name + ".safetensors"), save(tensors))
         js = atomic_write_text(prefix.with_name(prefix.name + ".json"), dumps_json(meta))
         return st, js
 
@@ -273,10 +360,12 @@ class Handle:
         meta: dict[str, Any] = json.loads(js.read_text(encoding="utf-8"))
         if meta.get("format") != FORMAT:
             raise DataError(f"{js} is not a mechdiff handle (format {meta.get('format')!r})")
-        basis = load_file(str(st))["basis"]
+        ts = load_file(str(st))
+        basis = ts["basis"]
         if tuple(basis.shape) != (meta["d"], meta["k"]):
             raise DataError(f"{st}: basis shape {tuple(basis.shape)} does not match the JSON "
                             f"({meta['d']}, {meta['k']})")
         return cls(layer=meta["layer"], site=meta["site"], basis=basis, mode=mode or meta["mode"],
                    alpha=meta["alpha"] if alpha is None else alpha, scale=meta.get("scale", 1.0),
-                   provenance=meta.get("provenance", {}))
+                   provenance=meta.get("provenance", {}), reference=ts.get("reference"), matrix=ts.get("matrix"),
+                   offset=ts.get("offset"))

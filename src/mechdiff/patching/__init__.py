@@ -19,6 +19,7 @@ through :class:`PatchEngine`::
   (alpha=1: ``v`` exactly; mapped patching's alpha-sweep is ``c = mu``, the tuned train mean)
 - ``add``:         ``h + alpha * v``        (steering)
 - ``project_out``: ``h - alpha * (h U) U^T`` (ablation of a subspace)
+- ``affine``:      ``h + alpha * ((h U) M U^T + v)`` (a linear map ``M [k, k]`` inside span(U) plus ``v``)
 
 **Measured position.** ``measure="last"`` reads the logits at the final position ``T-1`` (the next
 token of the response, after the chat-template tail); ``measure="decision"`` reads them at ``p``

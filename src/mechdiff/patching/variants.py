@@ -12,7 +12,7 @@ import torch
 from mechdiff.errors import ConfigError, NumericsError, SiteError
 from mechdiff.sites.names import READ_ONLY, parse_site
 
-MODES = ("replace", "add", "project_out")
+MODES = ("replace", "add", "project_out", "affine")
 
 
 @dataclass(frozen=True, eq=False)
@@ -23,6 +23,9 @@ class Patch:
     (same for every prompt); required for replace/add. basis: ``[d, k]`` orthonormal columns for
     project_out. alpha: scale. centre: ``[B, d]`` or ``[d]``, replace only: the point alpha scales
     from, ``c + alpha * (v - c)``; None means the clean value ``h`` (see the package docstring).
+    matrix: ``[k, k]``, affine only: ``h + alpha * ((h U) M U^T + v)`` (a linear map inside span(U),
+    e.g. a handle that predicts the tuned model's component from the base's; ``v`` ``[d]`` or
+    ``[B, d]``, required).
     """
 
     site: object
@@ -31,6 +34,7 @@ class Patch:
     basis: torch.Tensor | None = None
     alpha: float = 1.0
     centre: torch.Tensor | None = None
+    matrix: torch.Tensor | None = None
 
     def resolved(self) -> torch.Tensor:
         """The value a replace patch with a centre writes, ``c + alpha * (v - c)`` (float32): it does
@@ -64,6 +68,9 @@ def _apply(h: torch.Tensor, p: Patch, value: torch.Tensor | None, basis: torch.T
         return (h.float() + a * value.float()).to(h.dtype)
     hf = h.float()
     u = basis.float()
+    if p.mode == "affine":
+        m = p.matrix.to(dev).float()
+        return (hf + a * (((hf @ u) @ m) @ u.T + value.float())).to(h.dtype)
     return (hf - a * ((hf @ u) @ u.T)).to(h.dtype)
 
 
@@ -103,7 +110,7 @@ def _prepare(sm, variants, B: int, device, positions: str = "decision"):
                                     f"expected [{B}, {w}] or [{w}]")
                 checks.append((centre, f"patch centre for {name}.{layer} contains NaN/Inf"))
                 centre = centre.to(device)
-            if p.mode in ("replace", "add"):
+            if p.mode in ("replace", "add", "affine"):
                 if p.value is None:
                     raise ConfigError(f"a {p.mode!r} patch at {name}.{layer} needs a value")
                 value = p.value.detach()
@@ -122,10 +129,14 @@ def _prepare(sm, variants, B: int, device, positions: str = "decision"):
                 checks.append((value, f"patch value for {name}.{layer} contains NaN/Inf; check the source "
                                       "states or the map that produced them"))
                 value = value.to(device)
-            else:
+            if p.mode in ("project_out", "affine"):
                 if p.basis is None or p.basis.dim() != 2 or p.basis.shape[0] != w:
-                    raise SiteError(f"project_out at {name}.{layer} needs a basis of shape [{w}, k], got "
+                    raise SiteError(f"{p.mode} at {name}.{layer} needs a basis of shape [{w}, k], got "
                                     f"{None if p.basis is None else tuple(p.basis.shape)}")
+                k = p.basis.shape[1]
+                if p.mode == "affine" and (p.matrix is None or tuple(p.matrix.shape) != (k, k)):
+                    raise SiteError(f"affine at {name}.{layer} needs a matrix of shape [{k}, {k}], got "
+                                    f"{None if p.matrix is None else tuple(p.matrix.shape)}")
                 checks.append((p.basis, f"project_out basis for {name}.{layer} contains NaN/Inf"))
                 basis = p.basis.detach().to(device)
             norm.append((name, layer, p, value, basis, centre))
