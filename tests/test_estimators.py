@@ -85,8 +85,12 @@ def test_saturation_is_against_the_whole_difference_not_the_best_k():
     n = 48
     gap = 1.0 + 0.1 * torch.rand(n, dtype=torch.float64)
     kl = torch.stack([gap * 0.6, gap * 0.1, gap * 0.08])     # shares 0.4, 0.9, 0.92
-    s = RK.saturation(kl, [1, 2, 3], gap * 0.05, gap, _groups(n, 4), n_boot=50)
+    s = RK.smallest_k(kl, [1, 2, 3], gap, _groups(n, 4), kl_full=gap * 0.05, n_boot=50)
     assert s["estimate"] == 2 and s["ci_low"] == 2 == s["ci_high"] and s["full_share"] == pytest.approx(0.95)
+    m = RK.smallest_k(kl, [1, 2, 3], gap, _groups(n, 4), threshold=0.5, n_boot=50)
+    assert m["estimate"] == 2 and m["not_reached"] == 0.0
+    none = RK.smallest_k(kl, [1, 2, 3], gap, _groups(n, 4), threshold=0.99, n_boot=20)
+    assert none["estimate"] is None and none["ci_high"] is None and none["not_reached"] == 1.0
 
 
 def test_principal_angles():

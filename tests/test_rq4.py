@@ -51,6 +51,14 @@ def test_planted_heads_recovered_above_chance(rq4_cognitive, planted_cognitive):
     rows = {(r["layer"], r["head"]): r for r in out["heads"]}
     assert all(rows[(20, h)]["own_change"] == 0.0 for h in range(9))
     assert {(l, h) for (l, h), r in rows.items() if r["own_change"] > out["thresholds"]["floor"]} == truth
+    # The count: a per-head test with FDR control (not a within-layer z cut) finds exactly the planted
+    # heads; AUROC and precision at the true count against chance; Storey's share within 25% of 6/27.
+    # (Three of the 30 layers keep the suite fast; the whole-model count is the same test on 270 heads.)
+    own_count = out["churn"]["own"]
+    assert {tuple(h) for h in own_count["heads"]} == truth and own_count["share_zcut"] < own_count["share"]
+    assert abs(own_count["share_storey"] - 6 / 27) <= 0.25 * 6 / 27
+    assert own["auroc"] >= 0.9 and own["precision_at_true_count"] == 1.0 and own["false_discovery_proportion"] == 0
+    assert own_count["share_interval"]["ci_low"] <= 6 / 27 <= own_count["share_interval"]["ci_high"]
     print(f"planted-cognitive RQ4 run: {secs:.1f} s")
 
 
@@ -103,7 +111,8 @@ def test_a_model_against_itself_has_zero_churn(tmp_path):
         if "topk_jaccard" in r:
             assert r["topk_jaccard"] == 1.0 and r["spearman"] == pytest.approx(1.0)
         else:
-            assert r["share_nonzero"] == 0.0
+            assert r["share_nonzero"] == 0.0 and r["n_changed"] == 0 and r["share_storey"] == 0.0
+            assert r["share_interval"]["ci_high"] == 0.0            # no changed head, interval [0, 0]
     for key in ("own.base", "own.tuned"):
         assert out["cumulative"][key]["mean"] == [0.0] * 3
     path = run.read_json("rq4_path.json")["rows"]

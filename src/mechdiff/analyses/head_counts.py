@@ -6,7 +6,8 @@ Input: per-prompt change effects ``e [U, N]`` (one row per head, flattened ``[L,
 readout change from the other model's head on this input, ``own``, both directions averaged as
 ``(|e_base| + |e_tuned|) / 2``). Per head the statistic is ``m = mean_n |e|``; its null is "no change
 beyond the noise level ``floor``" (a head whose weights did not change gives ``e = 0`` up to
-rounding). p-value: one-sided Student t of ``(m - floor) / se`` with ``se`` the cluster-robust
+rounding). p-value, exceedance test (``p0`` given): the number of prompts where ``|e| > floor``
+against Binomial(N, p0), p0 = the chance noise alone passes the floor on a prompt. Else: one-sided Student t of ``(m - floor) / se`` with ``se`` the cluster-robust
 standard error over topic groups (df = groups - 1); a head with no spread gets p = 0 above the
 floor and 1 at or below it (for Storey's estimate, which needs p-values uniform under the null,
 such units get evenly spread p-values ``p_uniform`` instead; BH uses the conservative 1). Units with
@@ -26,11 +27,10 @@ import math
 
 import torch
 
-from mechdiff.analyses.intervals import pack, bootstrap
-from mechdiff.analyses.resample import unit_ids
+from mechdiff.analyses.intervals import bootstrap, pack, units
 from mechdiff.errors import ConfigError, DataError
 
-__all__ = ["t_sf", "head_pvalues", "empirical_pvalues", "bh", "storey_pi0", "count_changed", "auroc",
+__all__ = ["t_sf", "binom_sf", "head_pvalues", "empirical_pvalues", "bh", "storey_pi0", "count_changed", "auroc",
            "recovery_vs_truth"]
 
 
@@ -76,17 +76,36 @@ def _cluster_se(x: torch.Tensor, uid: torch.Tensor, G: int) -> torch.Tensor:
     return (resid.pow(2).sum(1) * G / max(G - 1, 1)).sqrt() / N
 
 
-def head_pvalues(e, groups=None, floor: float = 0.0) -> dict:
-    """``{"stat" [U] = mean |e|, "se" [U], "p" [U], "df"}`` for per-prompt effects ``e [U, N]``."""
+def binom_sf(k: torch.Tensor, n: int, p0: float) -> torch.Tensor:
+    """``P(X >= k)`` for ``X ~ Binomial(n, p0)``, elementwise over integer ``k [U]`` (exact sums in log space)."""
+    x = torch.arange(n + 1, dtype=torch.float64)
+    lg = torch.lgamma(torch.tensor(n + 1.0, dtype=torch.float64)) - torch.lgamma(x + 1) - torch.lgamma(n - x + 1)
+    logpmf = lg + x * math.log(max(p0, 1e-300)) + (n - x) * math.log1p(-min(p0, 1 - 1e-16))
+    tail = torch.logcumsumexp(logpmf.flip(0), 0).flip(0).exp().clamp(max=1.0)     # tail[j] = P(X >= j)
+    return tail[k.long().clamp(0, n)]
+
+
+def head_pvalues(e, groups=None, floor: float = 0.0, p0: float | None = None) -> dict:
+    """``{"stat" [U] = mean |e|, "se" [U], "p" [U], "p_uniform" [U], "df"}`` for per-prompt effects
+    ``e [U, N]``. ``p0``: the exceedance test instead of the t test: the number of prompts on which
+    ``|e| > floor`` against Binomial(N, p0), ``p0`` the chance that noise alone exceeds the floor on
+    one prompt (e.g. ``(1 + #noise draws above the floor) / (1 + #noise draws)``); prompts are taken
+    as independent, so topic groups play no part in this test."""
     e = torch.as_tensor(e, dtype=torch.float64)
     if e.dim() != 2 or e.shape[1] < 2:
         raise DataError(f"head tests need per-prompt effects [units, N >= 2], got {tuple(e.shape)}")
-    uid, G = unit_ids(e.shape[1], groups)
+    uid, G, _ = units(e.shape[1], groups)
     a = e.abs()
     m, se = a.mean(1), _cluster_se(a, uid, G)
-    ok = (se > 0) & torch.isfinite(se)
-    p = torch.where(ok, t_sf((m - floor) / torch.where(ok, se, 1.0), G - 1), (m <= floor).double())
-    flat = torch.nonzero(~ok & (m <= floor)).reshape(-1)
+    if p0 is not None:
+        hits = (a > floor).sum(1)
+        p = binom_sf(hits, a.shape[1], float(p0))
+        flat = torch.nonzero(hits == 0).reshape(-1)
+        p[flat] = 1.0
+    else:
+        ok = (se > 0) & torch.isfinite(se)
+        p = torch.where(ok, t_sf((m - floor) / torch.where(ok, se, 1.0), G - 1), (m <= floor).double())
+        flat = torch.nonzero(~ok & (m <= floor)).reshape(-1)
     spread = p.clone()        # units with no evidence at all: a p-value uniform under the null (grid)
     spread[flat] = (torch.arange(flat.numel(), dtype=torch.float64) + 0.5) / max(flat.numel(), 1)
     return {"stat": m, "se": se, "p": p, "p_uniform": spread, "df": G - 1}
@@ -124,14 +143,14 @@ def storey_pi0(p, lam: float = 0.5) -> float:
 
 
 def count_changed(e, groups=None, *, floor: float = 0.0, q: float = 0.05, lam: float = 0.5, null=None,
-                  n_boot: int = 200, level: float = 0.95, seed: int = 0) -> dict:
+                  p0: float | None = None, n_boot: int = 200, level: float = 0.95, seed: int = 0) -> dict:
     """Changed units among ``e [U, N]``: ``{"share" (BH discoveries / U), "n_changed", "changed" [U]
     bool, "share_storey" (1 - pi0), "p" [U], "stat" [U], "q", "share_interval", "storey_interval"}``
     (intervals: cluster bootstrap over topic groups, p-values recomputed on each draw of prompts)."""
     e = torch.as_tensor(e, dtype=torch.float64)
 
     def pv(cols):
-        r = head_pvalues(e[:, cols], None if groups is None else torch.as_tensor(groups).reshape(-1)[cols], floor)
+        r = head_pvalues(e[:, cols], None if groups is None else torch.as_tensor(groups).reshape(-1)[cols], floor, p0)
         if null is not None:
             p = empirical_pvalues(r["stat"], null)
             r = {**r, "p": p, "p_uniform": p}
@@ -147,12 +166,14 @@ def count_changed(e, groups=None, *, floor: float = 0.0, q: float = 0.05, lam: f
         storey.append(1 - storey_pi0(r["p_uniform"], lam))
         return float(bh(r["p"], q).double().mean())
     share_iv = bootstrap(stat, e.shape[1], groups, **kw)
-    storey_iv = pack(storey[-1], torch.tensor(storey[:-1], dtype=torch.float64), level, share_iv["n_groups"], n_boot)
+    storey_iv = pack(storey[-1], torch.tensor(storey[:-1], dtype=torch.float64), level, share_iv["n_groups"], n_boot,
+                     share_iv["method"])
     return {"share": float(disc.double().mean()), "n_changed": int(disc.sum()), "n_units": U,
             "changed": disc.tolist(), "share_storey": 1 - storey_pi0(full["p_uniform"], lam), "p": full["p"].tolist(),
             "stat": full["stat"].tolist(), "q": q, "lambda": lam, "floor": floor,
             "test": "empirical p-values against the null statistics" if null is not None else
-            "one-sided t of mean |effect| above the floor, cluster-robust SE over topic groups",
+            f"prompts with |effect| above the floor vs Binomial(N, {p0:.3g}) (noise above the floor)" if p0 is not None
+            else "one-sided t of mean |effect| above the floor, cluster-robust SE over topic groups",
             "share_interval": {**share_iv, "estimate": float(disc.double().mean())},
             "storey_interval": {**storey_iv, "estimate": 1 - storey_pi0(full["p_uniform"], lam)}}
 

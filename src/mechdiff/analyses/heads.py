@@ -9,7 +9,10 @@ mean zero-ablation effect of each head on the target readout. Conventions:
 - **churn** (:func:`churn`): the share of heads whose important/not-important label differs
   between base and tuned;
 - **changed** heads (:func:`changed`): the same thresholds applied to a per-head *change* score
-  (e.g. the effect of swapping in the other model's head, or ``|s_tuned - s_base|``);
+  (e.g. the effect of swapping in the other model's head, or ``|s_tuned - s_base|``); kept as
+  ``share_zcut`` beside the count that :func:`summarise_heads` reports for a cross-model patch
+  (swap / own): a per-head test above the noise floor with Benjamini-Hochberg FDR control and
+  Storey's share (:mod:`mechdiff.analyses.head_counts`), with cluster-bootstrap intervals;
 - **top-k**: the k heads of largest ``|s|`` (ties broken by position); overlap as Jaccard;
 - **chance** (:func:`overlap_chance`): hypergeometric expectation and upper tail of the overlap
   between k heads drawn at random among N and a planted set of m.
@@ -24,6 +27,8 @@ from typing import Iterable, Sequence
 
 import torch
 
+from mechdiff.analyses import head_counts as HC
+from mechdiff.analyses.intervals import bootstrap
 from mechdiff.errors import ConfigError
 
 Head = tuple[int, int]   # (layer, head), the layer being the model's layer index
@@ -192,14 +197,47 @@ def change_score(per: dict, measure: str) -> torch.Tensor:
     return (per["tuned"].mean(-1) - per["base"].mean(-1)).abs()
 
 
+def _per_prompt_change(t: dict) -> torch.Tensor:
+    """``[L*H, N]`` per-prompt change of a cross-model patch, both directions: ``(|e_base| + |e_tuned|) / 2``."""
+    return ((t["base"].abs() + t["tuned"].abs()) / 2).reshape(-1, t["base"].shape[-1]).double()
+
+
+def counted(t: dict, layers: Sequence[int], groups=None, *, floor: float = 0.0, q: float = 0.05,
+            p0: float | None = None, n_boot: int = 200) -> dict:
+    """Changed heads of a cross-model patch (``{"base", "tuned": [L, H, N]}``): per-head test above
+    ``floor`` over prompts (exceedance vs Binomial(N, p0) with ``p0``, else a t test over topic
+    groups), BH at FDR ``q``, Storey's share; intervals (:func:`mechdiff.analyses.head_counts.count_changed`)."""
+    r = HC.count_changed(_per_prompt_change(t), groups, floor=floor, q=q, p0=p0, n_boot=n_boot)
+    mask = torch.tensor(r["changed"]).reshape(t["base"].shape[:2])
+    return {"share": r["share"], "n_changed": r["n_changed"], "n_heads": r["n_units"], "q": q,
+            "share_interval": r["share_interval"], "share_storey": r["share_storey"],
+            "storey_interval": r["storey_interval"], "test": r["test"], "floor": floor,
+            "share_per_layer": [float(row.double().mean()) for row in mask],
+            "heads": [list(h) for h in heads_of(mask, layers)], "p": r["p"]}
+
+
+def _intervals(t: dict, layers, groups, rule: dict, floor: float, k: int, n_boot: int) -> dict:
+    """Cluster-bootstrap intervals (prompts by topic group) of churn, top-k Jaccard and Spearman."""
+    n = t["base"].shape[-1]
+    out = {}
+    for key in ("churn", "topk_jaccard", "spearman"):
+        out[key] = bootstrap(lambda rows: compare(t["base"][..., rows].mean(-1), t["tuned"][..., rows].mean(-1),
+                                                  layers, floor=floor, k=k, **rule)[key], n, groups, n_boot=n_boot)
+    return out
+
+
 def summarise_heads(per: dict, layers: Sequence[int], *, z_threshold: float = 2.0,
                     abs_threshold: float | None = None, floors: dict | None = None, k: int = 10,
-                    planted: Iterable[Head] | None = None) -> dict:
+                    planted: Iterable[Head] | None = None, groups=None, q: float = 0.05, n_boot: int = 200,
+                    p0: float | None = None) -> dict:
     """Every measurement at once. ``per``: ``{measure: {"base", "tuned": [L, H, N]}}``; ``floors``:
-    ``{measure: noise floor}``. Models with different head counts get per-model rows only (no churn).
+    ``{measure: noise floor}``; ``groups``: the prompts' topic groups ``[N]`` (intervals resample
+    them whole); ``p0``: the chance that noise passes the floor on one prompt (the exceedance test
+    of the changed-head count; None: a t test). Models with different head counts get per-model rows only (no churn).
     Returns ``{"heads": one row per head (mean, sd per model, change),
-    "churn": {measure: compare(...) | changed_share(...)}, "planted": {measure: recovery(...)},
-    "table": one row per measurement}``."""
+    "churn": {measure: counted(...) (swap / own: ``share`` the BH count, ``share_zcut`` the old
+    within-layer cut) | compare(...) + "intervals"}, "planted": {measure: recovery(...) + AUROC,
+    precision at the true count, estimated vs true share}, "table": one row per measurement}``."""
     rule = dict(z_threshold=z_threshold, abs_threshold=abs_threshold)
     truth = {tuple(map(int, h)) for h in planted} if planted else None
     churn, rec, change = {}, {}, {}
@@ -208,10 +246,23 @@ def summarise_heads(per: dict, layers: Sequence[int], *, z_threshold: float = 2.
             continue
         floor = (floors or {}).get(m, 0.0)
         change[m] = change_score(t, m)
-        churn[m] = changed_share(change[m], layers, floor=floor, **rule) if m in SWAP_MEASURES else \
-            compare(t["base"].mean(-1), t["tuned"].mean(-1), layers, floor=floor, k=k, **rule)
+        n = t["base"].shape[-1]
+        if m in SWAP_MEASURES:
+            zcut = changed_share(change[m], layers, floor=floor, **rule)
+            churn[m] = {**(counted(t, layers, groups, floor=floor, q=q, p0=p0, n_boot=n_boot) if n >= 2 else zcut),
+                        "share_zcut": zcut["share"], "share_nonzero": zcut["share_nonzero"]}
+        else:
+            churn[m] = compare(t["base"].mean(-1), t["tuned"].mean(-1), layers, floor=floor, k=k, **rule)
+            if n >= 2 and len(set(torch.as_tensor(groups).tolist() if groups is not None else range(n))) >= 2:
+                churn[m]["intervals"] = _intervals(t, layers, groups, rule, floor, min(k, change[m].numel()), n_boot)
         if truth:
             rec[m] = recovery(change[m], layers, truth)
+            mask = torch.tensor([[(int(l), h) in truth for h in range(change[m].shape[1])] for l in layers])
+            calls = torch.zeros_like(mask)
+            for l, h in churn[m].get("heads", []) if m in SWAP_MEASURES else []:
+                calls[list(layers).index(l), h] = True
+            rec[m].update(HC.recovery_vs_truth(change[m].flatten(), mask.flatten(),
+                                               calls.flatten() if m in SWAP_MEASURES else None))
     rows = []
     H = max(v.shape[1] for t in per.values() for v in t.values())
     for i, l in enumerate(layers):
@@ -226,10 +277,15 @@ def summarise_heads(per: dict, layers: Sequence[int], *, z_threshold: float = 2.
                     row[f"{m}_change"] = float(change[m][i, h])
             rows.append(row)
     table = [{"measurement": m, "churn / changed share": r.get("churn", r.get("share")),
+              "interval": _iv(r.get("share_interval") or (r.get("intervals") or {}).get("churn")),
               "top-k Jaccard": r.get("topk_jaccard"), "spearman": r.get("spearman"),
               "important base": r.get("share_important_base"), "important tuned": r.get("share_important_tuned")}
              for m, r in churn.items()]
     return {"heads": rows, "churn": churn, "planted": rec, "table": table}
+
+
+def _iv(iv: dict | None) -> str | None:
+    return None if not iv else f"[{iv['ci_low']:.3g}, {iv['ci_high']:.3g}]"
 
 
 def cumulative_curves(effects: dict, orders: dict) -> dict:

@@ -2,7 +2,8 @@
 
 Every interval is a dict ``{"estimate", "ci_low", "ci_high", "se", "level", "n_groups", "n_boot",
 "method"}`` (percentile interval of the bootstrap replicates; ``se`` their sd). Groups: one id per
-row (prompt), e.g. ``experiments.steps.group_ids``; rows of one group are drawn together.
+row (prompt), e.g. ``experiments.steps.group_ids``; rows of one group are drawn together. Prompts
+that form a single group (no topics) are resampled one by one, and ``method`` says so.
 
 - :func:`bootstrap`: any statistic ``stat(rows [n] long) -> float`` (rank estimate, Jaccard, ...).
 - :func:`ratio_of_means`: ``mean(num) / mean(den)`` with numerator and denominator resampled
@@ -26,6 +27,17 @@ from mechdiff.errors import ConfigError, DataError
 __all__ = ["pack", "bootstrap", "ratio_of_means", "share_closed", "mean", "difference", "covers", "fmt"]
 
 METHOD = "cluster bootstrap over topic groups (percentile)"
+METHOD_ROWS = "bootstrap over prompts (percentile; the prompts form one topic group)"
+
+
+def units(n: int, groups=None) -> tuple[torch.Tensor, int, str]:
+    """``(uid [n], n_units, method)``: the topic groups, or the rows themselves where ``groups`` is
+    None or holds a single group (prompts without topics: each prompt its own unit, and said so)."""
+    uid, n_units = unit_ids(n, groups)
+    if groups is not None and n_units < 2:
+        uid, n_units = unit_ids(n, None)
+        return uid, n_units, METHOD_ROWS
+    return uid, n_units, METHOD if groups is not None else METHOD_ROWS.split(";")[0] + ")"
 
 
 def _draws(uid: torch.Tensor, n_units: int, n_boot: int, seed: int) -> torch.Tensor:
@@ -36,7 +48,8 @@ def _draws(uid: torch.Tensor, n_units: int, n_boot: int, seed: int) -> torch.Ten
         1, pick, torch.ones_like(pick, dtype=torch.float64))
 
 
-def pack(estimate: float, reps: torch.Tensor, level: float, n_units: int, n_boot: int, **extra) -> dict:
+def pack(estimate: float, reps: torch.Tensor, level: float, n_units: int, n_boot: int, method: str = METHOD,
+         **extra) -> dict:
     """The interval dict of ``estimate`` from bootstrap replicates ``reps [B]`` (non-finite ones dropped)."""
     r = reps[torch.isfinite(reps)]
     lo_q, hi_q = (1 - level) / 2, (1 + level) / 2
@@ -46,15 +59,15 @@ def pack(estimate: float, reps: torch.Tensor, level: float, n_units: int, n_boot
     else:
         lo = hi = se = math.nan
     return {"estimate": float(estimate), "ci_low": lo, "ci_high": hi, "se": se, "level": level,
-            "n_groups": int(n_units), "n_boot": int(n_boot), "method": METHOD, **extra}
+            "n_groups": int(n_units), "n_boot": int(n_boot), "method": method, **extra}
 
 
 def _check(n: int, n_units: int, level: float) -> None:
     if not 0 < level < 1:
         raise ConfigError(f"interval level must be in (0, 1), got {level}")
     if n_units < 2:
-        raise DataError(f"an interval needs at least 2 topic groups; got {n_units} ({n} rows): add prompts "
-                        "from more topics")
+        raise DataError(f"an interval needs at least 2 prompts or topic groups; got {n_units} ({n} rows): "
+                        "add prompts")
 
 
 def bootstrap(stat: Callable[[torch.Tensor], float], n: int, groups=None, *, n_boot: int = 500,
@@ -62,7 +75,7 @@ def bootstrap(stat: Callable[[torch.Tensor], float], n: int, groups=None, *, n_b
     """Percentile interval of ``stat`` over whole groups drawn with replacement. ``stat(rows)`` gets a
     1-D long tensor of row indices (a group drawn twice appears twice). ``keep``: also return the
     replicates (``"replicates"``, for :func:`difference`)."""
-    uid, n_units = unit_ids(n, groups)
+    uid, n_units, how = units(n, groups)
     _check(n, n_units, level)
     members = [torch.nonzero(uid == u).reshape(-1) for u in range(n_units)]
     W = _draws(uid, n_units, n_boot, seed).long()
@@ -71,8 +84,8 @@ def bootstrap(stat: Callable[[torch.Tensor], float], n: int, groups=None, *, n_b
         rows = torch.cat([members[u].repeat(int(c)) for u, c in enumerate(w.tolist()) if c])
         reps.append(float(stat(rows)))
     r = torch.tensor(reps, dtype=torch.float64)
-    return pack(float(stat(torch.arange(n))), r, level, n_units, n_boot,
-                 **({"replicates": reps} if keep else {}))
+    return pack(float(stat(torch.arange(n))), r, level, n_units, n_boot, how,
+                **({"replicates": reps} if keep else {}))
 
 
 def _group_sums(x: torch.Tensor, uid: torch.Tensor, n_units: int) -> torch.Tensor:
@@ -89,7 +102,7 @@ def ratio_of_means(num, den, groups=None, *, n_boot: int = 2000, level: float = 
     if num.shape != den.shape or num.numel() == 0:
         raise ConfigError(f"ratio_of_means needs numerator and denominator of one length, got {num.numel()} "
                           f"and {den.numel()}")
-    uid, n_units = unit_ids(num.numel(), groups)
+    uid, n_units, how = units(num.numel(), groups)
     _check(num.numel(), n_units, level)
     W = _draws(uid, n_units, n_boot, seed)
     cnt = _group_sums(torch.ones_like(num), uid, n_units)
@@ -100,7 +113,7 @@ def ratio_of_means(num, den, groups=None, *, n_boot: int = 2000, level: float = 
     den_ci = [float(torch.quantile(md, lo_q)), float(torch.quantile(md, hi_q))]
     undefined = den_ci[0] <= 0 <= den_ci[1]
     est = float(num.mean() / den.mean()) if float(den.mean()) != 0 else math.nan
-    out = pack(est, mn / md, level, n_units, n_boot, den_ci=den_ci, undefined=bool(undefined),
+    out = pack(est, mn / md, level, n_units, n_boot, how, den_ci=den_ci, undefined=bool(undefined),
                 **({"replicates": (mn / md).tolist()} if keep else {}))
     if undefined:
         out.update(ci_low=math.nan, ci_high=math.nan, se=math.nan)

@@ -35,7 +35,7 @@ from mechdiff.errors import ConfigError, DataError, NumericsError
 EPS32 = float(torch.finfo(torch.float32).eps)
 
 __all__ = ["differences", "gd_omega", "numeric_floor", "threshold", "count_above", "estimate_rank",
-           "saturation_k", "saturation", "principal_angles"]
+           "saturation_k", "smallest_k", "principal_angles"]
 
 
 def differences(tuned: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -128,39 +128,46 @@ def saturation_k(effects: dict, full: float, frac: float = 0.9) -> int | None:
                  and effects[k] >= frac * full), None)
 
 
-def saturation(kl_by_k: torch.Tensor, ks: Sequence[int], kl_full: torch.Tensor, gap: torch.Tensor, groups=None,
-               *, frac: float = 0.9, n_boot: int = 500, level: float = 0.95, seed: int = 0) -> dict:
-    """Saturation k of the share of the gap closed, ``share_k = 1 - mean(kl_k) / mean(gap)``, against
-    the whole difference's share ``1 - mean(kl_full) / mean(gap)``. ``kl_by_k [K, N]`` per-prompt KL
-    (to the other model) with the rank-k handle, ``kl_full [N]`` with the whole difference patched,
-    ``gap [N]``. Interval: cluster bootstrap (one draw of groups for every k and the full effect);
-    replicates where no k saturates count as ``max(ks) + 1`` ("beyond the grid"), and ``ci_high``
-    is None then. Returns ``{"estimate", "ci_low", "ci_high", "shares", "full_share", "frac",
-    "not_reached" (share of replicates where no k saturates)}``."""
-    kl_by_k, kl_full, gap = (torch.as_tensor(x, dtype=torch.float64) for x in (kl_by_k, kl_full, gap))
-    if kl_by_k.shape != (len(ks), gap.numel()) or kl_full.shape != gap.shape:
-        raise ConfigError(f"saturation: kl_by_k must be [len(ks), N], kl_full and gap [N]; got "
-                          f"{tuple(kl_by_k.shape)}, {tuple(kl_full.shape)}, {tuple(gap.shape)}")
+def smallest_k(kl_by_k: torch.Tensor, ks: Sequence[int], gap: torch.Tensor, groups=None, *,
+               kl_full: torch.Tensor | None = None, frac: float = 0.9, threshold: float | None = None,
+               n_boot: int = 500, level: float = 0.95, seed: int = 0) -> dict:
+    """The smallest k whose share of the gap closed, ``share_k = 1 - mean(kl_k) / mean(gap)``, reaches
+    ``frac`` of the whole difference's share ``1 - mean(kl_full) / mean(gap)`` (saturation; with
+    ``kl_full``) or the absolute ``threshold`` (minimal k). ``kl_by_k [K, N]`` per-prompt KL to the
+    other model with the rank-k handle, ``kl_full``/``gap`` ``[N]``. Interval: cluster bootstrap
+    (one draw of groups for every k and the full effect); a replicate where no k qualifies counts as
+    ``max(ks) + 1`` ("beyond the grid": ``ci_high`` None). Returns ``{"estimate", "ci_low",
+    "ci_high", "shares", "full_share", "frac" | "threshold", "not_reached" (share of replicates
+    where no k qualifies), ...}``."""
+    kl_by_k, gap = torch.as_tensor(kl_by_k, dtype=torch.float64), torch.as_tensor(gap, dtype=torch.float64)
+    full_kl = None if kl_full is None else torch.as_tensor(kl_full, dtype=torch.float64)
+    if (kl_full is None) == (threshold is None):
+        raise ConfigError("smallest_k needs exactly one of kl_full (saturation) and threshold (minimal k)")
+    if kl_by_k.shape != (len(ks), gap.numel()) or (full_kl is not None and full_kl.shape != gap.shape):
+        raise ConfigError(f"smallest_k: kl_by_k must be [len(ks), N], kl_full and gap [N]; got "
+                          f"{tuple(kl_by_k.shape)}, {None if full_kl is None else tuple(full_kl.shape)}, {tuple(gap.shape)}")
     beyond = max(ks) + 1
 
-    def shares(rows):
+    def pick(rows):
         g = float(gap[rows].mean())
         if not g > 0:
-            return None, {}
-        return 1 - float(kl_full[rows].mean()) / g, {k: 1 - float(kl_by_k[i, rows].mean()) / g
-                                                      for i, k in enumerate(ks)}
+            return None, None, {}
+        sh = {k: 1 - float(kl_by_k[i, rows].mean()) / g for i, k in enumerate(ks)}
+        if full_kl is None:
+            return next((k for k in sorted(sh) if sh[k] >= threshold), None), None, sh
+        full = 1 - float(full_kl[rows].mean()) / g
+        return saturation_k(sh, full, frac), full, sh
 
     def stat(rows):
-        full, sh = shares(rows)
-        k = saturation_k(sh, full, frac) if full is not None else None
+        k = pick(rows)[0]
         return float(beyond if k is None else k)
-    full, sh = shares(torch.arange(gap.numel()))
+    k, full, sh = pick(torch.arange(gap.numel()))
     iv = bootstrap(stat, gap.numel(), groups, n_boot=n_boot, level=level, seed=seed, keep=True)
     reps = iv.pop("replicates")
-    k = saturation_k(sh, full, frac) if full is not None else None
+    rule = {"frac": frac} if full_kl is not None else {"threshold": threshold}
     return {**iv, "estimate": k, "ci_low": int(iv["ci_low"]) if iv["ci_low"] < beyond else None,
             "ci_high": int(iv["ci_high"]) if iv["ci_high"] < beyond else None, "shares": sh, "full_share": full,
-            "frac": frac, "not_reached": sum(r >= beyond for r in reps) / len(reps)}
+            **rule, "not_reached": sum(r >= beyond for r in reps) / len(reps)}
 
 
 # ---------------------------------------------------------------------------------------- angles

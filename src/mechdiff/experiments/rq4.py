@@ -40,10 +40,11 @@ import torch
 
 from mechdiff.analyses.attribution import Target, first_token, grad_x_act, integrated_gradients
 from mechdiff.analyses.heads import change_score, patches, rank
+from mechdiff.analyses.intervals import fmt
 from mechdiff.errors import ConfigError, DataError
 from mechdiff.experiments.stage import SIDES, Stage, Study, opt, register
-from mechdiff.experiments.steps import (check_layers, clean_run, patch_measure, prompt_digest, select_prompts,
-                                        study_layers)
+from mechdiff.experiments.steps import (check_layers, clean_run, group_ids, patch_measure, prompt_digest,
+                                        select_prompts, study_layers)
 
 TARGETS = ("top", "answer", "continuation", "refusal")
 ABLATIONS, SWAPS = ("zero", "mean"), ("swap", "own")
@@ -59,8 +60,9 @@ def _other(side: str) -> str:
 
 @dataclass
 class RQ4Options:
-    layers: list[int] | None = opt(None, "layers whose heads are analysed (default: RQ1's chosen layers in "
-                                         "this run directory, else the pair's, else ~3/4 depth)")
+    layers: list[int] | None = opt(None, "layers whose heads are analysed (default: every layer on a GPU; on "
+                                         "the CPU RQ1's chosen layers in this run directory, else the pair's, "
+                                         "else ~3/4 depth)")
     n_prompts: int = opt(48, "prompts used (after the fairness filter)")
     min_shared_ratio: float = opt(1.0, "keep prompts with at least this fraction of tokens in the shared "
                                        "vocabulary (1.0 strict)")
@@ -79,6 +81,7 @@ class RQ4Options:
     z_threshold: float = opt(2.0, "important head: z-score of |score| within its layer >= this, or ...")
     abs_threshold: float | None = opt(None, "... |score| >= this (default 0.5 nats; 5 points for refusal)")
     top_k: int = opt(10, "K: top-k overlap and the cumulative top-k curve (k = 1..K)")
+    fdr: float = opt(0.05, "false-discovery rate of the changed-head count (Benjamini-Hochberg over every head)")
     path: list[str] | None = opt(None, "path patching, LAYER.HEAD:RECEIVER (receiver: logits, attn_out.L, "
                                        "mlp_out.L, head.L.H), e.g. 22.3:logits,22.3:mlp_out.24")
 
@@ -104,6 +107,8 @@ def check(opts: RQ4Options, n_layers: int | None) -> None:
     for name, v, lo in (("n-prompts", opts.n_prompts, 2), ("ig-steps", opts.ig_steps, 1), ("top-k", opts.top_k, 1)):
         if v < lo:
             raise ConfigError(f"--{name} must be >= {lo}, got {v}")
+    if not 0 < opts.fdr < 1:
+        raise ConfigError(f"--fdr must be in (0, 1), got {opts.fdr}")
     if opts.z_threshold <= 0 or (opts.abs_threshold is not None and opts.abs_threshold <= 0):
         raise ConfigError("--z-threshold and --abs-threshold must be > 0")
     for spec in opts.path or []:
@@ -309,10 +314,19 @@ def _path_step(study: Study, prompts, opts: RQ4Options) -> None:
                                            "rows": rows})
 
 
+def default_layers(study: Study, opts: RQ4Options) -> list[int]:
+    """The user's layers; else every layer when the models run on a GPU; else :func:`study_layers`."""
+    if not opts.layers and str(getattr(study.base, "device", "cpu")).startswith("cuda"):
+        return list(range(study.n_layers))
+    return study_layers(study, opts.layers)[0]
+
+
 def run(study: Study, opts: RQ4Options) -> None:
     """The RQ4 steps (finished ones are skipped on resume)."""
-    layers, _ = study_layers(study, opts.layers)
+    layers = default_layers(study, opts)
     prompts = select_prompts(study, opts.n_prompts, opts.min_shared_ratio, seed=study.seed)
+    study.run.write_json("rq4_prompts.json", {"ids": [p["id"] for p in prompts],
+                                              "groups": group_ids(prompts).tolist()})
     if len(prompts) < 2:
         raise DataError(f"only {len(prompts)} prompt(s) pass the shared-vocabulary filter at "
                         f"--min-shared-ratio {opts.min_shared_ratio}; lower it or give more prompts")
@@ -351,6 +365,8 @@ def summarise(study: Study, opts: RQ4Options) -> dict:
     abl = run.read_tensors(ABLATION)
     clean = max(float(abl[f"{s}.clean"].abs().mean()) for s in SIDES)
     floor = max(3 * max(float(abl[f"{s}.noise"].abs().mean(-1).max()) for s in SIDES), 1e-5 * (1 + clean))
+    noise = torch.cat([abl[f"{s}.noise"].abs().flatten() for s in SIDES])
+    p0 = (1 + int((noise > floor).sum())) / (1 + noise.numel())     # noise passes the floor on a prompt
     per = {k: scores(study, k) for k in measured_kinds(study, opts)}
     if opts.attribution != "none":
         per["attribution"] = scores(study, "attribution")
@@ -358,23 +374,38 @@ def summarise(study: Study, opts: RQ4Options) -> dict:
     if planted:
         from mechdiff.models.planted import ground_truth
         truth = ground_truth(planted[0]).get("heads")
+    groups = run.read_json("rq4_prompts.json")["groups"] if run.exists("rq4_prompts.json") else None
     s = summarise_heads(per, layers, z_threshold=opts.z_threshold, abs_threshold=thr, k=opts.top_k, planted=truth,
-                        floors={m: 0.0 if m == "attribution" else floor for m in per})
+                        floors={m: 0.0 if m == "attribution" else floor for m in per}, groups=groups, q=opts.fdr, p0=p0)
     curves = cumulative_curves(run.read_tensors(CUMUL), json.loads(run.read_tensor_metadata(CUMUL)["orders"]))
     imp, churn = opts.importance, s["churn"]
     structural = next((m for m in ("own", "swap") if m in churn), None)
     headline = {"layers": layers, "prompts": int(abl["base.clean"].shape[0]),
                 "readout": f"{opts.target} ({unit}, {opts.measure} token)", "noise floor": floor}
     if structural:
-        headline[f"changed heads ({structural}: own change moves the readout)"] = churn[structural]["share"]
+        ch = churn[structural]
+        headline[f"changed heads ({structural}: own change moves the readout)"] = ch["share"]
+        if "share_interval" in ch:
+            headline[f"changed heads ({structural}), BH at FDR {ch['q']:g}"] = \
+                f"{ch['n_changed']} of {ch['n_heads']} = {fmt(ch['share_interval'], '{:.1%}')}"
+            headline[f"changed heads ({structural}), Storey share"] = fmt(ch["storey_interval"], "{:.1%}")
+        other = churn.get("swap") if structural == "own" else None
+        if other and "share_interval" in other:
+            headline["changed heads (swap: input-driven, beside)"] = fmt(other["share_interval"], "{:.1%}")
     c = churn.get(imp) or {}
     if c:     # (absent when the models' head counts differ)
         headline.update({f"importance churn ({imp})": c["churn"], f"important heads base / tuned ({imp})":
                          f"{c['share_important_base']:.1%} / {c['share_important_tuned']:.1%}",
                          f"top-{c['k']} Jaccard ({imp})": c["topk_jaccard"], f"Spearman ({imp})": c["spearman"]})
+    for key, iv in (c.get("intervals") or {}).items():
+        headline[f"{key} ({imp}) 95% interval"] = fmt(iv)
     for m, r in s["planted"].items():
         headline[f"planted heads in top-{r['k']} by {m} change"] = \
             f"{r['observed']} (chance {r['expected']:.2f}, p = {r['p_value']:.2g})"
+        headline[f"planted-head recovery by {m}"] = (
+            f"AUROC {r['auroc']:.3f} (chance 0.5), precision at the true count {r['precision_at_true_count']:.2f} "
+            f"(chance {r['precision_chance']:.2f})" + (f", estimated share {r['estimated_share']:.1%} vs true "
+                                                        f"{r['true_share']:.1%}" if "estimated_share" in r else ""))
     lab = "attribution" if imp == "attribution" else f"{imp}-ablation effect"
     plot_head_hist({l: {sd: per[imp][sd][i].mean(-1) for sd in SIDES} for i, l in enumerate(layers)},
                    run.figure("head_importance.png"), xlabel=f"{lab} ({unit})")
