@@ -69,12 +69,48 @@ def test_planted_cultural_minimal_k_is_the_planted_rank_and_ablation_removes_mos
     # every cell is in rq3.json with dev and test shares; alpha was chosen on dev
     table = cultural["rq3"]["table"]
     modes = {r["mode"] for r in table}
-    assert modes == {"steer", "add", "ablate"} and all(r["dev_share"] is not None for r in table)
+    assert modes == {"steer", "add", "ablate", "map", "patch_base", "patch_tuned"}
+    assert all(r["dev_share"] is not None for r in table) and all(r["alpha"] <= 1 for r in table if r["mode"] == "ablate")
+    # estimates with intervals: the test share, the minimal k, the saturation k against the whole
+    # difference patched at the layer (not against the best k tried), the rank of the difference
+    est = ab["estimates"]
+    assert est["test_share"]["ci_low"] <= cell["test_share"] <= est["test_share"]["ci_high"]
+    sat = est["saturation_k"]
+    assert sat["full_share"] > 0.5 and (sat["estimate"] is None or sat["estimate"] >= ab["minimal_k"])
+    r24 = res["rank"]["24"]
+    assert r24["estimate"] >= 2 and r24["ci_low"] <= r24["estimate"] <= r24["ci_high"]
     same = [r for r in table if r["mode"] == "ablate" and r["layer"] == 24 and r["kind"] == "diff"
             and r["fit_lang"] is None and r["k"] == cell["k"] and r["within"]]
     assert cell["dev_share"] == max(r["dev_share"] for r in same)
     text = (cultural["path"] / "rq3_summary.txt").read_text(encoding="utf-8")
     assert f"minimal k = {ab['minimal_k']}" in text and (cultural["path"] / "figures" / "steer_vs_k.png").is_file()
+
+
+@pytest.mark.real
+def test_rank_at_a_planted_layer_is_the_planted_rank(planted_cultural):
+    """Layer 20 is the first planted layer: nothing differs below it, so the difference of the states
+    at its output lies exactly in the planted rank-2 column space. The estimate is 2 with interval
+    [2, 2], exactly low rank, and the top-2 basis is the planted subspace (angles ~0)."""
+    from mechdiff.analyses import rank as RK
+    from mechdiff.data.prompts import encode
+    from mechdiff.models.planted import ground_truth_tensors, prompt_split
+    from mechdiff.sites.capture import capture
+    base, tuned, truth = planted_cultural
+    prompts = [p for p in prompt_split("cultural") if encode(base.tokenizer, [p]).input_ids.tolist()
+               == encode(tuned.tokenizer, [p]).input_ids.tolist()]
+    assert len(prompts) >= 8
+    H = {n: capture(m.model, m.tokenizer, prompts, ["resid_post.20"], positions=("k", 4))
+         for n, m in (("base", base), ("tuned", tuned))}
+    Hb, idx = H["base"].flat("resid_post.20")
+    est = RK.estimate_rank(RK.differences(H["tuned"].flat("resid_post.20")[0], Hb), idx // 2, n_boot=50,
+                           scale=float(Hb.double().pow(2).mean().sqrt()))
+    assert est["estimate"] == truth["rank"] == 2 and (est["ci_low"], est["ci_high"]) == (2, 2) and est["exact"]
+    D = RK.differences(H["tuned"].flat("resid_post.20")[0], Hb)
+    top = torch.linalg.svd(D, full_matrices=False)[2][:2].T
+    assert float(RK.principal_angles(top, ground_truth_tensors("planted-cultural")["u"]).max()) < 1.0
+    below = capture(tuned.model, tuned.tokenizer, prompts, ["resid_post.19"], positions=("k", 4)).flat("resid_post.19")[0]
+    same = capture(base.model, base.tokenizer, prompts, ["resid_post.19"], positions=("k", 4)).flat("resid_post.19")[0]
+    assert RK.estimate_rank(RK.differences(below, same), idx // 2, n_boot=10)["estimate"] == 0   # nothing below
 
 
 @pytest.mark.real
@@ -90,8 +126,9 @@ def test_planted_cultural_handle_transfers_from_kazakh_prompts(cultural):
 
 @pytest.mark.real
 def test_saved_handle_loads_and_applies_in_two_lines(cultural, planted_cultural):
-    """The saved ablation handle, applied in two lines at the decision token, reproduces the sweep's
-    per-prompt KL(base || tuned patched) for its cell on the test prompts."""
+    """The saved ablation handle, applied in two lines at the decision token with the base's state on
+    each prompt as its reference (what the sweep does), reproduces the sweep's per-prompt
+    KL(base || tuned patched) for its cell on the test prompts."""
     from mechdiff.analyses.kl import kl_shared
     from mechdiff.analyses.steering import Handle
     from mechdiff.artifacts import RunDir
@@ -113,7 +150,8 @@ def test_saved_handle_loads_and_applies_in_two_lines(cultural, planted_cultural)
     sv, ar = shared_vocab(base.tokenizer, tuned.tokenizer), torch.arange(len(prompts))
     with torch.no_grad():
         lb = base.model(**bb.model_inputs()).logits[ar, bb.decision]
-        with Handle.load(prefix).apply(tuned.model, bt.decision):         # the two lines
+        ref = RunDir(path).read_tensors("tensors/rq3_states.safetensors")["base/eval/resid_post.24"][idx]
+        with Handle.load(prefix).apply(tuned.model, bt.decision, reference=ref):         # the two lines
             la = tuned.model(**bt.model_inputs()).logits[ar, bt.decision]
         lt = tuned.model(**bt.model_inputs()).logits[ar, bt.decision]
     got = kl_shared(lb, la, sv.a_ids, sv.b_ids)

@@ -285,14 +285,15 @@ class Handle:
     def key(self) -> str:
         return f"{self.site}.{self.layer}"
 
-    def edit(self, t: torch.Tensor) -> torch.Tensor:
-        """The intervention on a site tensor ``[..., d]`` (``[B, T, H, hd]`` head sites are flattened)."""
+    def edit(self, t: torch.Tensor, reference: torch.Tensor | None = None) -> torch.Tensor:
+        """The intervention on a site tensor ``[..., d]`` (``[B, T, H, hd]`` head sites are flattened);
+        ``reference`` (ablate): broadcastable to it, instead of the handle's own."""
         flat = t.reshape(*t.shape[:-2], -1) if self.site == "head_z" else t
         U = self.basis.to(flat.device)
         if self.mode == "add":
             new = (flat.float() + self.alpha * self.scale * U[:, 0]).to(t.dtype)
         elif self.mode == "ablate":
-            new = ablate_toward(flat, U, self.reference, self.alpha)
+            new = ablate_toward(flat, U, self.reference if reference is None else reference, self.alpha)
         elif self.mode == "map":
             new = map_step(flat, U, self.matrix, self.offset, self.alpha)
         else:
@@ -300,10 +301,13 @@ class Handle:
         return new.reshape(t.shape)
 
     @contextmanager
-    def apply(self, model, positions: torch.Tensor | None = None) -> Iterator[None]:
+    def apply(self, model, positions: torch.Tensor | None = None, reference: torch.Tensor | None = None
+              ) -> Iterator[None]:
         """Apply the handle inside the ``with`` block: at every position of every forward pass, or with
         ``positions [B]`` (e.g. ``batch.decision``, what the sweep patches) at those positions of
-        passes that contain them (the prompt pass; later cached decoding steps are left alone)."""
+        passes that contain them (the prompt pass; later cached decoding steps are left alone).
+        ``reference [B, d]`` (ablate, with ``positions``): the other model's state per prompt, as in
+        the sweep (default: the handle's own reference)."""
         from mechdiff.sites.hooks import intervene
 
         def at_positions(t):
@@ -311,7 +315,7 @@ class Handle:
                 return None
             rows, pos = torch.arange(t.shape[0], device=t.device), positions.to(t.device)
             out = t.clone()
-            out[rows, pos] = self.edit(t[rows, pos])
+            out[rows, pos] = self.edit(t[rows, pos], None if reference is None else reference.to(t.device))
             return out
         with intervene(model, {self.key: self.edit if positions is None else at_positions}):
             yield

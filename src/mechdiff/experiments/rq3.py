@@ -34,17 +34,19 @@ from dataclasses import dataclass
 
 import torch
 
+from mechdiff.analyses import rank as RK
 from mechdiff.analyses import readouts as R
 from mechdiff.analyses import steering as S
 from mechdiff.analyses.kl import kl_shared
 from mechdiff.errors import ConfigError, NumericsError
 from mechdiff.experiments.stage import Stage, Study, opt, register
 from mechdiff.experiments.steps import (capture_sides, check_layers, clean_run, cluster_split, fair_split,  # noqa: F401
-                                        kl_and_gap, patch_measure, prompt_digest, study_layers)
+                                        group_ids, kl_and_gap, patch_measure, prompt_digest, study_layers)
+from mechdiff.patching import Patch
 
 STATES, BASES = "tensors/rq3_states.safetensors", "tensors/rq3_bases.safetensors"
 SWEEP = "tensors/rq3_sweep.safetensors"
-KINDS, SIDE_OF = ("diff", "contrast"), {"steer": "base", "add": "base", "ablate": "tuned"}
+KINDS, SIDE_OF = ("diff", "contrast"), {"steer": "base", "add": "base", "ablate": "tuned", "map": "base"}
 OTHER = {"base": "tuned", "tuned": "base"}
 
 
@@ -135,27 +137,48 @@ def _sites(plan, opts) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- steps
+def _every_position(batch):
+    """Capture positions for ``--positions all``: every non-padding token of each prompt."""
+    B, T = batch.input_ids.shape
+    return torch.arange(T)[None].expand(B, T), batch.mask.bool()
+
+
 def _capture(study: Study, plan: dict, opts: RQ3Options) -> None:
-    """Fit states of both sides and the tuned model's states on the neutral fit prompts (contrast)."""
+    """Fit states of both sides at the positions the handles are applied to (the decision token, or
+    every token with ``--positions all``; ``fit_rows`` [M]: each row's prompt), the tuned model's on the
+    neutral fit prompts (contrast), and both sides' decision-token states on the dev + test prompts
+    (the reference of the sweep's ablation and of the whole-difference patch)."""
     sites, out = _sites(plan, opts), {}
-    for side, cap in capture_sides(study, plan["fit"], sites).items():
-        out.update({f"{side}/fit/{s}": cap[s] for s in sites})
+    pos = _every_position if opts.positions == "all" else "last"
+    for side, cap in capture_sides(study, plan["fit"], sites, positions=pos).items():
+        for s in sites:
+            out[f"{side}/fit/{s}"], out["fit_rows"] = cap.flat(s)
     if plan["neutral_fit"]:
-        cap = capture_sides(study, plan["neutral_fit"], sites, sides=["tuned"])["tuned"]
-        out.update({f"tuned/neutral_fit/{s}": cap[s] for s in sites})
+        cap = capture_sides(study, plan["neutral_fit"], sites, sides=["tuned"], positions=pos)["tuned"]
+        out.update({f"tuned/neutral_fit/{s}": cap.flat(s)[0] for s in sites})
+    for side, cap in capture_sides(study, plan["dev"] + plan["test"], sites).items():
+        out.update({f"{side}/eval/{s}": cap[s] for s in sites})
     study.run.write_tensors(STATES, out)
 
 
 def _bases(study: Study, plan: dict, opts: RQ3Options, states: dict) -> None:
-    """One basis of the largest k per (handle, chosen layer): smaller k are its first columns (nested).
-    ``scale.<layer>``: the base's mean state norm on the fit prompts there (the size of an ``add`` step)."""
+    """One basis of the largest k per (handle, chosen layer): smaller k are its first columns (nested;
+    a difference of exactly rank r < k gives r columns: ``exact_rank`` in rq3_bases.json).
+    ``scale.<layer>``: the base's mean state norm on the fit prompts there (the size of an ``add`` step);
+    ``mean.base.<layer>``: the base's mean state there (a deployed ablation's reference);
+    ``mapA|mapc.<handle>@<layer>.k<k>``: the map handle's affine map at each layer it is applied to.
+    ``rank.<layer>`` (JSON): the rank estimate of the difference (:func:`mechdiff.analyses.rank.estimate_rank`)."""
     kmax, out, info = max(opts.ks), {}, {}
+    groups = group_ids(plan["fit"])[states["fit_rows"]]
     lang_rows = [i for i, p in enumerate(plan["fit"]) if p.get("lang") == opts.transfer_lang]
     nlang = [i for i, p in enumerate(plan["neutral_fit"]) if p.get("lang") == opts.transfer_lang]
     for l in plan["all_layers"]:
         s = f"{opts.site}.{l}"
         T, N, Bs = states[f"tuned/fit/{s}"], states.get(f"tuned/neutral_fit/{s}"), states[f"base/fit/{s}"]
         out[f"scale.{l}"] = Bs.norm(dim=-1).mean().reshape(1)
+        out[f"mean.base.{l}"] = Bs.mean(0)
+        if l in plan["layers"] and T.shape == Bs.shape:
+            info[f"rank.{l}"] = rank_info(study, T, Bs, groups, l)
         for kind in plan["kinds"] if l in plan["layers"] else []:
             for lang in [None] + ([opts.transfer_lang] if plan["fit_lang"] and kind != "random" else []):
                 key, rows = f"{kind}{'@' + lang if lang else ''}.{l}", (lang_rows if lang else slice(None))
@@ -163,64 +186,126 @@ def _bases(study: Study, plan: dict, opts: RQ3Options, states: dict) -> None:
                     if kind == "random":
                         U = S.random_basis(T.shape[1], kmax, seed=study.seed + l)
                     elif kind == "diff":
-                        U = S.diff_basis(T[rows], Bs[rows], kmax)
+                        U = S.diff_basis(T[rows], Bs[rows], kmax, at_most=True)
                     else:
                         U = S.contrast_basis(T[rows], N[nlang] if lang and len(nlang) > 1 else N, kmax)
                 except (NumericsError, ConfigError) as e:
                     info[key] = {"skipped": str(e)}
                     continue
                 out[key] = U
-                info[key] = {"lens": S.logit_lens(study.tuned.model, study.tuned.tokenizer, U[:, :min(kmax, 4)])}
+                info[key] = {"lens": S.logit_lens(study.tuned.model, study.tuned.tokenizer, U[:, :min(kmax, 4)]),
+                             **({"exact_rank": U.shape[1]} if U.shape[1] < kmax else {})}
+                for at in ([l] + ([plan["control"]] if plan["control"] not in plan["layers"] else [])) \
+                        if not lang and "map" in opts.modes and same_width(study) else []:
+                    sa = f"{opts.site}.{at}"
+                    for k in (k for k in opts.ks if k <= U.shape[1]):
+                        out[f"mapA.{key}@{at}.k{k}"], out[f"mapc.{key}@{at}.k{k}"] = S.fit_map(
+                            U[:, :k], states[f"tuned/fit/{sa}"], states[f"base/fit/{sa}"])
     study.run.write_tensors(BASES, out)
     study.run.write_json("rq3_bases.json", info)
+
+
+def same_width(study: Study) -> bool:
+    return study.base.d_model == study.tuned.d_model
+
+
+def rank_info(study: Study, T: torch.Tensor, Bs: torch.Tensor, groups: torch.Tensor, layer: int) -> dict:
+    """The rank estimate of ``T - Bs`` (fit rows) with its interval over topic groups; where the pair
+    carries a planted truth (``u`` [d, r]), the principal angles between the top-r basis and it."""
+    D = RK.differences(T, Bs)
+    est = RK.estimate_rank(D, groups, scale=float(Bs.double().pow(2).mean().sqrt()), seed=study.seed)
+    truth = planted_subspace(study, layer)
+    if truth is not None and est["estimate"] >= 1:
+        r = truth.shape[1]
+        top = torch.linalg.svd(D, full_matrices=False)[2][:r].T
+        est["truth_rank"], est["principal_angles_deg"] = r, RK.principal_angles(top, truth.double()).tolist()
+    return est
+
+
+def planted_subspace(study: Study, layer: int) -> torch.Tensor | None:
+    """``[d, r]`` the planted column space of a planted pair's change at ``layer`` (None elsewhere)."""
+    planted = getattr(study.pair.base, "planted", None)
+    if not planted:
+        return None
+    from mechdiff.models.planted import ground_truth, ground_truth_tensors
+    gt = ground_truth(planted[0])
+    t = ground_truth_tensors(planted[0])
+    return t["u"] if "u" in t and layer in (gt.get("layers") or []) else None
 
 
 def _cells(plan: dict, opts: RQ3Options, bases: dict, same_width: bool) -> list[dict]:
     """Every (layer, handle, mode, k, alpha). At the control layer: the same handles (fitted at each
     chosen layer, ``basis_layer``) applied there, random and per-language ones left out."""
     cells, control = [], plan["control"]
-    for key in sorted(k for k in bases if not k.startswith("scale.")):
+    for key in handle_keys(bases):
         name, bl = key.rsplit(".", 1)
         kind, _, lang = name.partition("@")
         at = [int(bl)] + ([control] if kind != "random" and not lang and control not in plan["layers"] else [])
         for l in at:
             for mode in opts.modes:
-                if SIDE_OF[mode] == "base" and not same_width:
+                if SIDE_OF[mode] == "base" and not same_width or mode == "map" and f"mapA.{key}@{l}.k1" not in bases:
                     continue
-                for k in ([1] if mode == "add" else sorted(set(opts.ks))):
+                alphas = ([a for a in opts.alphas if a <= 1] or [1.0]) if mode == "ablate" else opts.alphas
+                for k in ([1] if mode == "add" else sorted(k for k in set(opts.ks) if k <= bases[key].shape[1])):
                     cells += [{"layer": l, "basis_layer": int(bl), "kind": kind, "fit_lang": lang or None,
                                "mode": mode, "k": k, "alpha": a, "control_layer": l == control and l != int(bl),
-                               "side": SIDE_OF[mode]} for a in opts.alphas]
+                               "side": SIDE_OF[mode]} for a in alphas]
+    if opts.positions == "decision" and any(k.startswith("diff.") for k in bases):   # the whole difference
+        for l in plan["layers"]:
+            cells += [{"layer": l, "basis_layer": l, "kind": "full", "fit_lang": None, "mode": f"patch_{side}",
+                       "k": None, "alpha": 1.0, "control_layer": False, "side": side}
+                      for side in ("base", "tuned") if side == "tuned" or same_width]
     return cells
 
 
+def handle_keys(bases: dict) -> list[str]:
+    """The handle bases among the stored tensors (``<kind>[@lang].<layer>``)."""
+    return sorted(k for k in bases if k.split(".")[0].split("@")[0] in KINDS + ("random",))
+
+
 def handle_of(cell: dict, bases: dict, site: str) -> S.Handle:
-    """The :class:`~mechdiff.analyses.steering.Handle` of one cell (its basis cut to the cell's k)."""
+    """The :class:`~mechdiff.analyses.steering.Handle` of one cell (its basis cut to the cell's k; an
+    ablation's reference: the base's mean state there; a map handle's map at the cell's layer)."""
     key = f"{cell['kind']}{'@' + cell['fit_lang'] if cell['fit_lang'] else ''}.{cell['basis_layer']}"
-    return S.Handle(cell["layer"], site, bases[key][:, :cell["k"]], mode=cell["mode"], alpha=cell["alpha"],
-                    scale=float(bases[f"scale.{cell['layer']}"]))
+    at, k, mode = cell["layer"], cell["k"], cell["mode"]
+    return S.Handle(at, site, bases[key][:, :k], mode=mode, alpha=cell["alpha"], scale=float(bases[f"scale.{at}"]),
+                    reference=bases.get(f"mean.base.{at}") if mode == "ablate" else None,
+                    matrix=bases.get(f"mapA.{key}@{at}.k{k}") if mode == "map" else None,
+                    offset=bases.get(f"mapc.{key}@{at}.k{k}") if mode == "map" else None)
 
 
-def _variants(cells, bases, opts) -> list:
-    return [handle_of(c, bases, opts.site).patch() for c in cells]
+def _variants(cells, bases, opts, states: dict | None = None) -> list:
+    """Engine variants of ``cells``. With the dev + test ``states``: an ablation moves the subspace
+    component to the other model's state on the same prompt, and ``full`` cells patch the other
+    model's whole state (the whole difference) at the layer."""
+    out = []
+    for c in cells:
+        site = f"{opts.site}.{c['layer']}"
+        other = states.get(f"{OTHER[c['side']]}/eval/{site}") if states else None
+        if c["kind"] == "full":
+            out.append(Patch(site, other, mode="replace"))
+        else:
+            out.append(handle_of(c, bases, opts.site).patch(
+                reference=other if c["mode"] == "ablate" and opts.positions == "decision" else None))
+    return out
 
 
-def _sweep(study: Study, plan: dict, opts: RQ3Options, bases: dict) -> None:
+def _sweep(study: Study, plan: dict, opts: RQ3Options, bases: dict, states: dict) -> None:
     """The gap and every cell on the dev + test prompts, in three clean runs: the tuned model's
     (reference for steering the base), the base's with its variants (its clean logits, collected
     chunk by chunk, are the reference for ablating the tuned), the tuned's with its variants (skipped
     without a gap). Per cell and prompt: KL(clean || patched) masked / unmasked and KL(other || patched)."""
     ev, pos = plan["dev"] + plan["test"], {"positions": "all"} if opts.positions == "all" else {}
     ids = {s: study.allowed_ids(s) for s in ("base", "tuned")}
-    cells = _cells(plan, opts, bases, study.base.d_model == study.tuned.d_model)
-    handles = any(c["kind"] != "random" for c in cells)   # none: no difference to build a handle from
+    cells = _cells(plan, opts, bases, same_width(study))
+    handles = any(c["kind"] not in ("random", "full") for c in cells)   # none: no difference to build a handle from
     mine = {s: [c for c in cells if c["side"] == s] if handles else [] for s in ("base", "tuned")}
     run = lambda side, clean: clean_run(study.side(side), ev, batch_size=study.batch_size,  # noqa: E731
                                         measure=opts.measure)[0] if clean else None
     ref, res = {"tuned": run("tuned", True)}, {}
     if mine["base"]:
         chunks: list = []
-        res["base"] = patch_measure(study.base, ev, _variants(mine["base"], bases, opts), batch_size=study.batch_size,
+        res["base"] = patch_measure(study.base, ev, _variants(mine["base"], bases, opts, states), batch_size=study.batch_size,
                                     measure=opts.measure, reducer=kl_and_gap(ids["base"], ref["tuned"], ids["tuned"]),
                                     on_chunk=lambda eng, i, j: chunks.append(eng.clean_logits.cpu()), **pos)
         ref["base"] = torch.cat(chunks)
@@ -228,12 +313,13 @@ def _sweep(study: Study, plan: dict, opts: RQ3Options, bases: dict) -> None:
         ref["base"] = run("base", True)
     gap = {s: kl_shared(ref[OTHER[s]], ref[s], ids[OTHER[s]], ids[s]) for s in ("base", "tuned")}  # KL(other||self)
     meta = {"eval_ids": [p["id"] for p in ev], "eval_lang": [p.get("lang") for p in ev], "n_dev": len(plan["dev"]),
+            "eval_groups": group_ids(ev).tolist(),
             "gap_mean": {s: float(gap[s].mean()) for s in gap}, "cells": cells, "handles": handles}
     meta["nothing_to_steer"] = max(meta["gap_mean"].values()) <= opts.min_gap_kl
     out = {f"{s}/gap": gap[s] for s in gap}
     if not meta["nothing_to_steer"]:
         if mine["tuned"]:
-            res["tuned"] = patch_measure(study.tuned, ev, _variants(mine["tuned"], bases, opts),
+            res["tuned"] = patch_measure(study.tuned, ev, _variants(mine["tuned"], bases, opts, states),
                                          batch_size=study.batch_size, measure=opts.measure,
                                          reducer=kl_and_gap(ids["tuned"], ref["base"], ids["base"]), **pos)
         for s, v in res.items():                          # [n, N, (masked, unmasked, to_other)]
@@ -245,7 +331,7 @@ def _sweep(study: Study, plan: dict, opts: RQ3Options, bases: dict) -> None:
 def measured(cell: dict) -> bool:
     """Cells whose side effects are measured: the handles at their own layer. Controls (random basis,
     control layer) and per-language handles choose alpha on dev alone (an advantage to the control)."""
-    return cell["kind"] != "random" and not cell["fit_lang"] and cell["layer"] == cell["basis_layer"]
+    return cell["kind"] not in ("random", "full") and not cell["fit_lang"] and cell["layer"] == cell["basis_layer"]
 
 
 def _side(study: Study, plan: dict, opts: RQ3Options, bases: dict) -> None:
@@ -273,16 +359,18 @@ def run_rq3(study: Study, opts: RQ3Options) -> None:
     common = {"layers": plan["all_layers"], "site": opts.site, "n_fit": opts.n_fit, "n_dev": opts.n_dev,
               "n_test": opts.n_test, "n_neutral": opts.n_neutral, "n_mc": opts.n_mc, "seed": study.seed,
               "min_shared_ratio": opts.min_shared_ratio, "prompts": study.prompts_path,
-              "bases": opts.bases, "fit": prompt_digest(plan["fit"] + plan["neutral_fit"])}
+              "bases": opts.bases, "fit": prompt_digest(plan["fit"] + plan["neutral_fit"]),
+              "positions": opts.positions, "eval": prompt_digest(plan["dev"] + plan["test"])}
     run.cached("rq3.capture", lambda: _capture(study, plan, opts), [STATES], info=common)
     states = run.read_tensors(STATES)
     run.cached("rq3.bases", lambda: _bases(study, plan, opts, states), [BASES, "rq3_bases.json"],
-               depends_on=["rq3.capture"], info={**common, "ks": opts.ks, "transfer_lang": opts.transfer_lang})
+               depends_on=["rq3.capture"], info={**common, "ks": opts.ks, "transfer_lang": opts.transfer_lang,
+                                                 "modes": opts.modes})
     bases = run.read_tensors(BASES) if run.exists(BASES) else {}
     sweep_info = {**common, "ks": opts.ks, "alphas": opts.alphas, "modes": opts.modes, "positions": opts.positions,
                   "measure": opts.measure, "min_gap_kl": opts.min_gap_kl, "transfer_lang": opts.transfer_lang,
                   "eval": prompt_digest(plan["dev"] + plan["test"])}
-    run.cached("rq3.sweep", lambda: _sweep(study, plan, opts, bases), [SWEEP, "rq3_cells.json"],
+    run.cached("rq3.sweep", lambda: _sweep(study, plan, opts, bases, states), [SWEEP, "rq3_cells.json"],
                depends_on=["rq3.bases"], info=sweep_info)
     meta = run.read_json("rq3_cells.json")
     if meta["handles"] and not meta["nothing_to_steer"]:

@@ -7,7 +7,10 @@ import math
 
 import torch
 
+from mechdiff.analyses import intervals as I
+from mechdiff.analyses import rank as RK
 from mechdiff.analyses import readouts as R
+from mechdiff.errors import ConfigError, DataError
 from mechdiff.experiments.rq3 import BASES, SWEEP, handle_of
 
 
@@ -26,12 +29,15 @@ def _rows(meta: dict, sweep: dict, side_rows: list, opts) -> list[dict]:
     for c, se in zip(meta["cells"], side_rows):
         kl, gap = sweep[f"{c['side']}/kl"][count[c["side"]]], sweep[f"{c['side']}/gap"]
         count[c["side"]] += 1
-        row = {**c, "dev_share": _share(kl[:n_dev], gap[:n_dev], opts.min_gap_kl),
+        row = {**c, "sweep_index": count[c["side"]] - 1, "dev_share": _share(kl[:n_dev], gap[:n_dev], opts.min_gap_kl),
                "test_share": _share(kl[n_dev:], gap[n_dev:], opts.min_gap_kl),
                "test_kl": float(kl[n_dev:].mean()), "test_gap_kl": float(gap[n_dev:].mean()),
                "test_share_by_lang": {g: _share(kl[ix], gap[ix], opts.min_gap_kl) for g, ix in test_lang.items()
                                       if ix and len(test_lang) > 1}, **se}
-        row["within"] = R.within(se, opts.max_ppl_pct, opts.max_mc_drop_pp) if se else None   # None: not measured
+        # gated at the response's first token and where the patch acts (both measured: both must pass)
+        row["within"] = R.within(se, opts.max_ppl_pct, opts.max_mc_drop_pp) and all(
+            math.isfinite(v) and v <= opts.max_ppl_pct for k, v in se.items()
+            if k.startswith("ppl_change_pct_") and "_at_" in k) if se else None   # None: not measured
         rows.append(row)
     return rows
 
@@ -82,12 +88,75 @@ def _headline(chosen: list[dict], mode: str, layers: list[int], control: int, th
     ok = [r for r in curve if r["within"] and r["dev_share"] is not None]
     top = max((r["dev_share"] for r in ok), default=None)
     sat = next((r["k"] for r in ok if top is not None and top > 0 and r["dev_share"] >= 0.9 * top), None)
+    # (k_saturation: the old rule, 90% of the best k tried; estimates() adds the one against the whole difference)
     ctrl = lambda **kw: next(iter(_pick(chosen, mode=mode, k=at["k"], fit_lang=None, **kw)), None)  # noqa: E731
     return {"mode": mode, "layer": l, "kind": kind, "minimal_k": None if none else k, "k_saturation": sat, "cell": at,
             "random": ctrl(layer=l, basis_layer=l, kind="random"),
             "control_layer": ctrl(layer=control, basis_layer=l, kind=kind),
             "curve": curve,
             "random_curve": _pick(chosen, layer=l, basis_layer=l, kind="random", fit_lang=None, mode=mode)}
+
+
+def estimates(h: dict, rows: list[dict], sweep: dict, meta: dict, opts) -> dict:
+    """Intervals for one headline (cluster bootstrap over the eval prompts' topic groups): the test
+    share of its cell, the minimal k (on dev, the side-effect-gated cells), and the saturation k
+    against the whole difference patched at the layer (``full`` cell; on test, alpha 1 at every k,
+    so that the curve is not re-tuned per k)."""
+    n_dev, groups = meta["n_dev"], meta.get("eval_groups")
+    side = h["cell"]["side"]
+    kl, gap = sweep[f"{side}/kl"], sweep[f"{side}/gap"]
+    g_dev = None if groups is None else groups[:n_dev]
+    g_test = None if groups is None else groups[n_dev:]
+    out = {}
+    try:
+        c = h["cell"]
+        out["test_share"] = I.share_closed(kl[c["sweep_index"]][n_dev:], gap[n_dev:], g_test)
+        gated = [r for r in h["curve"] if r["within"]]
+        if gated:
+            out["minimal_k"] = RK.smallest_k(torch.stack([kl[r["sweep_index"]][:n_dev] for r in gated]),
+                                             [r["k"] for r in gated], gap[:n_dev], g_dev, threshold=opts.gap_threshold)
+        full = next((r for r in rows if r["kind"] == "full" and r["side"] == side and r["layer"] == h["layer"]), None)
+        fixed = sorted((r for r in rows if (r["layer"], r["basis_layer"], r["kind"], r["fit_lang"], r["mode"]) ==
+                        (h["layer"], h["layer"], h["kind"], None, h["mode"]) and r["alpha"] == 1.0), key=lambda r: r["k"])
+        if full is not None and fixed and h["mode"] != "add":
+            out["saturation_k"] = RK.smallest_k(torch.stack([kl[r["sweep_index"]][n_dev:] for r in fixed]),
+                                                [r["k"] for r in fixed], gap[n_dev:], g_test,
+                                                kl_full=kl[full["sweep_index"]][n_dev:])
+    except (DataError, ConfigError) as e:         # too few prompts / groups for an interval: say so
+        out["note"] = str(e)
+    return out
+
+
+def _rank_lines(lens: dict) -> list[str]:
+    out = []
+    for key, r in sorted(lens.items()):
+        if key.startswith("rank."):
+            line = (f"rank of the difference at L{key[5:]}: {r['estimate']} [{r['ci_low']}, {r['ci_high']}] "
+                    f"({r['method']}; {r['n_rows']} rows; {'exactly rank ' + str(r['estimate']) + ': the rest is at '
+                     'float precision' if r['exact'] else 'components above the noise edge'})")
+            if "principal_angles_deg" in r:
+                line += f"; largest principal angle to the planted rank-{r['truth_rank']} subspace " \
+                        f"{max(r['principal_angles_deg']):.2f} deg"
+            out.append(line)
+        elif "exact_rank" in r:
+            out.append(f"{key}: the difference has exactly {r['exact_rank']} directions; k up to {r['exact_rank']} analysed")
+    return out
+
+
+def _est_line(h: dict) -> str:
+    e = h.get("estimates") or {}
+    parts = [f"test share {I.fmt(e.get('test_share'), '{:.3f}')}"] if e.get("test_share") else []
+    for key, what in (("minimal_k", "minimal k"), ("saturation_k", "saturation k (90% of the whole difference's "
+                                                                   "effect)")):
+        if key in e:
+            r = e[key]
+            hi = r["ci_high"] if r["ci_high"] is not None else "beyond the grid"
+            extra = f", the whole difference closes {r['full_share']:.1%}" if r.get("full_share") is not None else ""
+            parts.append(f"{what} {r['estimate'] if r['estimate'] is not None else 'not reached'} "
+                         f"[{r['ci_low']}, {hi}]{extra}")
+    if "note" in e:
+        parts.append(f"no interval: {e['note']}")
+    return f"  {h['mode']} intervals (95%, topic groups): " + "; ".join(parts) if parts else ""
 
 
 def _fmt(x, pct=True) -> str:
@@ -170,8 +239,11 @@ def summarise(study, opts) -> dict:
     else:
         rows = _rows(meta, run.read_tensors(SWEEP), run.read_json("rq3_side.json")["rows"], opts)
         chosen = choose_alpha(rows)
+        sweep = run.read_tensors(SWEEP)
         heads = [h for m in opts.modes if (h := _headline(chosen, m, prompts["layers"], prompts["control_layer"],
                                                            opts.gap_threshold))]
+        for h in heads:
+            h["estimates"] = estimates(h, rows, sweep, meta, opts)
         mins = [h["minimal_k"] for h in heads if h["minimal_k"] is not None]
         status = "found" if mins else "none does"
         result = {"status": status, "minimal_k": min(mins) if mins else None,
@@ -183,6 +255,9 @@ def summarise(study, opts) -> dict:
                              "the test share is undefined" for h in heads if h["minimal_k"] is None and
                              (not R.within(h["cell"], math.inf, math.inf) or h["cell"]["test_share"] is None)}
         result["text"] += [f"{m}: not found because {why}" for m, why in result["reasons"].items()]
+        result["text"] += [line for h in heads if (line := _est_line(h))]
+        result["rank"] = {k[5:]: v for k, v in lens.items() if k.startswith("rank.")}
+        result["text"] += _rank_lines(lens)
         transfer = [t for h in heads for t in _transfer(chosen, h, opts.transfer_lang if prompts["fit_lang"] else None)]
         out.update(result=result, table=rows, chosen=chosen, transfer=transfer, summary=" ".join(result["text"]),
                    handles=_handles(study, chosen, heads, opts, meta),
