@@ -34,15 +34,11 @@ def test_cluster_bootstrap_resamples_whole_groups():
     grouped = I.mean(vals, _groups(120, 4))
     rows = I.mean(vals)
     assert grouped["ci_high"] - grouped["ci_low"] > 1.6 * (rows["ci_high"] - rows["ci_low"])
+    one = I.mean(vals, torch.zeros(120))          # prompts of one topic: resampled one by one, and said so
+    assert "one topic group" in one["method"] and one["ci_high"] - one["ci_low"] == pytest.approx(
+        rows["ci_high"] - rows["ci_low"], rel=0.2)
     with pytest.raises(DataError):
-        I.mean(vals, torch.zeros(120))
-
-
-def test_difference_of_runs_resolved_or_not():
-    a = {"estimate": 0.5, "se": 0.05}
-    assert I.difference(a, {"estimate": 0.1, "se": 0.05})["resolved"]
-    nr = I.difference(a, {"estimate": 0.45, "se": 0.05})
-    assert not nr["resolved"] and nr["verdict"] == "not resolved"
+        I.mean(vals[:1])
 
 
 def _planted(n, d, r, noise, seed=0):
@@ -147,3 +143,19 @@ def test_bh_and_auroc_basics():
     assert HC.bh([0.001, 0.01, 0.03, 0.5], q=0.05).tolist() == [True, True, True, False]
     assert HC.bh([0.04, 0.5], q=0.05).tolist() == [False, False]
     assert HC.auroc([3, 2, 1, 0], [True, False, True, False]) == 0.75
+
+
+def test_compare_reports_differences_with_intervals(tmp_path):
+    """`compare`: the difference of two runs' interval-carrying numbers, "not resolved" when it covers 0."""
+    import json
+
+    from mechdiff.compare import differences, intervals
+    for name, share, lo, hi in (("a", 0.6, 0.5, 0.7), ("b", 0.2, 0.1, 0.3), ("c", 0.55, 0.45, 0.65)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "rq4.json").write_text(json.dumps({"churn": {"own": {"share_interval": {
+            "estimate": share, "ci_low": lo, "ci_high": hi, "method": "cluster bootstrap"}}}}))
+    runs = [{"label": n, "intervals": intervals(tmp_path / n)} for n in "abc"]
+    rows = {r["b"]: r for r in differences(runs)}
+    assert rows["b"]["verdict"] == "a higher" and rows["b"]["ci_low"] > 0
+    assert rows["c"]["verdict"] == "not resolved" and rows["c"]["ci_low"] < 0 < rows["c"]["ci_high"]

@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mechdiff.errors import ConfigError
+from mechdiff.report.render import load
+from mechdiff.verdict import Estimate, difference
 
 #: (row label, key in report.summary.numbers, format); indented rows are the uncertainty or control
 ROWS = (("divergence enters at layer", "entry layer", "{}"), ("  patch KL there", "entry KL", "{:.3g}"),
@@ -35,6 +37,46 @@ CONTRASTS = (("changed heads share", "share of changed heads (readout moves abov
              ("best map R2", "best map R2 (val)", "{:.3f}", "identity map R2", "identity map {:.3f}"),
              ("mapped drop %", "mapped-patch drop %", "{:.1f}", "raw patch KL (val)", "raw KL {:.3g}"),
              ("entry layer", "divergence entry layer", "{}", "entry KL SE", "KL SE {:.2g}"))
+
+
+def intervals(run_dir: Path) -> dict[str, Estimate]:
+    """The headline numbers of one run that carry an interval (cluster bootstrap over topic groups):
+    ``{quantity: Estimate}``, read from rq3.json / rq4.json."""
+    out: dict[str, Estimate] = {}
+
+    def put(name, iv, value=None):
+        if iv and iv.get("ci_low") is not None and iv.get("ci_high") is not None:
+            v = iv.get("estimate") if value is None else value
+            if v is not None:
+                out[name] = Estimate(float(v), float(iv["ci_low"]), float(iv["ci_high"]), iv.get("method", ""))
+    rq3, rq4 = load(run_dir / "rq3.json") or {}, load(run_dir / "rq4.json") or {}
+    for mode, h in ((rq3.get("result") or {}).get("by_mode") or {}).items():
+        est = h.get("estimates") or {}
+        put(f"RQ3 {mode}: test share of the gap closed", est.get("test_share"))
+        put(f"RQ3 {mode}: minimal k", est.get("minimal_k"))
+        put(f"RQ3 {mode}: saturation k", est.get("saturation_k"))
+    for layer, r in ((rq3.get("result") or {}).get("rank") or {}).items():
+        put(f"RQ3 rank of the difference at L{layer}", r)
+    for m, c in (rq4.get("churn") or {}).items():
+        put(f"RQ4 changed heads ({m})", c.get("share_interval"))
+        for key, iv in (c.get("intervals") or {}).items():
+            put(f"RQ4 {key} ({m})", iv)
+    return out
+
+
+def differences(runs: list[dict]) -> list[dict]:
+    """The first run minus each other run, per quantity both carry with an interval: the difference,
+    its interval (:func:`mechdiff.verdict.difference`) and "not resolved" where it covers 0."""
+    rows = []
+    a = runs[0]
+    for b in runs[1:]:
+        for key in sorted(set(a["intervals"]) & set(b["intervals"])):
+            d = difference(a["intervals"][key], b["intervals"][key])
+            resolved = d.has_interval and (d.lo > 0 or d.hi < 0)
+            rows.append({"quantity": key, "a": a["label"], "b": b["label"], "difference": d.value, "ci_low": d.lo,
+                         "ci_high": d.hi, "verdict": (f"{a['label']} higher" if d.value > 0 else f"{b['label']} higher")
+                         if resolved else "not resolved"})
+    return rows
 
 
 def _cell(v: Any, spec: str) -> str:
@@ -79,7 +121,8 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
         label = labels[i] if labels else _label(d, m, used)
         pair = (m or {}).get("pair") or {}
         runs.append({"label": label, "path": str(d.resolve()), "pair": pair.get("name"), "domain": pair.get("domain"),
-                     "numbers": numbers(d), "sentences": sentences(d), "figures": figure_data(d, label)})
+                     "numbers": numbers(d), "sentences": sentences(d), "figures": figure_data(d, label),
+                     "intervals": intervals(d)})
     figures, notes = {}, []
     for key, title in (("A", "CKA and patch KL per layer"), ("B", "map quality and mapped vs raw patch"),
                        ("C", "effect vs k and head importance"), ("D", "churn and the top-k curve")):
@@ -92,9 +135,10 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
                 continue
             figures[key] = (path, f"Figure {key} overlaid ({title}): " + ", ".join(r["label"] for r in data))
     table = [{"quantity": name.strip(), **{r["label"]: r["numbers"].get(key) for r in runs}} for name, key, _ in ROWS]
-    contrasts = _contrasts(runs)
+    contrasts, diffs = _contrasts(runs), differences(runs)
     run.write_json("compare.json", {"title": "mechdiff comparison", "runs": [
-        {k: v for k, v in r.items() if k != "figures"} for r in runs], "table": table, "contrasts": contrasts,
+        {k: v for k, v in r.items() if k not in ("figures", "intervals")} for r in runs], "table": table,
+        "contrasts": contrasts, "differences": diffs,
         "figures": {f"compare_{k.lower()}.png": cap for k, (_, cap) in figures.items()}})
     sec = Section()
     sec.heading("mechdiff comparison — " + " vs ".join(r["label"] for r in runs), 1)
@@ -105,6 +149,11 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
     if contrasts:
         sec.heading("Contrasts", 2, "contrasts")
         sec.bullets(contrasts)
+    if diffs:
+        sec.heading("Differences with 95% intervals", 2, "differences")
+        sec.table(["quantity", "runs", "difference", "interval", "verdict"],
+                  [[r["quantity"], f"{r['a']} - {r['b']}", f"{r['difference']:.3g}", "n/a" if r["ci_low"] is None
+                    else f"[{r['ci_low']:.3g}, {r['ci_high']:.3g}]", r["verdict"]] for r in diffs])
     for key, (path, cap) in figures.items():
         sec.heading(f"Figure {key}", 2, f"figure-{key.lower()}")
         sec.figure(path, cap, path.relative_to(out_dir).as_posix())

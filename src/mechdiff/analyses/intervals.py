@@ -10,9 +10,7 @@ that form a single group (no topics) are resampled one by one, and ``method`` sa
   together (the same groups in both); ``undefined`` when the denominator's interval contains 0.
 - :func:`share_closed`: ``1 - mean(kl) / mean(gap)`` (RQ3's share of the gap closed; RQ2's drop).
 - :func:`mean`: the mean of per-row values.
-- :func:`difference`: two runs' estimates (independent samples) -> the difference with its
-  interval (bootstrap replicates subtracted when both carry them, else a normal approximation) and
-  ``resolved`` False when it covers 0.
+(The difference between two runs and its interval: :func:`mechdiff.verdict.difference`.)
 """
 from __future__ import annotations
 
@@ -21,10 +19,10 @@ from typing import Callable
 
 import torch
 
-from mechdiff.analyses.resample import t_quantile, unit_ids
+from mechdiff.analyses.resample import unit_ids
 from mechdiff.errors import ConfigError, DataError
 
-__all__ = ["pack", "bootstrap", "ratio_of_means", "share_closed", "mean", "difference", "covers", "fmt"]
+__all__ = ["pack", "bootstrap", "ratio_of_means", "share_closed", "mean", "covers", "fmt"]
 
 METHOD = "cluster bootstrap over topic groups (percentile)"
 METHOD_ROWS = "bootstrap over prompts (percentile; the prompts form one topic group)"
@@ -143,30 +141,6 @@ def covers(iv: dict, value: float = 0.0) -> bool:
     if not (math.isfinite(lo) and math.isfinite(hi)):
         return True
     return lo <= value <= hi
-
-
-def difference(a: dict, b: dict, *, level: float = 0.95) -> dict:
-    """``a - b`` for two runs' intervals (independent prompt samples). With bootstrap replicates on
-    both sides the interval is the percentile interval of replicate differences (paired by index
-    after sorting is not needed: independent draws), else ``estimate -/+ z sqrt(se_a^2 + se_b^2)``.
-    ``resolved``: the interval excludes 0 (else the difference is "not resolved")."""
-    est = float(a["estimate"]) - float(b["estimate"])
-    ra, rb = a.get("replicates"), b.get("replicates")
-    if ra and rb:
-        n = min(len(ra), len(rb))
-        d = torch.tensor(ra[:n], dtype=torch.float64) - torch.tensor(rb[:n], dtype=torch.float64)
-        d = d[torch.isfinite(d)]
-        lo, hi = (float(torch.quantile(d, q)) for q in ((1 - level) / 2, (1 + level) / 2)) if d.numel() >= 2 \
-            else (math.nan, math.nan)
-        se, method = float(d.std()) if d.numel() >= 2 else math.nan, "difference of bootstrap replicates"
-    else:
-        se = math.sqrt(float(a.get("se", math.nan)) ** 2 + float(b.get("se", math.nan)) ** 2)
-        z = t_quantile(0.5 + level / 2, math.inf)
-        lo, hi, method = est - z * se, est + z * se, "normal approximation from the two SEs"
-    out = {"estimate": est, "ci_low": lo, "ci_high": hi, "se": se, "level": level, "method": method}
-    out["resolved"] = not covers(out, 0.0)
-    out["verdict"] = ("a > b" if est > 0 else "a < b") if out["resolved"] else "not resolved"
-    return out
 
 
 def fmt(iv: dict | None, spec: str = "{:.3g}") -> str:
