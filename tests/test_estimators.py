@@ -159,3 +159,16 @@ def test_compare_reports_differences_with_intervals(tmp_path):
     rows = {r["b"]: r for r in differences(runs)}
     assert rows["b"]["verdict"] == "a higher" and rows["b"]["ci_low"] > 0
     assert rows["c"]["verdict"] == "not resolved" and rows["c"]["ci_low"] < 0 < rows["c"]["ci_high"]
+
+
+def test_rq2_winner_drop_carries_an_interval():
+    from mechdiff.experiments.rq2_summary import sweep_table
+    raw = [1, 1.1, .9, 1, 1.2, .8, 1, 1.1, .9, 1]
+    v = {"n_dev": 4, "val_groups": [0, 0, 1, 1, 2, 2, 3, 3, 4, 4], "per_prompt_masked": [raw, [0.4 * x for x in raw]],
+         "variants": [{"kind": "raw", "layer": 3, "site": "resid_post", "kl_mean": 1, "kl_dev_mean": 1,
+                       "kl_unmasked_mean": 1, "alpha": None},
+                      {"kind": "mapped", "solver": "ridge", "layer": 3, "site": "resid_post", "alpha": "1.0",
+                       "alpha_value": 1.0, "kl_mean": .4, "kl_dev_mean": .4, "kl_unmasked_mean": .4}]}
+    iv = sweep_table(v)["winner"]["drop_interval"]
+    assert iv["estimate"] == pytest.approx(60.0) and iv["ci_low"] == pytest.approx(60.0) == iv["ci_high"]
+    assert iv["n_groups"] == 3 and not iv["undefined"]        # the three test topic groups

@@ -32,7 +32,7 @@ from mechdiff.analyses.map_metrics import map_metrics, rotation_drift, shuffle_c
 from mechdiff.artifacts import RunDir
 from mechdiff.errors import ConfigError
 from mechdiff.experiments.stage import Stage, Study, opt, register, run_stage
-from mechdiff.experiments.steps import (capture_sides, check_layers, clean_run, fair_split, kl_to_clean,
+from mechdiff.experiments.steps import (capture_sides, check_layers, clean_run, fair_split, group_ids, kl_to_clean,
                                         patch_measure, prompt_digest, rq1_prompt_ids, study_layers)
 from mechdiff.patching import Patch
 from mechdiff.sites.names import Site
@@ -267,7 +267,7 @@ def _sweep_step(study: Study, val, n_dev: int, states, layers, control, opts: RQ
     study.run.write_json("variants.json", {"solvers": list(opts.solvers), "solver": opts.solvers[0],
                                            "measure": opts.measure, "n_val": len(val), "n_dev": n_dev,
                                            "n_test": len(val) - n_dev, "variants": labels,
-                                           "per_prompt_masked": km.tolist()})
+                                           "per_prompt_masked": km.tolist(), "val_groups": group_ids(val).tolist()})
 
 
 def _side_step(study: Study, states, opts: RQ2Options) -> None:

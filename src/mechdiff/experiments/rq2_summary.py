@@ -2,7 +2,11 @@
 side-effect and control lines, the stop conditions; alpha_sweep.json, rq2_summary.txt, figures."""
 from __future__ import annotations
 
+import torch
+
+from mechdiff.analyses import intervals as I
 from mechdiff.artifacts import RunDir
+from mechdiff.errors import DataError
 from mechdiff.atomic import atomic_write_text
 from mechdiff.plots import plot_drop_heatmap, plot_map_quality
 from mechdiff.report import write_report
@@ -68,9 +72,31 @@ def sweep_table(variants: dict) -> dict:
     winner = max(pool, key=lambda r: (r["dev_drop_pct"] is not None,
                                       r["dev_drop_pct"] if r["dev_drop_pct"] is not None else -r["dev_kl_mapped"]),
                  default=None)
+    if winner is not None and "per_prompt_masked" in variants and "n_dev" in variants:
+        winner = {**winner, "drop_interval": drop_interval(variants, winner)}
     return {"rows": rows, "best": best_rows, "winner": winner, "controls": controls,
             "chosen_on": "dev" if "n_dev" in variants else "val (no dev/test split in this file)",
             "winner_rule": f"largest dev drop among rows whose raw dev KL is >= {WINNER_GAP_SHARE:g} x the largest"}
+
+
+def drop_interval(variants: dict, row: dict) -> dict | None:
+    """The test drop % of ``row`` (a mapped variant) with its cluster-bootstrap interval over the test
+    prompts' topic groups: ``100 (1 - mean KL_mapped / mean KL_raw)``, numerator and denominator drawn
+    together (``undefined`` where the raw KL's interval reaches 0)."""
+    v, n_dev = variants["variants"], variants["n_dev"]
+    idx = {(x["kind"], x.get("solver"), x["layer"], x["site"], x.get("alpha")): i for i, x in enumerate(v)}
+    j = idx.get(("mapped", row["solver"], row["layer"], row["site"], row["alpha"]))
+    r = next((i for i, x in enumerate(v) if x["kind"] == "raw" and (x["layer"], x["site"]) == (row["layer"], row["site"])),
+             None)
+    if j is None or r is None:
+        return None
+    k = torch.tensor(variants["per_prompt_masked"], dtype=torch.float64)[:, n_dev:]
+    g = variants.get("val_groups")
+    try:
+        iv = I.share_closed(k[j], k[r], None if g is None else g[n_dev:])
+    except DataError as e:
+        return {"note": str(e)}
+    return {**iv, **{key: None if iv[key] is None else 100 * iv[key] for key in ("estimate", "ci_low", "ci_high", "se")}}
 
 
 def winner_controls(controls: list[dict], w: dict | None) -> list[dict]:
@@ -167,7 +193,9 @@ def summary_text(t: dict, side: list[dict] | None, stop: dict, meta: dict) -> st
     w = t["winner"]
     if w:
         L.append(f"winner (chosen on dev): {w['solver']} L{w['layer']} {w['site']} alpha={w['alpha']}, test drop "
-                 f"{_drop_text(w)} (dev {_drop_text(_dev(w))})")
+                 f"{_drop_text(w)} (dev {_drop_text(_dev(w))})" + (
+                     f"; 95% interval over topic groups {I.fmt(w['drop_interval'], '{:.1f}')} %"
+                     if (w.get("drop_interval") or {}).get("estimate") is not None else ""))
     for s in side or []:
         n = lambda k, spec: "n/a" if s.get(k) is None else format(s[k], spec)  # noqa: E731  (undefined: null)
         L.append(f"side effects {s.get('solver', '')} L{s['layer']} {s['site']} alpha={s['alpha']}: "
