@@ -74,6 +74,8 @@ class RQ3Options:
     gap_threshold: float = opt(0.1, "share of the gap a handle must close on test prompts")
     max_ppl_pct: float = opt(5.0, "side-effect threshold: neutral perplexity increase, %")
     max_mc_drop_pp: float = opt(5.0, "side-effect threshold: neutral MC accuracy drop, points")
+    max_ppl_pct_patched: float = opt(100.0, "side-effect threshold where the patch acts (the other of "
+                                            "--side-measure's positions): neutral perplexity increase, %")
     min_gap_kl: float = opt(1e-3, "below this mean KL(base, tuned) (nats) there is nothing to steer")
     transfer_lang: str | None = opt("kk", "also fit handles on this language only and read them on every language")
     min_shared_ratio: float = opt(1.0, "keep prompts with at least this fraction of tokens in the shared vocabulary")
@@ -103,6 +105,7 @@ def check(opts: RQ3Options, n_layers: int) -> None:
         ("--gap-threshold", opts.gap_threshold, 0 < opts.gap_threshold <= 1),
         ("--max-ppl-pct", opts.max_ppl_pct, opts.max_ppl_pct >= 0),
         ("--max-mc-drop-pp", opts.max_mc_drop_pp, opts.max_mc_drop_pp >= 0),
+        ("--max-ppl-pct-patched", opts.max_ppl_pct_patched, opts.max_ppl_pct_patched >= 0),
         ("--min-gap-kl", opts.min_gap_kl, opts.min_gap_kl >= 0),
         ("--min-shared-ratio", opts.min_shared_ratio, 0 <= opts.min_shared_ratio <= 1)) if not ok]
     if bad:
