@@ -158,7 +158,8 @@ def _capture(study: Study, plan: dict, opts: RQ3Options) -> None:
             out[f"{side}/fit/{s}"], out["fit_rows"] = cap.flat(s)
     if plan["neutral_fit"]:
         cap = capture_sides(study, plan["neutral_fit"], sites, sides=["tuned"], positions=pos)["tuned"]
-        out.update({f"tuned/neutral_fit/{s}": cap.flat(s)[0] for s in sites})
+        for s in sites:
+            out[f"tuned/neutral_fit/{s}"], out["neutral_fit_rows"] = cap.flat(s)
     for side, cap in capture_sides(study, plan["dev"] + plan["test"], sites).items():
         out.update({f"{side}/eval/{s}": cap[s] for s in sites})
     study.run.write_tensors(STATES, out)
@@ -173,8 +174,10 @@ def _bases(study: Study, plan: dict, opts: RQ3Options, states: dict) -> None:
     ``rank.<layer>`` (JSON): the rank estimate of the difference (:func:`mechdiff.analyses.rank.estimate_rank`)."""
     kmax, out, info = max(opts.ks), {}, {}
     groups = group_ids(plan["fit"])[states["fit_rows"]]
-    lang_rows = [i for i, p in enumerate(plan["fit"]) if p.get("lang") == opts.transfer_lang]
-    nlang = [i for i, p in enumerate(plan["neutral_fit"]) if p.get("lang") == opts.transfer_lang]
+    lang_of = lambda ps, rows: [i for i, j in enumerate(rows.tolist())  # noqa: E731  (rows -> their prompt)
+                                if ps[j].get("lang") == opts.transfer_lang]
+    lang_rows = lang_of(plan["fit"], states["fit_rows"])
+    nlang = lang_of(plan["neutral_fit"], states["neutral_fit_rows"]) if plan["neutral_fit"] else []
     for l in plan["all_layers"]:
         s = f"{opts.site}.{l}"
         T, N, Bs = states[f"tuned/fit/{s}"], states.get(f"tuned/neutral_fit/{s}"), states[f"base/fit/{s}"]

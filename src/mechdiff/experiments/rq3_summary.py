@@ -132,9 +132,10 @@ def _rank_lines(lens: dict) -> list[str]:
     out = []
     for key, r in sorted(lens.items()):
         if key.startswith("rank."):
+            how = f"exactly rank {r['estimate']}: the rest is at float precision" if r["exact"] else \
+                "components above the noise edge"
             line = (f"rank of the difference at L{key[5:]}: {r['estimate']} [{r['ci_low']}, {r['ci_high']}] "
-                    f"({r['method']}; {r['n_rows']} rows; {'exactly rank ' + str(r['estimate']) + ': the rest is at '
-                     'float precision' if r['exact'] else 'components above the noise edge'})")
+                    f"({r['method']}; {r['n_rows']} rows; {how})")
             if "principal_angles_deg" in r:
                 line += f"; largest principal angle to the planted rank-{r['truth_rank']} subspace " \
                         f"{max(r['principal_angles_deg']):.2f} deg"
