@@ -179,6 +179,11 @@ def rq3_sentences(rq3: dict | None) -> list[str]:
         ctrl = (f"random basis of the same k: {_pct(rnd.get('test_share'))}; same handle at control layer "
                 f"{ctl.get('layer', 'n/a')}: {_pct(ctl.get('test_share'))}")
         where = f"{mode} ({'base' if c.get('side') == 'base' else 'tuned'} model), {h.get('kind')} handle at layer {h.get('layer')}"
+        est = h.get("estimates") or {}
+        if est.get("saturation_k") and est["saturation_k"].get("full_share") is not None:
+            sat = est["saturation_k"]
+            out.append(f"Rank-k handle, {where}: patching the whole difference there closes {_pct(sat['full_share'])}; "
+                       f"90% of that is reached at k = {sat['estimate'] if sat['estimate'] is not None else 'none tried'}.")
         if h.get("minimal_k") is not None:
             out.append(f"Rank-k handle, {where}: minimal k = {h['minimal_k']} (chosen on dev prompts, where it closes "
                        f"{_pct(c.get('dev_share'))}; target >= {_pct(thr)}) closes {_pct(c.get('test_share'))} of "
@@ -216,9 +221,13 @@ def rq4_sentences(rq4: dict | None) -> list[str]:
     n_heads = len(rq4.get("heads") or [])
     if structural:
         s = churn[structural]
-        out.append(f"Head churn at layers {rq4.get('layers')}: {_pct(s.get('share'))} of {n_heads} heads changed "
+        iv = s.get("share_interval") or {}
+        ci = f" [95% interval {_pct(iv['ci_low'])}, {_pct(iv['ci_high'])}]" if "ci_low" in iv else ""
+        fdr = f", counted at false-discovery rate {_f(s['q'], 'g')}; Storey's estimate {_pct(s.get('share_storey'))}" \
+            if "q" in s else ""
+        out.append(f"Head churn at layers {rq4.get('layers')}: {_pct(s.get('share'))}{ci} of {n_heads} heads changed "
                    f"('{structural}': patching in the other model's head moves the readout by more than the "
-                   f"noise floor {_f(floor, '.2g')} {rq4.get('unit', '')}).")
+                   f"noise floor {_f(floor, '.2g')} {rq4.get('unit', '')}{fdr}).")
     imp = importance_measure(rq4)
     if imp and imp in churn:
         c = churn[imp]
@@ -228,7 +237,9 @@ def rq4_sentences(rq4: dict | None) -> list[str]:
     for m, r in (rq4.get("planted") or {}).items():
         if m == structural:
             out.append(f"Ground truth (planted heads), by '{m}' change: {r.get('observed')} of the top-{r.get('k')} "
-                       f"heads are planted (chance {_f(r.get('expected'), '.2f')}, p = {_f(r.get('p_value'), '.2g')}).")
+                       f"heads are planted (chance {_f(r.get('expected'), '.2f')}, p = {_f(r.get('p_value'), '.2g')}"
+                       + (f"; AUROC {_f(r['auroc'], '.3f')}, estimated share {_pct(r.get('estimated_share'))} vs true "
+                          f"{_pct(r.get('true_share'))}" if "auroc" in r else "") + ").")
     return out
 
 
