@@ -31,7 +31,12 @@ from mechdiff.analyses import maps as M
 from mechdiff.analyses.map_metrics import map_metrics, rotation_drift, shuffle_control
 from mechdiff.artifacts import RunDir
 from mechdiff.errors import ConfigError
-from mechdiff.experiments.stage import Stage, Study, opt, register, run_stage
+from mechdiff.experiments.figure_data import FIG_B
+from mechdiff.experiments.results import MappedPatchResult, MapsResult, SweepControl, SweepWinner
+from mechdiff.experiments.rq2_summary import summarise_rq2, sweep_section, winner_controls, write_maps_figures
+from mechdiff.experiments.stage import Stage, Study, opt, run_stage
+from mechdiff.experiments.summaries import rq2_numbers, rq2_sentences
+from mechdiff.report.hooks import ReportHooks
 from mechdiff.experiments.steps import (capture_sides, check_layers, clean_run, fair_split, kl_to_clean,
                                         patch_measure, prompt_digest, rq1_prompt_ids, study_layers)
 from mechdiff.patching import Patch
@@ -339,12 +344,13 @@ def run_maps_stage(study: Study, opts: MapsOptions) -> None:
     _prepare(study, opts)
 
 
-def summarise_maps(study: Study, opts: MapsOptions) -> dict:
-    from mechdiff.experiments.rq2_summary import write_maps_figures
-    from mechdiff.report import write_report
+def summarise_maps(study: Study, opts: MapsOptions) -> MapsResult:
+    """The maps' figure; returns :class:`MapsResult` (the map chosen on dev)."""
     write_maps_figures(study.run)
-    write_report(study.run.path)
-    return study.run.read_json("maps.json")
+    maps = study.run.read_json("maps.json")
+    rows = maps.get("table") or []
+    return MapsResult(best=maps.get("best"), layers=sorted({r["layer"] for r in rows if not r.get("control_layer")}),
+                      control_layer=next((r["layer"] for r in rows if r.get("control_layer")), None))
 
 
 def run_mapped_patch_stage(study: Study, opts: RQ2Options) -> None:
@@ -357,20 +363,33 @@ def run_mapped_patch_stage(study: Study, opts: RQ2Options) -> None:
                          depends_on=["rq2.sweep"])
 
 
-def summarise_mapped_patch(study: Study, opts: RQ2Options) -> dict:
-    from mechdiff.experiments.rq2_summary import summarise_rq2
-    return summarise_rq2(study.run, opts)
+def summarise_mapped_patch(study: Study, opts: RQ2Options) -> MappedPatchResult:
+    """alpha_sweep.json, rq2_summary.txt, figures; returns :class:`MappedPatchResult`."""
+    out = summarise_rq2(study.run, opts)
+    w = out["winner"]
+    winner = None if not w else SweepWinner(**{k: w.get(k) for k in ("solver", "layer", "site", "alpha", "kl_raw",
+                                                                        "kl_mapped", "drop_pct", "dev_drop_pct")})
+    controls = [SweepControl(**{k: c.get(k) for k in ("control", "layer", "map_layer", "site", "kl_mapped", "drop_pct")})
+                for c in winner_controls(out["controls"], w)]
+    return MappedPatchResult(winner=winner, controls=controls, stop_conditions_met=bool(out["stop_conditions"]["met"]),
+                             measure=out["headline"]["measure"])
 
 
-MAPS = register(Stage(
+MAPS = Stage(
     name="maps", options=MapsOptions, run=run_maps_stage, summarise=summarise_maps, check=check,
+    requires=("rq1",), result=MapsResult, in_default_study=False,
+    report=ReportHooks(topic="RQ2", metrics=("maps.json",)),
     help="RQ2: fit transport maps base -> tuned and score them on held-out prompts.",
-    done_message="maps done: {path}  (maps.json, maps/, figures/)"))
-MAPPED_PATCH = register(Stage(
+    done_message="maps done: {path}  (maps.json, maps/, figures/)")
+MAPPED_PATCH = Stage(
     name="mapped-patch", options=RQ2Options, run=run_mapped_patch_stage, summarise=summarise_mapped_patch,
-    check=check, help="RQ2: mapped patching and the alpha-sweep (solvers compared; chosen on dev, reported "
+    check=check, requires=("rq1", "maps"), result=MappedPatchResult,
+    report=ReportHooks(topic="RQ2", sentences=rq2_sentences, figures=(FIG_B,), section=sweep_section,
+                       numbers=rq2_numbers, metrics=("rq2.json", "alpha_sweep.json")),
+    help="RQ2: mapped patching and the alpha-sweep (solvers compared; chosen on dev, reported "
                                  "on test), side effects, controls, stop conditions.",
-    done_message="mapped patching done: {path}  (alpha_sweep.json, rq2_summary.txt, figures/)"))
+    done_message="mapped patching done: {path}  (alpha_sweep.json, rq2_summary.txt, figures/)")
+STAGES = (MAPS, MAPPED_PATCH)
 
 
 def run_maps(pair, opts: MapsOptions, out=None, device=None, dtype=None, models=None, **common) -> RunDir:

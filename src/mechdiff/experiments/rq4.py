@@ -41,7 +41,11 @@ import torch
 from mechdiff.analyses.attribution import Target, first_token, grad_x_act, integrated_gradients
 from mechdiff.analyses.heads import change_score, patches, rank
 from mechdiff.errors import ConfigError, DataError
-from mechdiff.experiments.stage import SIDES, Stage, Study, opt, register
+from mechdiff.experiments.figure_data import FIG_D
+from mechdiff.experiments.results import HeadsResult
+from mechdiff.experiments.stage import SIDES, Stage, Study, opt
+from mechdiff.experiments.summaries import rq4_numbers, rq4_sentences
+from mechdiff.report.hooks import ReportHooks
 from mechdiff.experiments.steps import (check_layers, clean_run, patch_measure, prompt_digest, select_prompts,
                                         study_layers)
 
@@ -338,13 +342,12 @@ def run(study: Study, opts: RQ4Options) -> None:
                  depends_on=["rq4.targets"], info={**base, "path": opts.path})
 
 
-def summarise(study: Study, opts: RQ4Options) -> dict:
+def summarise(study: Study, opts: RQ4Options) -> HeadsResult:
     """rq4.json (every head's scores in both models, churn, overlap, cumulative curves, planted-head
     recovery for planted pairs), rq4_summary.txt and the figures, from the step outputs."""
     from mechdiff.analyses.heads import cumulative_curves, summarise_heads
     from mechdiff.atomic import atomic_write_text
     from mechdiff.plots import plot_churn_bars, plot_cumulative_topk, plot_head_hist
-    from mechdiff.report import write_report
     run = study.run
     layers, unit = run.steps()["rq4.states"]["info"]["layers"], targets(study, opts)["base"].unit
     thr = opts.abs_threshold if opts.abs_threshold is not None else (5.0 if unit == "points" else 0.5)
@@ -394,12 +397,16 @@ def summarise(study: Study, opts: RQ4Options) -> dict:
     lines = [f"RQ4 structure change: {study.pair.name}"] + [f"  {k}: {v}" for k, v in headline.items()]
     lines += [f"  cumulative {k}: " + " ".join(f"{x:.3g}" for x in v["mean"]) for k, v in curves.items()]
     atomic_write_text(run.file("rq4_summary.txt"), "\n".join(lines) + "\n")
-    write_report(run.path)
-    return out
+    return HeadsResult(layers=list(layers), unit=unit, noise_floor=floor, structural=structural,
+                       changed_share=churn[structural]["share"] if structural else None, importance=imp,
+                       importance_churn=c.get("churn"), topk_jaccard=c.get("topk_jaccard"))
 
 
-STAGE = register(Stage(
-    name="heads", options=RQ4Options, run=run, summarise=summarise, check=check,
+STAGE = Stage(
+    name="heads", options=RQ4Options, run=run, summarise=summarise, check=check, requires=("rq1",),
+    result=HeadsResult, report=ReportHooks(topic="RQ4", sentences=rq4_sentences, figures=(FIG_D,),
+                                           numbers=rq4_numbers),
     help="RQ4: per-head ablation, cross-model head patching and attribution in both models; churn, "
          "top-k overlap, cumulative top-k effect.",
-    done_message="RQ4 done: {path}  (rq4.json, rq4_summary.txt, figures/)"))
+    done_message="RQ4 done: {path}  (rq4.json, rq4_summary.txt, figures/)")
+STAGES = (STAGE,)
