@@ -31,6 +31,10 @@ from mechdiff.patching import Patch, PatchEngine, patch_kl
 from mechdiff.progress import warn
 from mechdiff.report.hooks import ReportHooks
 from mechdiff.sites.names import Site, sites_at
+from mechdiff.sites.names import SITE_NAMES
+from mechdiff.sites.hooks import record
+from mechdiff.analyses.behaviour import behaviour_delta, behaviour_table
+from mechdiff.data.datasets import load_prompt_set
 
 STATES = "tensors/rq1_states.safetensors"
 DIRECTIONS = ("base->tuned", "tuned->base")
@@ -68,7 +72,6 @@ def check(opts: RQ1Options, n_layers: int) -> None:
         raise ConfigError(f"--measure/--readouts: unknown readout(s) {bad}; use decision or last")
     if opts.n_prompts < 4:
         raise ConfigError(f"--n-prompts must be >= 4 (debiased CKA needs n > 3), got {opts.n_prompts}")
-    from mechdiff.sites.names import SITE_NAMES
     if opts.site not in SITE_NAMES or opts.site.startswith("head"):
         raise ConfigError(f"--site: unknown site {opts.site!r}; use resid_post, resid_pre, attn_out or mlp_out")
 
@@ -217,7 +220,6 @@ def _patch_step(study: Study, prompts, opts: RQ1Options) -> None:
 
 def _all_positions(study: Study, prompts, layers, opts) -> dict:
     """Patch every position (needs identical tokenisation on both sides); base->tuned only."""
-    from mechdiff.sites.hooks import record
     base, tuned = study.base, study.tuned
     bb, bt = encode(base.tokenizer, prompts), encode(tuned.tokenizer, prompts)
     if bb.input_ids.shape != bt.input_ids.shape or not torch.equal(bb.input_ids, bt.input_ids):
@@ -233,8 +235,6 @@ def _all_positions(study: Study, prompts, layers, opts) -> dict:
 
 
 def _behaviour_step(study: Study, prompts, opts: RQ1Options) -> None:
-    from mechdiff.analyses.behaviour import behaviour_delta, behaviour_table
-    from mechdiff.data.datasets import load_prompt_set
     n = opts.behaviour_n
     sets = {"target": prompts[:n], "refusal_probe": load_prompt_set("refusal_probe")[:n],
             "mc": load_prompt_set("mc")[:n]}

@@ -8,6 +8,8 @@ from mechdiff.experiments.results import ChosenLayer, Rq1Result
 from mechdiff.models.load import LoadedModel
 from mechdiff.pairs import Pair
 from mechdiff.plots import plot_cka_curve, plot_cka_matrix, plot_patch_kl
+from mechdiff.models.planted import ground_truth
+from mechdiff.analyses.resample import delete_group_jackknife
 
 
 def planted_layers(pair: Pair) -> list[int] | None:
@@ -15,13 +17,11 @@ def planted_layers(pair: Pair) -> list[int] | None:
     planted = pair.base.planted if hasattr(pair.base, "planted") else None
     if not planted:
         return None
-    from mechdiff.models.planted import ground_truth
     return list(ground_truth(planted[0]).get("layers") or []) or None
 
 
 def _mean_se(values: torch.Tensor, groups: list[int] | None) -> tuple[float, float]:
     """Mean over prompts and its delete-one-cluster jackknife SE (whole topic groups are dropped)."""
-    from mechdiff.analyses.resample import delete_group_jackknife
     v = values.double()
     if v.numel() < 2:
         return float(v.mean()), float("nan")
@@ -44,7 +44,6 @@ def choose_layers(patch: dict | None, cka: dict, n_layers: int, control: int | N
     similar layer in the first half, never a chosen one.
     """
     if patch:
-        import torch
         layers = patch["layers"]
         dirs = list(patch["directions"].values())
         per_prompt = torch.tensor([d["per_prompt_masked"] for d in dirs], dtype=torch.float64).mean(0)  # [L, N]

@@ -32,8 +32,8 @@ from mechdiff.analyses.map_metrics import map_metrics, rotation_drift, shuffle_c
 from mechdiff.artifacts import RunDir
 from mechdiff.errors import ConfigError
 from mechdiff.experiments.figure_data import FIG_B
-from mechdiff.experiments.results import MappedPatchResult, MapsResult, SweepControl, SweepWinner
-from mechdiff.experiments.rq2_summary import summarise_rq2, sweep_section, winner_controls, write_maps_figures
+from mechdiff.experiments.results import MappedPatchResult, MapsResult
+from mechdiff.experiments.rq2_summary import mapped_patch_result, summarise_rq2, sweep_section, write_maps_figures
 from mechdiff.experiments.stage import Stage, Study, opt, run_stage
 from mechdiff.experiments.summaries import rq2_numbers, rq2_sentences
 from mechdiff.report.hooks import ReportHooks
@@ -41,6 +41,11 @@ from mechdiff.experiments.steps import (capture_sides, check_layers, clean_run, 
                                         patch_measure, prompt_digest, rq1_prompt_ids, study_layers)
 from mechdiff.patching import Patch
 from mechdiff.sites.names import Site
+from mechdiff.sites.names import SITE_NAMES
+from mechdiff.data.datasets import load_prompt_set
+from mechdiff.experiments.rq2_summary import sweep_table
+from mechdiff.analyses.behaviour.mc import mc_prompt
+from mechdiff.analyses.behaviour.side_effects import mc_effects, refusal_rates
 
 STATES = "tensors/rq2_states.safetensors"
 SOLVERS = tuple(M.SOLVERS)
@@ -83,7 +88,6 @@ class RQ2Options(MapsOptions):
 
 def check(opts: MapsOptions, n_layers: int) -> None:
     """Everything checkable before model work: layer ranges, solvers, sites, counts, alphas."""
-    from mechdiff.sites.names import SITE_NAMES
     check_layers(n_layers, layers=opts.layers, control_layer=opts.control_layer)
     bad = [s for s in opts.solvers if s not in M.SOLVERS]
     if len(set(opts.solvers)) != len(opts.solvers):
@@ -278,10 +282,6 @@ def _sweep_step(study: Study, val, n_dev: int, states, layers, control, opts: RQ
 def _side_step(study: Study, states, opts: RQ2Options) -> None:
     """Side effects of the dev-chosen alpha of each (solver, layer, site): refusal on the harmful half of
     the refusal probe (where a refusal can be lost; the clean rate is recorded beside), MC on the MC set."""
-    from mechdiff.data.datasets import load_prompt_set
-    from mechdiff.experiments.rq2_summary import sweep_table
-    from mechdiff.analyses.behaviour.mc import mc_prompt
-    from mechdiff.analyses.behaviour.side_effects import mc_effects, refusal_rates
     table = sweep_table(study.run.read_json("variants.json"))
     refusal = [p for p in load_prompt_set("refusal_probe") if p.get("category") == "harmful"][: opts.side_n]
     mc = load_prompt_set("mc")[: opts.side_n]
@@ -365,14 +365,7 @@ def run_mapped_patch_stage(study: Study, opts: RQ2Options) -> None:
 
 def summarise_mapped_patch(study: Study, opts: RQ2Options) -> MappedPatchResult:
     """alpha_sweep.json, rq2_summary.txt, figures; returns :class:`MappedPatchResult`."""
-    out = summarise_rq2(study.run, opts)
-    w = out["winner"]
-    winner = None if not w else SweepWinner(**{k: w.get(k) for k in ("solver", "layer", "site", "alpha", "kl_raw",
-                                                                        "kl_mapped", "drop_pct", "dev_drop_pct")})
-    controls = [SweepControl(**{k: c.get(k) for k in ("control", "layer", "map_layer", "site", "kl_mapped", "drop_pct")})
-                for c in winner_controls(out["controls"], w)]
-    return MappedPatchResult(winner=winner, controls=controls, stop_conditions_met=bool(out["stop_conditions"]["met"]),
-                             measure=out["headline"]["measure"])
+    return mapped_patch_result(summarise_rq2(study.run, opts))
 
 
 MAPS = Stage(

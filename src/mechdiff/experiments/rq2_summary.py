@@ -7,6 +7,7 @@ from pathlib import Path
 
 from mechdiff.artifacts import RunDir
 from mechdiff.atomic import atomic_write_text
+from mechdiff.experiments.results import MappedPatchResult, SweepControl, SweepWinner
 from mechdiff.plots import plot_drop_heatmap, plot_map_quality
 from mechdiff.report.render import load
 
@@ -80,6 +81,17 @@ def winner_controls(controls: list[dict], w: dict | None) -> list[dict]:
     """The bogus and shuffle controls of the winner's own map (its solver, site and map layer)."""
     return [c for c in controls if w and c["control"] in ("bogus", "shuffle") and c.get("solver") == w.get("solver")
             and c["site"] == w["site"] and c.get("map_layer", w["layer"]) == w["layer"]]
+
+
+def mapped_patch_result(out: dict) -> MappedPatchResult:
+    """mapped-patch's typed result from the alpha_sweep.json it wrote: the winner and its controls."""
+    w = out["winner"]
+    winner = None if not w else SweepWinner(**{k: w.get(k) for k in ("solver", "layer", "site", "alpha", "kl_raw",
+                                                                        "kl_mapped", "drop_pct", "dev_drop_pct")})
+    controls = [SweepControl(**{k: c.get(k) for k in ("control", "layer", "map_layer", "site", "kl_mapped", "drop_pct")})
+                for c in winner_controls(out["controls"], w)]
+    return MappedPatchResult(winner=winner, controls=controls, stop_conditions_met=bool(out["stop_conditions"]["met"]),
+                             measure=out["headline"]["measure"])
 
 
 def stop_conditions(t: dict, side: list[dict] | None) -> dict:

@@ -46,6 +46,8 @@ from mechdiff.experiments.summaries import rq3_numbers, rq3_sentences
 from mechdiff.report.hooks import ReportHooks
 from mechdiff.experiments.steps import (capture_sides, check_layers, clean_run, cluster_split, fair_split,  # noqa: F401
                                         kl_and_gap, patch_measure, prompt_digest, study_layers)
+from mechdiff.data.datasets import load_prompt_set
+from mechdiff.experiments.common import load_dataset_ref
 
 KINDS, SIDE_OF = ("diff", "contrast"), {"steer": "base", "add": "base", "ablate": "tuned"}
 OTHER = {"base": "tuned", "tuned": "base"}
@@ -114,8 +116,6 @@ def check(opts: RQ3Options, n_layers: int) -> None:
 
 # ------------------------------------------------------------------------------------- plan
 def _plan(study: Study, opts: RQ3Options) -> dict:
-    from mechdiff.data.datasets import load_prompt_set
-    from mechdiff.experiments.common import load_dataset_ref
     layers, control = study_layers(study, opts.layers, opts.control_layer)
     fit, dev, test = fair_split(study, [opts.n_fit, opts.n_dev, opts.n_test], opts.min_shared_ratio, study.seed)
     ref = study.pair.datasets.get("neutral")
