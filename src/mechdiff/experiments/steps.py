@@ -194,6 +194,9 @@ def study_layers(study, layers: Sequence[int] | None = None, control: int | None
     against the shallower model."""
     n = study.n_layers
     rq1 = load_result(study.run, Rq1Result)
+    if rq1 is None and study.run.exists("rq1.json"):
+        warn("this run directory's RQ1 was written by an older mechdiff (no results/rq1.json): its layers are "
+             "not used; rerun `mechdiff rq1` into it (finished steps are reused) to use them")
     if not layers:
         layers = (rq1.chosen_layers if rq1 else None) or [l for l in (study.pair.layers or []) if l < n] or \
             sorted({round(0.75 * (n - 1)), round(0.82 * (n - 1))})
