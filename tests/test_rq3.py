@@ -129,7 +129,7 @@ def test_saved_handle_loads_and_applies_in_two_lines(cultural, planted_cultural)
     """The saved ablation handle, applied in two lines at the decision token with the base's state on
     each prompt as its reference (what the sweep does), reproduces the sweep's per-prompt
     KL(base || tuned patched) for its cell on the test prompts."""
-    from mechdiff.analyses.kl import kl_shared
+    from mechdiff.patching.kl import kl_shared
     from mechdiff.analyses.steering import Handle
     from mechdiff.artifacts import RunDir
     from mechdiff.data.datasets import load_prompt_set

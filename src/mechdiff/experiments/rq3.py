@@ -37,15 +37,20 @@ import torch
 from mechdiff.analyses import rank as RK
 from mechdiff.analyses import readouts as R
 from mechdiff.analyses import steering as S
-from mechdiff.analyses.kl import kl_shared
+from mechdiff.patching.kl import kl_shared
 from mechdiff.errors import ConfigError, NumericsError
-from mechdiff.experiments.stage import Stage, Study, opt, register
+from mechdiff.experiments.figure_data import FIG_C
+from mechdiff.experiments.results import SteerResult
+from mechdiff.experiments.rq3_summary import BASES, STATES, SWEEP, handle_of, summarise
+from mechdiff.experiments.stage import Stage, Study, opt
+from mechdiff.experiments.summaries import rq3_numbers, rq3_sentences
+from mechdiff.report.hooks import ReportHooks
 from mechdiff.experiments.steps import (capture_sides, check_layers, clean_run, cluster_split, fair_split,  # noqa: F401
                                         group_ids, kl_and_gap, patch_measure, prompt_digest, study_layers)
+from mechdiff.data.datasets import load_prompt_set
+from mechdiff.experiments.common import load_dataset_ref
 from mechdiff.patching import Patch
 
-STATES, BASES = "tensors/rq3_states.safetensors", "tensors/rq3_bases.safetensors"
-SWEEP = "tensors/rq3_sweep.safetensors"
 KINDS, SIDE_OF = ("diff", "contrast"), {"steer": "base", "add": "base", "ablate": "tuned", "map": "base"}
 OTHER = {"base": "tuned", "tuned": "base"}
 
@@ -116,8 +121,6 @@ def check(opts: RQ3Options, n_layers: int) -> None:
 
 # ------------------------------------------------------------------------------------- plan
 def _plan(study: Study, opts: RQ3Options) -> dict:
-    from mechdiff.data.datasets import load_prompt_set
-    from mechdiff.experiments.common import load_dataset_ref
     layers, control = study_layers(study, opts.layers, opts.control_layer)
     fit, dev, test = fair_split(study, [opts.n_fit, opts.n_dev, opts.n_test], opts.min_shared_ratio, study.seed)
     ref = study.pair.datasets.get("neutral")
@@ -269,17 +272,6 @@ def handle_keys(bases: dict) -> list[str]:
     return sorted(k for k in bases if k.split(".")[0].split("@")[0] in KINDS + ("random",))
 
 
-def handle_of(cell: dict, bases: dict, site: str) -> S.Handle:
-    """The :class:`~mechdiff.analyses.steering.Handle` of one cell (its basis cut to the cell's k; an
-    ablation's reference: the base's mean state there; a map handle's map at the cell's layer)."""
-    key = f"{cell['kind']}{'@' + cell['fit_lang'] if cell['fit_lang'] else ''}.{cell['basis_layer']}"
-    at, k, mode = cell["layer"], cell["k"], cell["mode"]
-    return S.Handle(at, site, bases[key][:, :k], mode=mode, alpha=cell["alpha"], scale=float(bases[f"scale.{at}"]),
-                    reference=bases.get(f"mean.base.{at}") if mode == "ablate" else None,
-                    matrix=bases.get(f"mapA.{key}@{at}.k{k}") if mode == "map" else None,
-                    offset=bases.get(f"mapc.{key}@{at}.k{k}") if mode == "map" else None)
-
-
 def _variants(cells, bases, opts, states: dict | None = None) -> list:
     """Engine variants of ``cells``. With the dev + test ``states``: an ablation moves the subspace
     component to the other model's state on the same prompt, and ``full`` cells patch the other
@@ -385,12 +377,19 @@ def run_rq3(study: Study, opts: RQ3Options) -> None:
                                                    "side": prompt_digest(plan["neutral"] + plan["mc"])})
 
 
-def summarise_rq3(study: Study, opts: RQ3Options) -> dict:
-    from mechdiff.experiments.rq3_summary import summarise
-    return summarise(study, opts)
+def summarise_rq3(study: Study, opts: RQ3Options) -> SteerResult:
+    """rq3.json, rq3_summary.txt, handles/, the figure; returns :class:`SteerResult`."""
+    out = summarise(study, opts)
+    res, prompts = out["result"], study.run.read_json("rq3_prompts.json")
+    text = res.get("text")
+    return SteerResult(status=res["status"], minimal_k=res["minimal_k"], layers=list(prompts["layers"]),
+                       control_layer=prompts["control_layer"], text=[text] if isinstance(text, str) else list(text or []))
 
 
-STAGE = register(Stage(
+REPORT = ReportHooks(topic="RQ3", sentences=rq3_sentences, figures=(FIG_C,), numbers=rq3_numbers)
+STAGE = Stage(
     name="steer", options=RQ3Options, run=run_rq3, summarise=summarise_rq3, check=check,
+    requires=("rq1",), result=SteerResult, report=REPORT,
     help="RQ3: rank-k steering (base) and ablation (tuned) handles, minimal k, side effects, controls, transfer.",
-    done_message="RQ3 done: {path}  (rq3.json, rq3_summary.txt, handles/, figures/steer_vs_k.png)"))
+    done_message="RQ3 done: {path}  (rq3.json, rq3_summary.txt, handles/, figures/steer_vs_k.png)")
+STAGES = (STAGE,)

@@ -39,12 +39,23 @@ from dataclasses import dataclass
 import torch
 
 from mechdiff.analyses.attribution import Target, first_token, grad_x_act, integrated_gradients
-from mechdiff.analyses.heads import change_score, patches, rank
-from mechdiff.analyses.intervals import fmt
+from mechdiff.analyses.heads import change_score, cumulative_curves, patches, rank, summarise_heads
 from mechdiff.errors import ConfigError, DataError
-from mechdiff.experiments.stage import SIDES, Stage, Study, opt, register
+from mechdiff.experiments.figure_data import FIG_D
+from mechdiff.experiments.results import HeadsResult
+from mechdiff.experiments.stage import SIDES, Stage, Study, opt
+from mechdiff.experiments.summaries import rq4_numbers, rq4_sentences
+from mechdiff.report.hooks import ReportHooks
 from mechdiff.experiments.steps import (check_layers, clean_run, group_ids, patch_measure, prompt_digest,
                                         select_prompts, study_layers)
+from mechdiff.analyses.path_patching import parse_receiver, path_patch
+from mechdiff.fairness import mask_logits
+from mechdiff.analyses.behaviour import soft_refusal
+from mechdiff.data.prompts import encode
+from mechdiff.sites.hooks import intervene, record, replace_at
+from mechdiff.atomic import atomic_write_text
+from mechdiff.experiments.rq4_summary import headline_of, noise_floor, write_figures
+from mechdiff.models.planted import ground_truth
 
 TARGETS = ("top", "answer", "continuation", "refusal")
 ABLATIONS, SWAPS = ("zero", "mean"), ("swap", "own")
@@ -117,7 +128,6 @@ def check(opts: RQ4Options, n_layers: int | None) -> None:
 
 def parse_path(spec: str, n_layers: int | None) -> tuple[int, int, str]:
     """``"22.3:logits"`` -> ``(22, 3, "logits")`` (receiver checked against the sender)."""
-    from mechdiff.analyses.path_patching import parse_receiver
     try:
         sender, receiver = spec.split(":")
         layer, head = (int(x) for x in sender.split("."))
@@ -135,7 +145,6 @@ def _targets_step(study: Study, prompts, opts: RQ4Options) -> None:
     """Readout token ids per prompt and side (``[N]``, ``[N, 2]`` for refusal), all in the shared
     vocabulary; ``top``: the base model's clean top shared token at the measured position."""
     if opts.target == "top":          # the clean run of the engines that measure the ablations
-        from mechdiff.fairness import mask_logits
         logits, _ = clean_run(study.base, prompts, batch_size=study.batch_size, measure=opts.measure)
         a = mask_logits(logits, study.allowed_ids("base")).argmax(-1)
         ids = {"base": a, "tuned": torch.tensor([study.vocab.a_to_b[int(x)] for x in a])}
@@ -152,7 +161,6 @@ def _targets_step(study: Study, prompts, opts: RQ4Options) -> None:
 
 def _text_ids(tok, prompts, target: str) -> torch.Tensor:
     if target == "refusal":           # the first tokens of soft_refusal's refusal / neutral replies
-        from mechdiff.analyses.behaviour import soft_refusal
         d = inspect.signature(soft_refusal).parameters
         return torch.tensor([[first_token(tok, d["refusal"].default), first_token(tok, d["neutral"].default)]]
                             * len(prompts))
@@ -178,8 +186,6 @@ def _states_step(study: Study, prompts, layers, swaps) -> None:
     [N, H, d] and ``additive`` (attn_out = sum of head_out + a constant); with "own" ``own_z`` /
     ``own_out``: the other model's heads run on this side's residual stream (only when both
     tokenisations are identical). Metadata ``swaps``: the swaps these states support."""
-    from mechdiff.data.prompts import encode
-    from mechdiff.sites.hooks import intervene, record, replace_at
     names = ["head_z"] + (["head_out", "attn_out"] if swaps else [])
     acc: dict[str, list] = {}
     own = "own" in swaps
@@ -299,7 +305,6 @@ def _cumulative_step(study: Study, prompts, layers, opts: RQ4Options) -> None:
 
 
 def _path_step(study: Study, prompts, opts: RQ4Options) -> None:
-    from mechdiff.analyses.path_patching import path_patch
     tg, rows = targets(study, opts), []
     for spec in opts.path:
         layer, head, receiver = parse_path(spec, study.n_layers)
@@ -325,8 +330,7 @@ def run(study: Study, opts: RQ4Options) -> None:
     """The RQ4 steps (finished ones are skipped on resume)."""
     layers = default_layers(study, opts)
     prompts = select_prompts(study, opts.n_prompts, opts.min_shared_ratio, seed=study.seed)
-    study.run.write_json("rq4_prompts.json", {"ids": [p["id"] for p in prompts],
-                                              "groups": group_ids(prompts).tolist()})
+    study.run.write_json("rq4_prompts.json", {"ids": [p["id"] for p in prompts], "groups": group_ids(prompts).tolist()})
     if len(prompts) < 2:
         raise DataError(f"only {len(prompts)} prompt(s) pass the shared-vocabulary filter at "
                         f"--min-shared-ratio {opts.min_shared_ratio}; lower it or give more prompts")
@@ -352,72 +356,28 @@ def run(study: Study, opts: RQ4Options) -> None:
                  depends_on=["rq4.targets"], info={**base, "path": opts.path})
 
 
-def summarise(study: Study, opts: RQ4Options) -> dict:
+def summarise(study: Study, opts: RQ4Options) -> HeadsResult:
     """rq4.json (every head's scores in both models, churn, overlap, cumulative curves, planted-head
     recovery for planted pairs), rq4_summary.txt and the figures, from the step outputs."""
-    from mechdiff.analyses.heads import cumulative_curves, summarise_heads
-    from mechdiff.atomic import atomic_write_text
-    from mechdiff.plots import plot_churn_bars, plot_cumulative_topk, plot_head_hist
-    from mechdiff.report import write_report
     run = study.run
-    layers, unit = run.steps()["rq4.states"]["info"]["layers"], targets(study, opts)["base"].unit
+    layers, unit = default_layers(study, opts), targets(study, opts)["base"].unit
     thr = opts.abs_threshold if opts.abs_threshold is not None else (5.0 if unit == "points" else 0.5)
     abl = run.read_tensors(ABLATION)
-    clean = max(float(abl[f"{s}.clean"].abs().mean()) for s in SIDES)
-    floor = max(3 * max(float(abl[f"{s}.noise"].abs().mean(-1).max()) for s in SIDES), 1e-5 * (1 + clean))
-    noise = torch.cat([abl[f"{s}.noise"].abs().flatten() for s in SIDES])
-    p0 = (1 + int((noise > floor).sum())) / (1 + noise.numel())     # noise passes the floor on a prompt
+    floor, p0 = noise_floor(abl)
     per = {k: scores(study, k) for k in measured_kinds(study, opts)}
     if opts.attribution != "none":
         per["attribution"] = scores(study, "attribution")
-    planted, truth = getattr(study.pair.base, "planted", None), None
-    if planted:
-        from mechdiff.models.planted import ground_truth
-        truth = ground_truth(planted[0]).get("heads")
+    truth = ground_truth(planted[0]).get("heads") if (planted := getattr(study.pair.base, "planted", None)) else None
     groups = run.read_json("rq4_prompts.json")["groups"] if run.exists("rq4_prompts.json") else None
     s = summarise_heads(per, layers, z_threshold=opts.z_threshold, abs_threshold=thr, k=opts.top_k, planted=truth,
                         floors={m: 0.0 if m == "attribution" else floor for m in per}, groups=groups, q=opts.fdr, p0=p0)
     curves = cumulative_curves(run.read_tensors(CUMUL), json.loads(run.read_tensor_metadata(CUMUL)["orders"]))
     imp, churn = opts.importance, s["churn"]
     structural = next((m for m in ("own", "swap") if m in churn), None)
-    headline = {"layers": layers, "prompts": int(abl["base.clean"].shape[0]),
-                "readout": f"{opts.target} ({unit}, {opts.measure} token)", "noise floor": floor}
-    if structural:
-        ch = churn[structural]
-        headline[f"changed heads ({structural}: own change moves the readout)"] = ch["share"]
-        if "share_interval" in ch:
-            headline[f"changed heads ({structural}), BH at FDR {ch['q']:g}"] = \
-                f"{ch['n_changed']} of {ch['n_heads']} = {fmt(ch['share_interval'], '{:.1%}')}"
-            headline[f"changed heads ({structural}), Storey share"] = fmt(ch["storey_interval"], "{:.1%}")
-        other = churn.get("swap") if structural == "own" else None
-        if other and "share_interval" in other:
-            headline["changed heads (swap: input-driven, beside)"] = fmt(other["share_interval"], "{:.1%}")
+    headline = headline_of(s, layers, int(abl["base.clean"].shape[0]), f"{opts.target} ({unit}, {opts.measure} token)",
+                           floor, imp, structural)
     c = churn.get(imp) or {}
-    if c:     # (absent when the models' head counts differ)
-        headline.update({f"importance churn ({imp})": c["churn"], f"important heads base / tuned ({imp})":
-                         f"{c['share_important_base']:.1%} / {c['share_important_tuned']:.1%}",
-                         f"top-{c['k']} Jaccard ({imp})": c["topk_jaccard"], f"Spearman ({imp})": c["spearman"]})
-    for key, iv in (c.get("intervals") or {}).items():
-        headline[f"{key} ({imp}) 95% interval"] = fmt(iv)
-    for m, r in s["planted"].items():
-        headline[f"planted heads in top-{r['k']} by {m} change"] = \
-            f"{r['observed']} (chance {r['expected']:.2f}, p = {r['p_value']:.2g})"
-        headline[f"planted-head recovery by {m}"] = (
-            f"AUROC {r['auroc']:.3f} (chance 0.5), precision at the true count {r['precision_at_true_count']:.2f} "
-            f"(chance {r['precision_chance']:.2f})" + (f", estimated share {r['estimated_share']:.1%} vs true "
-                                                        f"{r['true_share']:.1%}" if "estimated_share" in r else ""))
-    lab = "attribution" if imp == "attribution" else f"{imp}-ablation effect"
-    plot_head_hist({l: {sd: per[imp][sd][i].mean(-1) for sd in SIDES} for i, l in enumerate(layers)},
-                   run.figure("head_importance.png"), xlabel=f"{lab} ({unit})")
-    if churn:
-        plot_churn_bars(layers, {m: r.get("churn_per_layer", r.get("share_per_layer")) for m, r in churn.items()},
-                        {m: r.get("churn", r.get("share")) for m, r in churn.items()}, run.figure("head_churn.png"))
-    plot_cumulative_topk({k: (list(range(1, len(v["mean"]) + 1)), v["mean"], v["sd"]) for k, v in curves.items()},
-                         run.figure("head_cumulative.png"), ylabel=f"effect on the readout ({unit})",
-                         reference={f"{k}: every head": v["all_heads"] for k, v in curves.items() if "all_heads" in v})
-    figures = {"head_importance.png": f"head importance ({lab}) per layer, both models",
-               "head_churn.png": "per layer: importance-label churn per measurement; swap/own: share of changed heads",
-               "head_cumulative.png": "top-k heads zeroed (own ranking) / patched from the other model, k = 1..K"}
+    figures = write_figures(run, per, layers, churn, curves, imp, unit)
     out = {"title": "RQ4 — structure change (attention heads)", "headline": headline,
            "layers": layers, "unit": unit, "thresholds": {"z": opts.z_threshold, "abs": thr, "floor": floor},
            **s, "cumulative": curves, "figures": figures}
@@ -425,12 +385,16 @@ def summarise(study: Study, opts: RQ4Options) -> dict:
     lines = [f"RQ4 structure change: {study.pair.name}"] + [f"  {k}: {v}" for k, v in headline.items()]
     lines += [f"  cumulative {k}: " + " ".join(f"{x:.3g}" for x in v["mean"]) for k, v in curves.items()]
     atomic_write_text(run.file("rq4_summary.txt"), "\n".join(lines) + "\n")
-    write_report(run.path)
-    return out
+    return HeadsResult(layers=list(layers), unit=unit, noise_floor=floor, structural=structural,
+                       changed_share=churn[structural]["share"] if structural else None, importance=imp,
+                       importance_churn=c.get("churn"), topk_jaccard=c.get("topk_jaccard"))
 
 
-STAGE = register(Stage(
-    name="heads", options=RQ4Options, run=run, summarise=summarise, check=check,
+STAGE = Stage(
+    name="heads", options=RQ4Options, run=run, summarise=summarise, check=check, requires=("rq1",),
+    result=HeadsResult, report=ReportHooks(topic="RQ4", sentences=rq4_sentences, figures=(FIG_D,),
+                                           numbers=rq4_numbers),
     help="RQ4: per-head ablation, cross-model head patching and attribution in both models; churn, "
          "top-k overlap, cumulative top-k effect.",
-    done_message="RQ4 done: {path}  (rq4.json, rq4_summary.txt, figures/)"))
+    done_message="RQ4 done: {path}  (rq4.json, rq4_summary.txt, figures/)")
+STAGES = (STAGE,)
