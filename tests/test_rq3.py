@@ -209,3 +209,34 @@ def test_minimal_k_and_layer_are_chosen_on_dev_and_reported_on_test():
     h = _headline(rows, "ablate", [5, 7], 9, 0.1)
     assert (h["layer"], h["minimal_k"]) == (5, 2) and h["cell"]["test_share"] == 0.05
     assert h["k_saturation"] == 3 and h["random"]["kind"] == "random"
+
+
+def test_cells_analyse_an_exactly_low_rank_layer_up_to_its_rank():
+    """A diff basis with 2 columns (the difference is exactly rank 2) is analysed at k = 1, 2 (not
+    dropped); ablation never uses alpha > 1; the map mode appears where its map was fitted; the whole
+    difference is one cell per side; the saturation estimate is taken against it."""
+    from mechdiff.experiments.rq3 import RQ3Options, _cells
+    from mechdiff.experiments.rq3_summary import estimates
+    opts = RQ3Options(**dict(SMALL, transfer_lang=None))
+    bases = {"diff.24": torch.eye(8)[:, :2], "random.24": torch.eye(8)[:, 3:6], "scale.24": torch.ones(1),
+             **{f"mapA.diff.24@24.k{k}": torch.eye(k) for k in (1, 2)}}
+    cells = _cells({"layers": [24], "control": 8}, opts, bases, True)
+    at24 = [c for c in cells if c["layer"] == 24]
+    assert {c["k"] for c in at24 if c["kind"] == "diff"} == {1, 2}
+    assert {c["k"] for c in at24 if c["kind"] == "random"} == {1, 2, 3}
+    assert all(c["alpha"] <= 1 for c in cells if c["mode"] == "ablate")
+    assert {c["mode"] for c in at24 if c["kind"] == "diff"} == {"steer", "add", "ablate", "map"}
+    assert not [c for c in cells if c["layer"] == 8 and c["mode"] == "map"]          # no map fitted there
+    assert sorted(c["side"] for c in cells if c["kind"] == "full") == ["base", "tuned"]
+    # saturation against the whole difference: shares 0.5, 0.95 at k = 1, 2; the whole closes 1.0
+    n = 12
+    gap = torch.ones(n)
+    rows = [{"layer": 24, "basis_layer": 24, "kind": "diff", "fit_lang": None, "mode": "ablate", "k": k, "alpha": 1.0,
+             "side": "tuned", "within": True, "sweep_index": i} for i, k in enumerate((1, 2))]
+    rows.append({"layer": 24, "basis_layer": 24, "kind": "full", "fit_lang": None, "mode": "patch_tuned", "k": None,
+                 "alpha": 1.0, "side": "tuned", "within": None, "sweep_index": 2})
+    sweep = {"tuned/kl": torch.stack([0.5 * gap, 0.05 * gap, 0 * gap]), "tuned/gap": gap}
+    h = {"cell": {**rows[0], "test_share": 0.5}, "curve": rows[:2], "layer": 24, "kind": "diff", "mode": "ablate"}
+    est = estimates(h, rows, sweep, {"n_dev": 4, "eval_groups": list(range(n))}, opts)
+    assert est["saturation_k"]["estimate"] == 2 and est["saturation_k"]["full_share"] == 1.0
+    assert est["minimal_k"]["estimate"] == 1 and est["test_share"]["estimate"] == pytest.approx(0.5)
