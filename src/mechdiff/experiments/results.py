@@ -204,6 +204,7 @@ class SteerResult:
     layers: list[int]
     control_layer: int | None
     text: list[str] = field(default_factory=list)
+    rank: dict[str, Any] = field(default_factory=dict)      # layer -> {estimate, ci_low, ci_high, exact}
 
 
 @dataclass
@@ -219,3 +220,5 @@ class HeadsResult:
     importance: str
     importance_churn: float | None
     topk_jaccard: float | None
+    changed_ci: list[float] | None = None     # changed_share's 95% interval (topic groups)
+    changed_share_storey: float | None = None

@@ -47,14 +47,14 @@ from mechdiff.experiments.stage import SIDES, Stage, Study, opt
 from mechdiff.experiments.summaries import rq4_numbers, rq4_sentences
 from mechdiff.report.hooks import ReportHooks
 from mechdiff.experiments.steps import (check_layers, clean_run, group_ids, patch_measure, prompt_digest,
-                                        select_prompts, study_layers)
+                                        select_prompts)
 from mechdiff.analyses.path_patching import parse_receiver, path_patch
 from mechdiff.fairness import mask_logits
 from mechdiff.analyses.behaviour import soft_refusal
 from mechdiff.data.prompts import encode
 from mechdiff.sites.hooks import intervene, record, replace_at
 from mechdiff.atomic import atomic_write_text
-from mechdiff.experiments.rq4_summary import headline_of, noise_floor, write_figures
+from mechdiff.experiments.rq4_summary import default_layers, headline_of, noise_floor, write_figures
 from mechdiff.models.planted import ground_truth
 
 TARGETS = ("top", "answer", "continuation", "refusal")
@@ -319,13 +319,6 @@ def _path_step(study: Study, prompts, opts: RQ4Options) -> None:
                                            "rows": rows})
 
 
-def default_layers(study: Study, opts: RQ4Options) -> list[int]:
-    """The user's layers; else every layer when the models run on a GPU; else :func:`study_layers`."""
-    if not opts.layers and str(getattr(study.base, "device", "cpu")).startswith("cuda"):
-        return list(range(study.n_layers))
-    return study_layers(study, opts.layers)[0]
-
-
 def run(study: Study, opts: RQ4Options) -> None:
     """The RQ4 steps (finished ones are skipped on resume)."""
     layers = default_layers(study, opts)
@@ -385,9 +378,12 @@ def summarise(study: Study, opts: RQ4Options) -> HeadsResult:
     lines = [f"RQ4 structure change: {study.pair.name}"] + [f"  {k}: {v}" for k, v in headline.items()]
     lines += [f"  cumulative {k}: " + " ".join(f"{x:.3g}" for x in v["mean"]) for k, v in curves.items()]
     atomic_write_text(run.file("rq4_summary.txt"), "\n".join(lines) + "\n")
+    ch = churn.get(structural) or {}
+    iv = ch.get("share_interval")
     return HeadsResult(layers=list(layers), unit=unit, noise_floor=floor, structural=structural,
-                       changed_share=churn[structural]["share"] if structural else None, importance=imp,
-                       importance_churn=c.get("churn"), topk_jaccard=c.get("topk_jaccard"))
+                       changed_share=ch.get("share"), importance=imp, importance_churn=c.get("churn"),
+                       topk_jaccard=c.get("topk_jaccard"), changed_ci=[iv["ci_low"], iv["ci_high"]] if iv else None,
+                       changed_share_storey=ch.get("share_storey"))
 
 
 STAGE = Stage(

@@ -1,13 +1,21 @@
-"""RQ4 summary pieces that need no model: the headline table (the changed-head count with its FDR,
-Storey's share and intervals first, importance churn, overlap, planted-head recovery) and the
-figures (see :mod:`mechdiff.experiments.rq4`)."""
+"""RQ4 pieces beside the steps: the layers analysed by default, the noise floor and its null, the
+headline table (the changed-head count with its FDR, Storey's share and intervals first, importance
+churn, overlap, planted-head recovery) and the figures (see :mod:`mechdiff.experiments.rq4`)."""
 from __future__ import annotations
 
 import torch
 
 from mechdiff.analyses.intervals import fmt
 from mechdiff.experiments.stage import SIDES
+from mechdiff.experiments.steps import study_layers
 from mechdiff.plots import plot_churn_bars, plot_cumulative_topk, plot_head_hist
+
+
+def default_layers(study, opts) -> list[int]:
+    """The user's layers; else every layer when the models run on a GPU; else :func:`study_layers`."""
+    if not opts.layers and str(getattr(study.base, "device", "cpu")).startswith("cuda"):
+        return list(range(study.n_layers))
+    return study_layers(study, opts.layers)[0]
 
 
 def noise_floor(abl: dict) -> tuple[float, float]:
