@@ -3,7 +3,7 @@
 Every interval is a dict ``{"estimate", "ci_low", "ci_high", "se", "level", "n_groups", "n_boot",
 "method"}`` (percentile interval of the bootstrap replicates; ``se`` their sd). Groups: one id per
 row (prompt), e.g. ``experiments.steps.group_ids``; rows of one group are drawn together. Prompts
-that form a single group (no topics) are resampled one by one, and ``method`` says so.
+in fewer than ``MIN_GROUPS`` (5) groups are resampled one by one, and ``method`` says so.
 
 - :func:`bootstrap`: any statistic ``stat(rows [n] long) -> float`` (rank estimate, Jaccard, ...).
 - :func:`ratio_of_means`: ``mean(num) / mean(den)`` with numerator and denominator resampled
@@ -25,17 +25,22 @@ from mechdiff.errors import ConfigError, DataError
 __all__ = ["pack", "bootstrap", "ratio_of_means", "share_closed", "mean", "covers", "fmt"]
 
 METHOD = "cluster bootstrap over topic groups (percentile)"
-METHOD_ROWS = "bootstrap over prompts (percentile; the prompts form one topic group)"
+METHOD_ROWS = "bootstrap over prompts (percentile; only {g} topic group(s), too few to resample: the interval " \
+    "ignores the topic clustering)"
+MIN_GROUPS = 5
 
 
 def units(n: int, groups=None) -> tuple[torch.Tensor, int, str]:
     """``(uid [n], n_units, method)``: the topic groups, or the rows themselves where ``groups`` is
-    None or holds a single group (prompts without topics: each prompt its own unit, and said so)."""
+    None or holds fewer than ``MIN_GROUPS`` groups (a bootstrap over 2-4 clusters has no meaningful
+    percentiles; the method says so)."""
     uid, n_units = unit_ids(n, groups)
-    if groups is not None and n_units < 2:
-        uid, n_units = unit_ids(n, None)
-        return uid, n_units, METHOD_ROWS
-    return uid, n_units, METHOD if groups is not None else METHOD_ROWS.split(";")[0] + ")"
+    if groups is None:
+        return uid, n_units, "bootstrap over prompts (percentile)"
+    if n_units < MIN_GROUPS and n > n_units:
+        rows, n_rows = unit_ids(n, None)
+        return rows, n_rows, METHOD_ROWS.format(g=n_units)
+    return uid, n_units, METHOD
 
 
 def _draws(uid: torch.Tensor, n_units: int, n_boot: int, seed: int) -> torch.Tensor:

@@ -20,7 +20,8 @@ as one direction) and their singular values ``s_1 >= s_2 >= ...``. The estimate 
 A model against itself gives ``D = 0`` and the estimate 0. A rank-r weight update ``W + BA`` at the
 layer makes D exactly rank r (``exact``: every singular value past the estimate sits at the
 numerical floor). Interval: cluster bootstrap over topic groups (whole groups drawn with
-replacement; a replicate counts on its distinct rows, since a duplicated row adds no direction).
+replacement; a replicate counts on its distinct rows, since a duplicated row adds no direction,
+against the full data's noise level rescaled to the replicate's shape).
 """
 from __future__ import annotations
 
@@ -63,12 +64,18 @@ def numeric_floor(n: int, d: int, scale: float | None, s1: float = 0.0) -> float
     return float(s1) * max(n, d) * EPS32
 
 
-def threshold(S: torch.Tensor, n: int, d: int, *, scale: float | None = None, null: torch.Tensor | None = None
-              ) -> dict:
-    """``{"threshold", "floor", "noise", "noise_method"}`` for singular values ``S`` of an ``[n, d]`` D."""
+def threshold(S: torch.Tensor, n: int, d: int, *, scale: float | None = None, null: torch.Tensor | None = None,
+              sigma: float | None = None) -> dict:
+    """``{"threshold", "floor", "noise", "noise_method", "sigma"}`` for singular values ``S`` of an
+    ``[n, d]`` D; ``sigma``: a noise level per unit of ``sqrt(n) + sqrt(d)`` fixed beforehand (the
+    bootstrap's replicates use the full data's, so that a replicate of few distinct rows, whose own
+    median singular value is signal, is not measured against itself)."""
     S = S.double()
     floor = numeric_floor(n, d, scale, float(S[0]) if S.numel() else 0.0)
-    if null is not None:
+    edge = math.sqrt(n) + math.sqrt(d)
+    if sigma is not None:
+        noise, how = sigma * edge, "the full data's noise edge, rescaled to this shape"
+    elif null is not None:
         N0 = null.double().reshape(-1, null.shape[-1])
         sigma = float(N0.pow(2).mean().sqrt()) if N0.numel() else 0.0
         noise = sigma * (math.sqrt(n) + math.sqrt(d)) * (1 + 3 * min(n, d) ** (-2 / 3))
@@ -77,15 +84,17 @@ def threshold(S: torch.Tensor, n: int, d: int, *, scale: float | None = None, nu
         m, M = min(n, d), max(n, d)
         noise = gd_omega(m / M) * float(S[:m].median()) if m else 0.0
         how = "Gavish-Donoho: omega(beta) x median singular value"
-    return {"threshold": max(floor, noise), "floor": floor, "noise": noise, "noise_method": how}
+    return {"threshold": max(floor, noise), "floor": floor, "noise": noise, "noise_method": how,
+            "sigma": noise / edge}
 
 
-def count_above(D: torch.Tensor, *, scale: float | None = None, null: torch.Tensor | None = None) -> int:
+def count_above(D: torch.Tensor, *, scale: float | None = None, null: torch.Tensor | None = None,
+                sigma: float | None = None) -> int:
     """The number of singular values of ``D [n, d]`` strictly above :func:`threshold`."""
     if D.shape[0] == 0:
         return 0
     S = torch.linalg.svdvals(D.double())
-    return int(((S > threshold(S, *D.shape, scale=scale, null=null)["threshold"]) & (S > 0)).sum())
+    return int(((S > threshold(S, *D.shape, scale=scale, null=null, sigma=sigma)["threshold"]) & (S > 0)).sum())
 
 
 def estimate_rank(D: torch.Tensor, groups=None, *, scale: float | None = None, null: torch.Tensor | None = None,
@@ -108,7 +117,7 @@ def estimate_rank(D: torch.Tensor, groups=None, *, scale: float | None = None, n
 
     def stat(rows: torch.Tensor) -> float:
         X = D[rows.unique()]
-        return float(count_above(X - X.mean(0) if centre else X, scale=scale, null=null))
+        return float(count_above(X - X.mean(0) if centre else X, scale=scale, sigma=th["sigma"]))
     iv = bootstrap(stat, n, groups, n_boot=n_boot, level=level, seed=seed)
     iv["ci_low"], iv["ci_high"] = math.floor(iv["ci_low"]), math.ceil(iv["ci_high"])
     return {**iv, "estimate": r, "exact": bool(exact), "singular_values": S[:top].tolist(), **th,
