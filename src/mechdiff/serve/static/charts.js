@@ -12,6 +12,7 @@ function el(tag, attrs, ...children) {
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === undefined || v === null || v === false) continue;
     if (k === "class") e.className = v;
+    else if (k === "style") e.style.cssText = v;      // CSSOM: allowed by the page's CSP, a style attribute is not
     else if (k.startsWith("on")) e.addEventListener(k.slice(2), v);
     else e.setAttribute(k, v === true ? "" : String(v));
   }
@@ -135,7 +136,7 @@ function lineChart(opts) {
       if (s.bandOnly) continue;
       g.append(svg("path", {d: pts.map((p, j) => (j ? "L" : "M") + X(p[0]) + " " + Y(p[1])).join(" "), fill: "none",
                             stroke: s.color, "stroke-width": 1.6, "stroke-dasharray": s.dash ? "5 3" : null}));
-      for (const p of pts) {
+      for (const p of pts.filter(q => q[0] >= x0 && q[0] <= x1)) {
         if (s.err && s.err[p[2]] !== null)
           g.append(svg("line", {x1: X(p[0]), x2: X(p[0]), y1: Y(p[1] - s.err[p[2]]), y2: Y(p[1] + s.err[p[2]]), stroke: s.color}));
         const big = (s.marked || []).includes(p[0]);
