@@ -67,6 +67,7 @@ def test_overview_figures_hover_zoom(browser_page):
     page.mouse.move(box["x"] + box["width"] * 0.99, box["y"] + box["height"] / 2)
     tip = page.inner_text("#tooltip")
     assert tip.startswith("layer 28") and "patch KL (mean ± SE): 0.9 ± 0.1" in tip  # (28 - 20 + 1) * 0.1, SE 0.01 + 0.09
+    page.screenshot(path=str(shots / "serve_overview.png"))
     page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + 20)
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] * 0.95, box["y"] + 30, steps=4)
@@ -76,7 +77,6 @@ def test_overview_figures_hover_zoom(browser_page):
     assert chart.locator("circle").count() == n_points
     for key in ("A-cka", "B-maps", "B-patch", "C-share", "C-side", "C-heads", "D-churn", "D-cum"):
         assert page.locator(f'[data-chart="{key}"] svg').count() == 1, key
-    page.screenshot(path=str(shots / "serve_overview.png"))
     clean_log(page, url, log)
 
 
@@ -103,12 +103,15 @@ def test_texts_sort_filter_and_view(browser_page):
     darkest = [t for t, bg in shades if bg.endswith("0.85)")]
     assert darkest == ["Paris"]                                                     # the planted largest KL
     assert strip.locator(".resp").count() == 1
+    page.fill("#kl-scale", "0.2")                                                   # full red at 0.2 nats now
+    shades = strip.locator(".tok").evaluate_all("ts => ts.map(t => [t.textContent, t.style.background])")
+    assert sorted(t for t, bg in shades if bg.endswith("0.85)")) == ["Paris", "is", "the"]
+    page.screenshot(path=str(shots / "serve_texts.png"), full_page=True)
     page.click('#texts-body tr[data-idx="1"]')
     page.wait_for_selector("text=Text 1: p-markup")
     text = page.inner_text('.strip[data-kl="kl_tb"]')
     assert INJECT in text and page.locator("#text-view img, #text-view b").count() == 0
     assert page.locator('.strip[data-kl="kl_bt"] .tok.span').count() == 10          # aligned spans drawn as boxes
-    page.screenshot(path=str(shots / "serve_texts.png"), full_page=True)
     clean_log(page, url, log)
 
 
@@ -149,6 +152,8 @@ def test_compare_runs_overlaid(browser_page):
     assert head == ["quantity", "tiny <i>pair</i>", "tiny-self"]
     entry = page.eval_on_selector_all("#compare-table tbody tr", "rs => rs.map(r => r.textContent)")[0]
     assert entry == "divergence enters at layer2022"                                # the two runs' entry layers
+    share = page.eval_on_selector_all("#compare-table tbody tr", "rs => rs.map(r => r.textContent)")[17]
+    assert share == "changed heads (share)5.0%5.0%"                                 # compare's own formats
     assert page.locator('[data-chart="A-patch"] .legend > span').count() == 2        # both runs overlaid
     assert page.locator("#stage-table tbody tr").count() >= 5
     page.screenshot(path=str(shots / "serve_compare.png"))

@@ -5,13 +5,12 @@ resolved (symlinks followed) and refused unless it stays inside that directory. 
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
-from mechdiff.compare import ROWS, _contrasts, _label
+from mechdiff.compare import ROWS, _cell, _contrasts, _label
 from mechdiff.errors import ConfigError, DataError
 from mechdiff.report.figures import figure_data
 from mechdiff.report.render import load
@@ -142,10 +141,10 @@ class RunSet:
     def compare(self) -> dict:
         """The runs side by side: the comparison's headline rows and contrasts, each stage's headline
         keys aligned, and every run's figure data (the page overlays them)."""
-        nums = [r_numbers(r) for r in self.runs]
+        nums = [numbers(r.root) for r in self.runs]
         labels = [r.label for r in self.runs]
         table = [{"quantity": name.strip(), "indent": name.startswith(" "),
-                  "values": [n.get(key) for n in nums]} for name, key, _ in ROWS]
+                  "values": [_cell(n.get(key), spec) for n in nums]} for name, key, spec in ROWS]
         stages: dict[tuple[str, str], list[Any]] = {}
         for j, r in enumerate(self.runs):
             for h in r.headlines():
@@ -158,16 +157,8 @@ class RunSet:
                       "figures": [figure_data(r.root, r.label) for r in self.runs]})
 
 
-def r_numbers(run: ServedRun) -> dict:
-    return numbers(run.root)
-
-
 def verdict_rows(runs: list[dict]) -> list[dict]:
     """HOOK (verdict table): `compare` writes the headline table and the contrasts but no verdict
     table yet. When it gains one, return its rows here as ``[{"quantity", "values": [per run], "verdict"}]``;
     the page renders whatever this returns under "Verdicts" and says so when it is empty."""
     return []
-
-
-def dump(x: Any) -> str:
-    return json.dumps(clean(x))

@@ -59,7 +59,7 @@ async function comparePage() {
     el("h2", {}, "Headline numbers (the comparison's rows)"),
     el("table", {id: "compare-table"}, el("thead", {}, el("tr", {}, ["quantity", ...c.labels].map(h => el("th", {}, h)))),
        el("tbody", {}, c.table.map(r => el("tr", {}, el("td", {class: r.indent ? "indent" : null}, r.quantity),
-                                               r.values.map(v => el("td", {class: "num"}, fmt(v))))))),
+                                               r.values.map(v => el("td", {class: "num"}, v)))))),
     el("h2", {}, "Each stage's headline, aligned"),
     table(["stage", "quantity", ...c.labels], c.headlines.map(h => [h.stage, h.key, ...h.values]), {id: "stage-table"})];
   if (c.labels.length < 2) parts.splice(1, 0, el("p", {class: "note"}, "One run is open: start mechdiff serve with two or more run directories to overlay them."));

@@ -67,7 +67,7 @@ function legend(items) {
     el("span", {class: "sw", style: `background:${it.color};opacity:${it.dash ? 0.6 : 1}`}), it.name)));
 }
 
-const W = 560, H = 250, M = {l: 56, r: 12, t: 10, b: 34};
+const W = 520, H = 250, M = {l: 56, r: 12, t: 10, b: 34};
 
 // opts: {title, xlabel, ylabel, series: [{name, color, x, y, lo?, hi?, err?, dash?}],
 //        vlines: [{x, label, color, dash}], hlines: [{y, label, color, dash}], hspan: {lo, hi, label},
@@ -88,6 +88,7 @@ function lineChart(opts) {
     while (root.firstChild) root.removeChild(root.firstChild);
     let [x0, x1] = view;
     if (x1 === x0) { x0 -= 0.5; x1 += 0.5; }
+    const xpad = (x1 - x0) * 0.03;
     const ys = [];
     for (const s of opts.series) s.x.forEach((x, i) => {
       if (x === null || x < x0 || x > x1 || s.y[i] === null) return;
@@ -101,7 +102,7 @@ function lineChart(opts) {
     let y0 = Math.min(...ys), y1 = Math.max(...ys);
     if (!(y1 > y0)) { y0 -= 0.5; y1 += 0.5; }
     const pad = (y1 - y0) * 0.06; y0 -= pad; y1 += pad;
-    const X = x => M.l + (x - x0) / (x1 - x0) * (W - M.l - M.r);
+    const X = x => M.l + (x - x0 + xpad) / (x1 - x0 + 2 * xpad) * (W - M.l - M.r);
     const Y = y => H - M.b - (y - y0) / (y1 - y0) * (H - M.t - M.b);
     const clipId = "c" + Math.random().toString(36).slice(2);
     const defs = svg("defs"); const cp = svg("clipPath", {id: clipId});
@@ -149,7 +150,7 @@ function lineChart(opts) {
     root.append(guide, brush);
     const overlay = svg("rect", {x: M.l, y: M.t, width: W - M.l - M.r, height: H - M.t - M.b, fill: "transparent", class: "overlay"});
     root.append(overlay);
-    const toData = ev => { const r = root.getBoundingClientRect(); return x0 + (ev.clientX - r.left - M.l) / (W - M.l - M.r) * (x1 - x0); };
+    const toData = ev => { const r = root.getBoundingClientRect(); return x0 - xpad + (ev.clientX - r.left - M.l) / (W - M.l - M.r) * (x1 - x0 + 2 * xpad); };
     let dragFrom = null;
     overlay.addEventListener("mousedown", ev => { dragFrom = toData(ev); ev.preventDefault(); });
     overlay.addEventListener("mousemove", ev => {

@@ -61,8 +61,24 @@ async function openText(idx, box) {
   const parts = [el("h2", {id: "text-title"}, "Text " + s.idx + ": " + s.id),
     el("p", {class: "note"}, `set ${s.set}, responder ${fmt(s.responder)}, topic ${s.topic}, language ${s.lang}, category ${s.category}; unit: ${s.unit}` +
       (s.unit === "span" ? ` (the two tokenizers differ: each boxed piece is one span whose boundaries both tokenizations share; ${fmt(100 * s.coverage)}% of the characters lie inside aligned boundaries)` : " (one row per token of the shared tokenization)"))];
+  const top = Math.max(0, ...rows.flatMap(r => [r.kl_bt ?? 0, r.kl_tb ?? 0]));
+  const scale = el("input", {id: "kl-scale", type: "number", step: "any", min: 0, value: Number(top.toPrecision(3))});
+  parts.push(el("div", {class: "controls"}, el("label", {}, "full red at KL (nats; both directions share the scale)", scale)));
+  const strips = el("div", {});
+  const drawStrips = () => strips.replaceChildren(...textStrips(s, rows, parseFloat(scale.value) || top));
+  scale.addEventListener("input", drawStrips);
+  drawStrips();
+  parts.push(strips);
+  const big = rows.map((r, i) => [i, r]).sort((a, b) => (b[1].kl_bt ?? 0) - (a[1].kl_bt ?? 0)).slice(0, 8);
+  parts.push(el("h3", {}, "Largest divergences"), table(["row", "text", "KL(base‖tuned)", "KL(tuned‖base)", "rank base", "rank tuned"],
+    big.map(([i, r]) => [i, JSON.stringify(r.text), r.kl_bt, r.kl_tb, r.rank_in_base, r.rank_in_tuned]), {id: "top-rows"}));
+  box.replaceChildren(...parts);
+}
+
+// the text twice, each row shaded by one direction's KL (rows: tokens, or aligned spans drawn as boxes)
+function textStrips(s, rows, max) {
+  const parts = [];
   for (const [key, title] of [["kl_bt", "KL(base ‖ tuned)"], ["kl_tb", "KL(tuned ‖ base)"]]) {
-    const max = Math.max(0, ...rows.map(r => r[key] ?? 0));
     const strip = el("div", {class: "strip", "data-kl": key});
     let pos = 0;
     const plain = (a, b) => { if (b > a) strip.append(el("span", {class: "untok"}, s.text.slice(a, b))); };
@@ -83,12 +99,9 @@ async function openText(idx, box) {
       pos = r.end;
     }
     plain(pos, s.text.length);
-    parts.push(el("h3", {}, title + " — darkest: " + fmt(max) + " nats (▸: the response begins)"), strip);
+    parts.push(el("h3", {}, title + " (▸: the response begins; hover a token for its numbers)"), strip);
   }
-  const top = rows.map((r, i) => [i, r]).sort((a, b) => (b[1].kl_bt ?? 0) - (a[1].kl_bt ?? 0)).slice(0, 8);
-  parts.push(el("h3", {}, "Largest divergences"), table(["row", "text", "KL(base‖tuned)", "KL(tuned‖base)", "rank base", "rank tuned"],
-    top.map(([i, r]) => [i, JSON.stringify(r.text), r.kl_bt, r.kl_tb, r.rank_in_base, r.rank_in_tuned]), {id: "top-rows"}));
-  box.replaceChildren(...parts);
+  return parts;
 }
 
 async function livePage() {
