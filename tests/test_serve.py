@@ -23,6 +23,8 @@ def served(tmp_path_factory):
     os.symlink(root / "secret.txt", runs[0] / "escape.txt")
     os.symlink(root, runs[0] / "escape_dir")
     os.symlink(runs[0] / "rq1.json", runs[0] / "inside_link.json")
+    (root / "leak.json").write_text('{"title": "LEAK", "headline": {"secret": 1}}')
+    os.symlink(root / "leak.json", runs[0] / "leak.json")
     url, server, thread = serve_in_thread(make_app(runs))
     yield url, runs, root
     server.should_exit = True
@@ -64,6 +66,8 @@ def test_paths_outside_the_run_directories_are_refused(served):
     (runs[0] / "handles" / "evil.json").symlink_to(root / "secret.txt")
     (runs[0] / "handles" / "evil.safetensors").symlink_to(root / "secret.txt")
     assert "evil" not in one.handles()                                        # a symlinked handle is not offered
+    status, data = request(url, "/api/runs/0/overview")
+    assert status == 200 and b"LEAK" not in data and b'"stage":"rq1"' in data  # a linked stage JSON is skipped
 
 
 def test_request_guards(served):
@@ -81,6 +85,7 @@ def test_request_guards(served):
 
 def test_live_known_answers(served):
     url, runs, _ = served
+    assert json.loads(request(url, "/api/live/1/status")[1])["state"] == "idle"   # nothing loads before a prompt
     s, same = live(url, 1, prompt="Where is Paris?", new_tokens=6, top=5)
     assert s == 200, same
     assert same["kl"] == {"bt": 0.0, "tb": 0.0, "vocab": "full"}             # a model against itself
@@ -110,3 +115,24 @@ def test_one_request_at_a_time(served):
             sess.ask(Ask(prompt="hi", new_tokens=0))
     finally:
         sess._run_lock.release()
+
+
+@pytest.mark.real
+def test_serve_a_real_rq1_run(planted_rq1):
+    """A real RQ1 run on planted-cultural: its headline and Figure A series come through as written, and
+    the live panel loads the pair the manifest names (real weights, CPU)."""
+    run_dir = planted_rq1[0]
+    url, server, thread = serve_in_thread(make_app([run_dir]))
+    try:
+        ov = json.loads(request(url, "/api/runs/0/overview")[1])
+        rq1 = json.loads((run_dir / "rq1.json").read_text())
+        assert {"stage": "rq1", "title": rq1["title"], "headline": rq1["headline"]} in ov["headlines"]
+        a = ov["figures"]["A"]
+        assert a["patch"]["layers"] == [r["layer"] for r in rq1["layers"]["evidence"]["per_layer"]]
+        assert a["entry"] == rq1["layers"]["entry"] and a["planted"] == rq1["planted_layers"]
+        s, d = live(url, 0, prompt="What do people eat at a wedding?", new_tokens=3, top=3)
+        assert s == 200, d
+        assert d["kl"]["bt"] > 0 and [c["side"] for c in d["columns"]] == ["base", "tuned"]
+    finally:
+        server.should_exit = True
+        thread.join(10)

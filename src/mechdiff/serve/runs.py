@@ -64,7 +64,7 @@ class ServedRun:
         """``[{stage, title, headline}]`` for every ``<stage>.json`` with a ``headline``, values as written."""
         out = []
         for f in sorted(self.root.glob("*.json")):
-            if f.name in NOT_STAGES or not self.safe_path(f.name).is_file():
+            if f.name in NOT_STAGES or not self._inside(f) or not f.is_file():     # a link leaving the run: skipped
                 continue
             d = load(f)
             if isinstance(d, dict) and isinstance(d.get("headline"), dict):
