@@ -13,6 +13,7 @@ from serve_runs import INJECT, build_runs
 from test_report_browser import ARGS, CHROMIUM
 
 from mechdiff.serve import make_app, serve_in_thread
+from mechdiff.serve import runs as runs_mod
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="headless Chromium is not installed at "
                                 "/usr/bin/chromium (apt-get install chromium chromium-driver; .ci/run installs it)")
@@ -156,7 +157,23 @@ def test_compare_runs_overlaid(browser_page):
     assert share == "changed heads (share)5.0%5.0%"                                 # compare's own formats
     assert page.locator('[data-chart="A-patch"] .legend > span').count() == 2        # both runs overlaid
     assert page.locator("#stage-table tbody tr").count() >= 5
+    assert page.locator("#verdict-hook").count() == 1
     page.screenshot(path=str(shots / "serve_compare.png"))
     clean_log(page, url, log)
     for name in ("serve_overview", "serve_texts", "serve_live", "serve_compare"):
         assert (shots / f"{name}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_verdict_rows_rendered_from_the_hook(browser_page, monkeypatch):
+    page, url, shots, log = browser_page
+    row = {"criterion": "<b>rank</b> of the change", "predicted": "cultural < cognitive", "verdict": "supports",
+           "cultural": {"value": 1.0, "lo": 0.5, "hi": 1.5, "note": ""}, "cognitive": {"value": 6.0, "lo": 5.0, "hi": 7.0,
+           "note": ""}, "difference": {"value": -5.0, "lo": -6.1, "hi": -3.9, "note": "quadrature"}}
+    monkeypatch.setattr(runs_mod, "verdict_rows", lambda runs: [row])           # the hook, as verdict.Row.to_json()
+    page.goto(url + "/?hook#compare")                                               # a fresh load, not a same-hash no-op
+    page.wait_for_selector("#verdict-table")
+    cells = page.eval_on_selector_all("#verdict-table td", "ts => ts.map(t => t.textContent)")
+    assert cells == ["<b>rank</b> of the change", "cultural < cognitive", "1 [0.5, 1.5]", "6 [5, 7]",
+                     "-5 [-6.1, -3.9] (quadrature)", "supports"]
+    assert page.locator("#verdict-hook").count() == 0
+    clean_log(page, url, log)

@@ -158,7 +158,9 @@ class RunSet:
 
 
 def verdict_rows(runs: list[dict]) -> list[dict]:
-    """HOOK (verdict table): `compare` writes the headline table and the contrasts but no verdict
-    table yet. When it gains one, return its rows here as ``[{"quantity", "values": [per run], "verdict"}]``;
-    the page renders whatever this returns under "Verdicts" and says so when it is empty."""
+    """HOOK (verdict table). ``compare`` writes the headline rows and the contrasts but does not yet
+    extract the per-run estimates that ``mechdiff.verdict.verdict_rows`` judges (main has verdict.py,
+    the extraction is not written). When it is, return ``[Row.to_json(), ...]`` here: ``{"criterion",
+    "predicted", "cultural": {value, lo, hi, note}, "cognitive": {...}, "difference": {...}, "verdict"}``;
+    the page renders those rows as the verdict table and says the hook is empty otherwise."""
     return []
