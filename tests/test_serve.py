@@ -136,3 +136,18 @@ def test_serve_a_real_rq1_run(planted_rq1):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_shared_vocabulary_kl_matches_the_full_one_on_one_tokenizer(served):
+    """The path for two tokenizers (KL over the shared vocabulary) gives the full-vocabulary KL when the
+    tokenizers are the same (every string shared, ids in the same order)."""
+    _, runs, _ = served
+    from mechdiff.fairness import shared_vocab
+    sess = Sessions().for_manifest(json.loads((runs[0] / "manifest.json").read_text()))
+    q = Ask(prompt="Where is Paris?", new_tokens=0, top=3)
+    full = sess.ask(q)["kl"]
+    tb, tt = sess.models["base"].tokenizer, sess.models["tuned"].tokenizer
+    sess._shared = shared_vocab(tb, tt)
+    shared = sess.ask(q)["kl"]
+    assert full["vocab"] == "full" and shared["vocab"] == "shared" and full["bt"] > 1e-4
+    assert shared["bt"] == pytest.approx(full["bt"], rel=1e-4) and shared["tb"] == pytest.approx(full["tb"], rel=1e-4)
