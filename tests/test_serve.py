@@ -68,6 +68,15 @@ def test_paths_outside_the_run_directories_are_refused(served):
     assert "evil" not in one.handles()                                        # a symlinked handle is not offered
     status, data = request(url, "/api/runs/0/overview")
     assert status == 200 and b"LEAK" not in data and b'"stage":"rq1"' in data  # a linked stage JSON is skipped
+    (runs[0] / "rq4.json").rename(root / "rq4.json")                           # a file the report readers open
+    (runs[0] / "rq4.json").symlink_to(root / "rq4.json")
+    try:
+        for path in ("/api/runs/0/overview", "/api/compare"):
+            status, data = request(url, path)
+            assert status == 403 and b"rq4.json" in data and b"importance churn" not in data, path
+    finally:
+        (runs[0] / "rq4.json").unlink()
+        (root / "rq4.json").rename(runs[0] / "rq4.json")
 
 
 def test_request_guards(served):

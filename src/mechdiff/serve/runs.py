@@ -19,6 +19,8 @@ from mechdiff.texts.result import TextDivergence, load_texts
 
 #: stage JSON files that are not stages (never shown as a headline)
 NOT_STAGES = {"manifest.json", "compare.json"}
+#: the files report.summary / report.figures open by name (checked to stay inside before they are read)
+REPORT_READS = ("rq1", "cka", "patch", "behaviour", "maps", "alpha_sweep", "variants", "rq3", "rq4")
 
 
 class PathRefused(DataError):
@@ -71,7 +73,15 @@ class ServedRun:
                 out.append({"stage": f.stem, "title": str(d.get("title") or f.stem), "headline": clean(d["headline"])})
         return out
 
+    def checked(self) -> Path:
+        """The run's root once every file the report readers open by name stays inside the run."""
+        for n in REPORT_READS:
+            if (self.root / f"{n}.json").exists():
+                self.safe_path(f"{n}.json")
+        return self.root
+
     def overview(self) -> dict:
+        self.checked()
         return clean({"run": self.label, "headlines": self.headlines(), "figures": figure_data(self.root, self.label),
                       "sentences": [list(s) for s in sentences(self.root)]})
 
@@ -141,7 +151,7 @@ class RunSet:
     def compare(self) -> dict:
         """The runs side by side: the comparison's headline rows and contrasts, each stage's headline
         keys aligned, and every run's figure data (the page overlays them)."""
-        nums = [numbers(r.root) for r in self.runs]
+        nums = [numbers(r.checked()) for r in self.runs]
         labels = [r.label for r in self.runs]
         table = [{"quantity": name.strip(), "indent": name.startswith(" "),
                   "values": [_cell(n.get(key), spec) for n in nums]} for name, key, spec in ROWS]
