@@ -93,5 +93,6 @@ def build_runs(root: Path) -> list[Path]:
         Handle(layer=2, site="resid_post", basis=basis, mode="steer", alpha=8.0).save(
             run.path / "handles" / "L2_resid_post_diff_k2_steer")
         write_tokens(run.path, tiny_texts())
+        (run.path / "report.html").write_text(f"<h1>report {INJECT}</h1><script>window.__pwned = 2</script>")
         out.append(run.path)
     return out

@@ -50,6 +50,10 @@ def test_paths_outside_the_run_directories_are_refused(served):
     url, runs, root = served
     assert request(url, "/api/runs/0/file/rq1.json")[0] == 200
     assert request(url, "/api/runs/0/file/inside_link.json")[0] == 200          # a link that stays inside is fine
+    c = http.client.HTTPConnection(*url.removeprefix("http://").split(":"))
+    c.request("GET", "/api/runs/0/file/report.html")
+    assert c.getresponse().getheader("Content-Security-Policy").startswith("sandbox;")   # a run's page runs no script
+    c.close()
     for path in ("../secret.txt", "..%2fsecret.txt", "%2e%2e/secret.txt", "escape.txt", "escape_dir/secret.txt",
                  "tokens/../../secret.txt", "%2Fetc%2Fpasswd", "..%5csecret.txt"):
         status, data = request(url, "/api/runs/0/file/" + path)

@@ -69,6 +69,7 @@ def test_overview_figures_hover_zoom(browser_page):
     tip = page.inner_text("#tooltip")
     assert tip.startswith("layer 28") and "patch KL (mean ± SE): 0.9 ± 0.1" in tip  # (28 - 20 + 1) * 0.1, SE 0.01 + 0.09
     page.screenshot(path=str(shots / "serve_overview.png"))
+    assert page.get_attribute("#report-link", "href") == "/api/runs/0/file/report.html"
     page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + 20)
     page.mouse.down()
     page.mouse.move(box["x"] + box["width"] * 0.95, box["y"] + 30, steps=4)
@@ -123,6 +124,8 @@ def test_live_prompt_with_handle(browser_page):
     page.fill("#l-prompt", PROMPT)
     page.fill("#l-new", "5")
     page.select_option("#l-handle", "L2_resid_post_diff_k2_steer")
+    assert "(resid_post L2, k=2, steer, strength 8)" in page.inner_text("#l-handle")
+    assert page.get_attribute("#l-layer", "placeholder") == "2"                    # the handle's own layer
     page.fill("#l-alpha", "40")
     page.click("#l-run")
     page.wait_for_selector("#live-kl")
@@ -160,6 +163,9 @@ def test_compare_runs_overlaid(browser_page):
     assert page.locator("#verdict-hook").count() == 1
     page.screenshot(path=str(shots / "serve_compare.png"))
     clean_log(page, url, log)
+    page.goto(url + "/api/runs/0/file/report.html")                                 # a run's own page: sandboxed
+    assert page.inner_text("h1").startswith("report") and page.evaluate("window.__pwned") is None
+    log["console"].clear()                                                          # (the blocked script is logged)
     for name in ("serve_overview", "serve_texts", "serve_live", "serve_compare"):
         assert (shots / f"{name}.png").read_bytes().startswith(b"\x89PNG")
 

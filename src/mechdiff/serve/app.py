@@ -31,6 +31,8 @@ ASSETS = {"app.js": "text/javascript", "charts.js": "text/javascript", "figures.
           "pages.js": "text/javascript", "style.css": "text/css", "index.html": "text/html"}
 CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+#: a run's own files (report.html: inline styles, data: images) open sandboxed: no script runs
+FILE_CSP = "sandbox; default-src 'none'; img-src data: 'self'; style-src 'unsafe-inline'"
 HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
            "Cache-Control": "no-store"}
 LIVE_FIELDS = {"prompt", "new_tokens", "top", "chat", "handle", "layer", "k", "alpha", "mode", "side"}
@@ -88,7 +90,7 @@ def make_app(run_dirs: Sequence[str | Path], device: str = "cpu", hosts: Sequenc
         p = run_of(request).safe_path(request.path_params["path"])
         if not p.is_file():
             return JSONResponse({"error": "no such file in the run"}, status_code=404, headers=HEADERS)
-        return FileResponse(p, headers={**HEADERS, "Content-Disposition": "inline"})
+        return FileResponse(p, headers={**HEADERS, "Content-Security-Policy": FILE_CSP, "Content-Disposition": "inline"})
 
     def compare(request: Request):
         return js(runs.compare())

@@ -60,7 +60,13 @@ class ServedRun:
         pair = self.manifest.get("pair") or {}
         return {"id": idx, "label": self.label, "path": str(self.root), "pair": pair.get("name"),
                 "domain": pair.get("domain"), "base": _spec(pair.get("base")), "tuned": _spec(pair.get("tuned")),
-                "has_texts": (self.root / "tokens.json").is_file(), "handles": self.handles()}
+                "has_texts": (self.root / "tokens.json").is_file(), "has_report": self._inside(self.root / "report.html")
+                and (self.root / "report.html").is_file(), "handles": [self.handle_info(h) for h in self.handles()]}
+
+    def handle_info(self, name: str) -> dict:
+        """A handle's name and what its JSON says (layer, site, k, mode, alpha) for the live form."""
+        meta = load(self.handle_prefix(name).with_suffix(".json")) or {}
+        return {"name": name, **{k: meta.get(k) for k in ("layer", "site", "k", "mode", "alpha")}}
 
     def headlines(self) -> list[dict]:
         """``[{stage, title, headline}]`` for every ``<stage>.json`` with a ``headline``, values as written."""

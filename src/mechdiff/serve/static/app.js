@@ -33,7 +33,9 @@ async function overviewPage() {
   const d = await api(`/api/runs/${state.run}/overview`);
   const parts = [el("h2", {id: "run-title"}, "Overview — " + run.label),
     el("p", {class: "note"}, "pair " + fmt(run.pair) + " (" + fmt(run.domain) + "): base " + fmt(run.base) + ", tuned " + fmt(run.tuned) + " — " + run.path),
-    el("h2", {}, "Headline numbers"), ...headlineTables(d.headlines)];
+    run.has_report ? el("p", {}, el("a", {href: `/api/runs/${state.run}/file/report.html`, target: "_blank", rel: "noopener", id: "report-link"},
+                                    "the static report (report.html) →")) : null,
+    el("h2", {}, "Headline numbers"), ...headlineTables(d.headlines)].filter(Boolean);
   if (d.sentences.length) parts.push(el("h2", {}, "Executive summary"), el("ul", {}, d.sentences.map(([t, s]) => el("li", {}, el("b", {}, t + ": "), s))));
   if (state.runs.length > 1) {
     const c = await api("/api/compare");

@@ -5,6 +5,8 @@ const COLS = [["idx", "#"], ["id", "id"], ["set", "set"], ["responder", "respond
               ["category", "category"], ["unit", "unit"], ["n_rows", "rows"], ["mean_kl_bt", "mean KL(base‖tuned)"],
               ["mean_kl_tb", "mean KL(tuned‖base)"], ["coverage", "coverage"]];
 
+const MAX_ROWS = 500;
+
 async function textsPage() {
   const run = state.runs[state.run];
   if (!run.has_texts) {
@@ -37,11 +39,13 @@ async function textsPage() {
       return sort.desc ? -c : c;
     });
     heads.forEach(h => h.textContent = COLS.find(c => c[0] === h.dataset.key)[1] + (h.dataset.key === sort.key ? (sort.desc ? " ▼" : " ▲") : ""));
-    tbody.replaceChildren(...rows.map(t => el("tr", {class: "clickable", "data-idx": t.idx, onclick: ev => {
+    const shown = rows.slice(0, MAX_ROWS);
+    tbody.replaceChildren(...shown.map(t => el("tr", {class: "clickable", "data-idx": t.idx, onclick: ev => {
       tbody.querySelectorAll("tr.selected").forEach(r => r.classList.remove("selected"));
       ev.currentTarget.classList.add("selected"); openText(t.idx, detail); }},
       COLS.map(([k]) => el("td", {class: typeof t[k] === "number" ? "num" : null}, fmt(t[k]))))));
-    count.textContent = rows.length + " of " + texts.length + " texts; click a column to sort, a row to read it";
+    count.textContent = rows.length + " of " + texts.length + " texts" + (rows.length > MAX_ROWS ? " (the first " + MAX_ROWS +
+      " shown: filter to narrow)" : "") + "; click a column to sort, a row to read it";
   }
   show(el("h2", {}, "Texts — " + run.label), controls, count,
        el("table", {id: "texts-table"}, el("thead", {}, el("tr", {}, heads)), tbody), detail);
@@ -107,7 +111,13 @@ function textStrips(s, rows, max) {
 async function livePage() {
   const run = state.runs[state.run];
   const input = (id, attrs) => el("input", {id, ...attrs});
-  const handleSel = el("select", {id: "l-handle"}, el("option", {value: ""}, "none"), run.handles.map(h => el("option", {value: h}, h)));
+  const handleSel = el("select", {id: "l-handle"}, el("option", {value: ""}, "none"),
+    run.handles.map(h => el("option", {value: h.name}, `${h.name} (${h.site} L${h.layer}, k=${h.k}, ${h.mode}, strength ${fmt(h.alpha)})`)));
+  handleSel.addEventListener("change", () => {      // the handle's own values as the blanks' placeholders
+    const h = run.handles.find(x => x.name === handleSel.value) || {};
+    for (const [id, key] of [["l-layer", "layer"], ["l-k", "k"], ["l-alpha", "alpha"]])
+      document.getElementById(id).placeholder = h[key] === undefined ? "" : fmt(h[key]);
+  });
   const form = el("form", {id: "live-form"},
     el("label", {}, "prompt (at most 2000 characters)", el("textarea", {id: "l-prompt", rows: 3, maxlength: 2000, required: true})),
     el("div", {class: "controls"},
