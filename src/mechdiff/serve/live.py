@@ -54,7 +54,7 @@ class Ask:
             raise ConfigError(f"prompt too long ({len(self.prompt)} characters; at most {MAX_PROMPT_CHARS})")
         for name, hi in (("new_tokens", MAX_NEW_TOKENS), ("top", MAX_TOP)):
             v = getattr(self, name)
-            if not isinstance(v, int) or not 0 <= v <= hi:
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v <= hi:
                 raise ConfigError(f"{name} must be an integer from 0 to {hi}, got {v!r}")
         if self.mode is not None and self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
@@ -99,11 +99,11 @@ class LiveSession:
             raise Busy("the models are answering another prompt; try again when it finishes")
         try:
             self.ensure_loaded()
-            out = {side: self._side(side, q, None) for side in ("base", "tuned")}
+            h, side = self._handle(q) if q.handle is not None else (None, None)     # a bad handle fails first
+            out = {s: self._side(s, q, None) for s in ("base", "tuned")}
             res: dict[str, Any] = {"prompt": q.prompt, "columns": [out["base"], out["tuned"]],
                                    "kl": self._kl(out["base"]["_logits"], out["tuned"]["_logits"])}
-            if q.handle is not None:
-                h, side = self._handle(q)
+            if h is not None:
                 edited = self._side(side, q, h)
                 other = "tuned" if side == "base" else "base"
                 pair = (edited["_logits"], out[other]["_logits"]) if side == "base" else (out[other]["_logits"], edited["_logits"])
