@@ -86,6 +86,8 @@ class LiveSession:
                     self.models[side] = load_model(spec, dtype=self.pair.dtype, device=self.device)
                     self.status["message"] += f" {time.perf_counter() - t0:.1f}s"
                 tb, tt = self.models["base"].tokenizer, self.models["tuned"].tokenizer
+                if tb.get_vocab() != tt.get_vocab():
+                    self.status = {"state": "loading", "message": "matching the two vocabularies (the tokenizers differ) ..."}
                 self._shared = None if tb.get_vocab() == tt.get_vocab() else shared_vocab(tb, tt)
             except Exception as e:
                 self.models = {}
