@@ -207,6 +207,18 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="two or more run dir
 
 
 @app.command()
+def serve(run_dirs: list[Path] = typer.Argument(..., help="one or more run directories"),
+          port: int = typer.Option(8765, "--port", help="TCP port"),
+          host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: this machine only)"),
+          device: str = typer.Option("cpu", "--device", help="where the live panel's models run (cpu, cuda ...)")) -> None:
+    """An explorer in the browser: headlines and Figures A-D, per-token texts, live prompts with handles."""
+    from mechdiff.serve import make_app, run_app
+    app_ = _run(make_app, run_dirs, device=device, hosts=[host])
+    console.print(f"mechdiff serve: http://{host}:{port}/  (Ctrl-C stops)", markup=False, highlight=False)
+    run_app(app_, host, port)
+
+
+@app.command()
 def sweep(pairs: str = typer.Option(..., "--pairs", help="comma list of pairs (built-in names or TOML files)"),
           stages: Optional[str] = typer.Option(None, "--stages", help="comma list of stages (default: the whole study)"),
           address: Optional[str] = typer.Option(None, "--address", help="an existing Ray cluster (ray://HOST:10001 "
