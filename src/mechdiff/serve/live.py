@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from mechdiff.analyses.kl import kl_from_logits, kl_shared
+from mechdiff.patching.kl import kl_from_logits, kl_shared
 from mechdiff.analyses.steering import MODES, Handle
 from mechdiff.errors import ConfigError, MechdiffError
 from mechdiff.fairness import shared_vocab

@@ -13,14 +13,16 @@ from typing import Any, Sequence
 from mechdiff.compare import ROWS, _cell, _contrasts, _label
 from mechdiff.errors import ConfigError, DataError
 from mechdiff.report.figures import figure_data
+from mechdiff.report.hooks import registered_hooks
 from mechdiff.report.render import load
 from mechdiff.report.summary import numbers, sentences
 from mechdiff.texts.result import TextDivergence, load_texts
 
+#: metrics files the built-in stages' report hooks open by name (with each registered hook's ``metrics``
+#: and results/*.json, checked to stay inside the run before the report readers open them)
+REPORT_READS = ("rq1", "cka", "patch", "behaviour", "maps", "alpha_sweep", "variants", "rq3", "rq4", "tokens")
 #: stage JSON files that are not stages (never shown as a headline)
 NOT_STAGES = {"manifest.json", "compare.json"}
-#: the files report.summary / report.figures open by name (checked to stay inside before they are read)
-REPORT_READS = ("rq1", "cka", "patch", "behaviour", "maps", "alpha_sweep", "variants", "rq3", "rq4")
 
 
 class PathRefused(DataError):
@@ -80,10 +82,13 @@ class ServedRun:
         return out
 
     def checked(self) -> Path:
-        """The run's root once every file the report readers open by name stays inside the run."""
-        for n in REPORT_READS:
-            if (self.root / f"{n}.json").exists():
-                self.safe_path(f"{n}.json")
+        """The run's root once every file the report readers open by name stays inside the run (a link
+        leaving it refuses the overview; other linked JSON files are only skipped by :meth:`headlines`)."""
+        names = {f"{n}.json" for n in REPORT_READS} | {m for _, h in registered_hooks() for m in h.metrics}
+        names |= {f.relative_to(self.root).as_posix() for f in self.root.glob("results/*.json")}
+        for n in sorted(names):
+            if (self.root / n).exists() or (self.root / n).is_symlink():
+                self.safe_path(n)
         return self.root
 
     def overview(self) -> dict:
