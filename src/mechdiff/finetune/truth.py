@@ -115,7 +115,8 @@ class LadderTruth:
 
     column_space: ``[d_model, r]`` orthonormal columns by singular value (MLP adapters; else None).
     changed_heads: ``(layer, head)`` pairs whose weights changed (attention adapters; else empty).
-    head_weight_change: ``{(layer, head): total norm}`` for every head of the adapted layers.
+    head_weight_change: ``{(layer, head): total norm}`` for every head of the adapted layers;
+    head_relative_change: the same over the norm of the head's base weights.
     """
 
     name: str
@@ -128,6 +129,7 @@ class LadderTruth:
     column_space: torch.Tensor | None = None
     changed_heads: tuple[tuple[int, int], ...] = ()
     head_weight_change: dict[tuple[int, int], float] = field(default_factory=dict)
+    head_relative_change: dict[tuple[int, int], float] = field(default_factory=dict)
     n_heads: int | None = None
     card: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -161,9 +163,11 @@ def load_truth(name: str | Path) -> LadderTruth:
     cs = None
     if t.get("column_space_file"):
         cs = load_file(str(d / t["column_space_file"]))["column_space"]
-    hw = {tuple(int(x) for x in k.split(".")): v["total"] for k, v in t.get("head_weight_change", {}).items()}
+    per_head = {tuple(int(x) for x in k.split(".")): v for k, v in t.get("head_weight_change", {}).items()}
     return LadderTruth(name=card["name"], kind=t["kind"], layers=tuple(t["layers"]),
                        first_changed_layer=t["first_changed_layer"], changed_modules=tuple(t["changed_modules"]),
                        effective_rank=t.get("effective_rank"), singular_values=tuple(t.get("singular_values", ())),
                        column_space=cs, changed_heads=tuple(tuple(h) for h in t.get("changed_heads", ())),
-                       head_weight_change=hw, n_heads=t.get("n_heads"), card=card)
+                       head_weight_change={k: v["total"] for k, v in per_head.items()},
+                       head_relative_change={k: v["relative"] for k, v in per_head.items()},
+                       n_heads=t.get("n_heads"), card=card)
