@@ -24,7 +24,7 @@ import torch
 
 from mechdiff.finetune import LADDER_ADAPTERS, adapter_dir, load_truth, verify_card
 from mechdiff.finetune.recipes import LADDER, LADDER_LAYER, MATH_ATTN_LAYERS
-from mechdiff.finetune.truth import head_truth, lora_deltas, mlp_truth
+from mechdiff.finetune.truth import lora_deltas, mlp_truth
 
 CULTURE = [f"smollm2-culture-l{LADDER_LAYER}-r{r}" for r in (1, 2, 4, 8)]
 MATH = "smollm2-math-attn-4"
