@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 from mechdiff.cli import app
 
 BUILTIN_PAIRS = ("cognitive", "cultural", "planted-cognitive", "planted-cultural", "smollm2-self",
-                 "smollm2-vs-gemma3", "smollm2-math-lora", "smollm2-culture-lora")
+                 "smollm2-vs-gemma3", "smollm2-math-lora", "smollm2-culture-lora",
+                 *(f"smollm2-culture-l20-r{r}" for r in (1, 2, 4, 8)), "smollm2-math-attn-4")
 
 
 def invoke(*args: str):

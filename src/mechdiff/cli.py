@@ -240,18 +240,20 @@ def sweep(pairs: str = typer.Option(..., "--pairs", help="comma list of pairs (b
 
 
 @app.command()
-def finetune(task: str = typer.Argument(..., help="math | culture"),
+def finetune(task: str = typer.Argument(..., help="math | culture | a ladder name (culture-l20-r1, -r2, -r4, "
+                                                   "-r8, math-attn-4) | ladder (all five)"),
              out: Optional[Path] = OutOpt, device: Optional[str] = DeviceOpt,
              base: Optional[str] = typer.Option(None, "--base", help="base model spec (default: smollm2-135m)"),
              seed: int = typer.Option(0, "--seed"),
              smoke: bool = typer.Option(False, "--smoke", help="a few steps on a tiny random model (CPU check)"),
              max_steps: Optional[int] = typer.Option(None, "--max-steps", help="stop after this many steps"),
              evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="base vs tuned evaluation")) -> None:
-    """Train a LoRA fine-tune of the base (the testbed's math or culture recipe) and write its card."""
+    """Train a LoRA fine-tune of the base (the testbed's math or culture recipe, or a known-answer ladder
+    adapter on the CPU) and write its card."""
     from mechdiff.finetune import finetune as run_finetune
     card = _run(run_finetune, task, out, base=base, seed=seed, smoke=smoke, device=device,
                 evaluate=evaluate, max_steps=max_steps)
-    console.print(f"finetune done: {card.get('headline', '')}")
+    console.print(f"finetune done: {card.get('headline') or ', '.join(card)}", markup=False, highlight=False)
 
 
 @app.command()
