@@ -29,6 +29,7 @@ from mechdiff.finetune.truth import lora_deltas, mlp_truth
 CULTURE = [f"smollm2-culture-l{LADDER_LAYER}-r{r}" for r in (1, 2, 4, 8)]
 MATH = "smollm2-math-attn-4"
 N_PROMPTS, RQ1_PROMPTS, RQ1_LAYERS = 4, 6, [LADDER_LAYER - 1, LADDER_LAYER]
+RQ1_RUNGS = (CULTURE[0], CULTURE[-1])
 
 
 def _prompts(model_tok, n=N_PROMPTS):
@@ -70,14 +71,15 @@ class _CultureRuns(dict):
         changed = sorted(n for n, p in tuned.model.named_parameters() if not torch.equal(p, base_params[n]))
         ht, hb = _hidden(tuned.model, self.enc), self.hb
         mask = self.enc["attention_mask"].bool()
-        opts = RQ1Options(n_prompts=RQ1_PROMPTS, behaviour=False, n_perm=2, stride=10, layers=RQ1_LAYERS,
-                          readouts=["decision"])
-        run = run_rq1(pair, opts, out=self.tmp.mktemp(f"rq1_{name}"), models=(self.base_loaded, tuned))
         self[name] = {"changed": changed,
                       "equal_upto": [torch.equal(hb[i], ht[i]) for i in range(len(hb))],
                       "diff": (ht[LADDER_LAYER + 1] - hb[LADDER_LAYER + 1])[mask],   # [tokens, d]
-                      "state": hb[LADDER_LAYER + 1][mask],
-                      "patch": _read(run.path, "patch.json"), "rq1": _read(run.path, "rq1.json")}
+                      "state": hb[LADDER_LAYER + 1][mask]}
+        if name in RQ1_RUNGS:       # RQ1 (the costly part) on the lowest and the highest rung only
+            opts = RQ1Options(n_prompts=RQ1_PROMPTS, behaviour=False, n_perm=2, stride=10, layers=RQ1_LAYERS,
+                              readouts=["decision"])
+            run = run_rq1(pair, opts, out=self.tmp.mktemp(f"rq1_{name}"), models=(self.base_loaded, tuned))
+            self[name].update(patch=_read(run.path, "patch.json"), rq1=_read(run.path, "rq1.json"))
         del tuned
         return self[name]
 
@@ -98,7 +100,7 @@ def test_culture_ladder_changes_one_weight_and_nothing_below_layer_20(culture_ru
 
 
 @pytest.mark.real
-@pytest.mark.parametrize("name", CULTURE)
+@pytest.mark.parametrize("name", RQ1_RUNGS)
 def test_culture_ladder_rq1_zero_below_20_and_entry_at_20(culture_runs, name):
     r = culture_runs[name]
     for d, v in r["patch"]["directions"].items():
