@@ -6,5 +6,6 @@ from mechdiff.experiments import rq1 as rq1  # noqa: E402  (registers "rq1")
 from mechdiff.experiments import rq2 as rq2  # noqa: E402  (registers "maps", "mapped-patch")
 from mechdiff.experiments import rq4 as rq4  # noqa: E402  (registers "heads")
 from mechdiff.experiments import rq3 as rq3  # noqa: E402  (registers "steer")
+from mechdiff.experiments import tokens as tokens  # noqa: E402  (registers "tokens")
 
 __all__ = ["STAGES", "Stage", "Study", "get_stage", "open_study", "register", "run_stage"]

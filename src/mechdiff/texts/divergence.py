@@ -229,15 +229,17 @@ def _span_rows(red: RowReducer, t: PairText, xa: torch.Tensor, xb: torch.Tensor)
 def pair_text(tok_a: Any, tok_b: Any, text_a: str, text_b: str | None = None,
               regions_a: Sequence[tuple[int, int]] | None = None,
               regions_b: Sequence[tuple[int, int]] | None = None, *, unit: str = "span",
-              add_special_tokens: bool = True, meta: dict | None = None) -> PairText:
+              add_special_tokens: bool | tuple[bool, bool] = True, meta: dict | None = None) -> PairText:
     """Tokenize one text for each side (``text_b`` defaults to ``text_a``) and, for ``unit="span"``,
-    align the regions both sides share (default: the whole text). A side whose tokens start with
+    align the regions both sides share (default: the whole text). ``add_special_tokens``: one flag
+    or one per side (False for a text a chat template rendered: it holds its specials). A side whose tokens start with
     text (no special token, e.g. SmolLM2 adds no BOS) gets its BOS in front, so the first token has
     a prediction too."""
     from mechdiff.texts.alignment import align_regions, tokenize_text
     text_b = text_a if text_b is None else text_b
-    a = _with_bos(tokenize_text(tok_a, text_a, add_special_tokens), tok_a)
-    b = _with_bos(tokenize_text(tok_b, text_b, add_special_tokens), tok_b)
+    sp_a, sp_b = add_special_tokens if isinstance(add_special_tokens, tuple) else (add_special_tokens,) * 2
+    a = _with_bos(tokenize_text(tok_a, text_a, sp_a), tok_a)
+    b = _with_bos(tokenize_text(tok_b, text_b, sp_b), tok_b)
     if unit == "token":
         if text_a != text_b or a.ids != b.ids:
             raise DataError("unit 'token' needs the same text and ids on both sides; use unit 'span'")

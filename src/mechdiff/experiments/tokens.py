@@ -1,0 +1,212 @@
+"""The ``tokens`` stage: per-token divergence of the two models over whole texts.
+
+For each prompt of the stage's set, each model's greedy response (``--max-new-tokens``; generated
+once and cached in the run) is appended to the prompt as each model's chat template renders it and
+both models read the result teacher-forced; neutral texts (the pair's ``neutral`` set, raw) are read
+the same way. Per token (per aligned span where the tokenizers differ: :mod:`mechdiff.texts.alignment`)
+the KL both ways masked to the shared vocabulary and unmasked, the mass the mask dropped, and the
+log-prob and rank of the actual token under each model (:mod:`mechdiff.texts.divergence`).
+
+Steps (resumable): ``tokens.responses`` -> tokens/responses.json; ``tokens.divergence`` ->
+tokens/per_token.safetensors + tokens/texts.json. ``summarise``: tokens.json (the format pinned in
+:mod:`mechdiff.texts.result`, plus the curve along the response, the top divergent tokens, per-prompt
+rows and the divergence by category/language/topic with cluster SEs) and figures/tokens_curve.png.
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass
+
+import torch
+
+from mechdiff.analyses.behaviour.generation import generate
+from mechdiff.data.prompts import format_prompt
+from mechdiff.errors import ConfigError, DataError
+from mechdiff.experiments.stage import SIDES, Stage, Study, opt, register
+from mechdiff.texts import summaries as S
+from mechdiff.texts.divergence import RowReducer, divergence_rows, pair_text, same_tokenizer
+from mechdiff.texts.result import SCHEMA, TOKEN_FIELDS, TextSummary, load_texts
+
+RESPONSES, PER_TOKEN, TEXTS = "tokens/responses.json", "tokens/per_token.safetensors", "tokens/texts.json"
+INT_FIELDS = ("start", "end", "rank_in_base", "rank_in_tuned")
+
+
+@dataclass
+class TokensOptions:
+    n_prompts: int = opt(24, "prompts whose responses are read (seeded sample of the stage's set)")
+    max_new_tokens: int = opt(32, "greedy response length per model")
+    n_neutral: int = opt(16, "neutral texts read as they are (0: none)")
+    top_n: int = opt(20, "most divergent tokens listed with their context")
+    curve_len: int = opt(64, "response positions shown in the divergence curve")
+
+
+def check(opts: TokensOptions, n_layers: int) -> None:
+    """Counts before any model work."""
+    for name in ("n_prompts", "max_new_tokens", "top_n", "curve_len"):
+        if getattr(opts, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
+    if opts.n_neutral < 0:
+        raise ConfigError(f"--n-neutral must be >= 0, got {opts.n_neutral}")
+
+
+def _prompts(study: Study, n: int) -> list[dict]:
+    rows = list(study.target_prompts)
+    random.Random(study.seed).shuffle(rows)
+    return rows[:n]
+
+
+def _neutral(study: Study, n: int) -> list[dict]:
+    if n == 0:
+        return []
+    from mechdiff.data.datasets import load_prompt_set
+    from mechdiff.experiments.common import load_dataset_ref
+    ref = (study.pair.datasets or {}).get("neutral")
+    rows = load_dataset_ref(ref) if ref is not None else load_prompt_set("neutral")
+    return rows[:n]
+
+
+def _responses(study: Study, opts: TokensOptions) -> None:
+    prompts = _prompts(study, opts.n_prompts)
+    out = {"ids": [p["id"] for p in prompts]}
+    for side in SIDES:
+        m = study.side(side)
+        texts = generate(m.model, m.tokenizer, prompts, max_new_tokens=opts.max_new_tokens,
+                         batch_size=study.batch_size)
+        out[side] = dict(zip(out["ids"], texts))
+    study.run.write_json(RESPONSES, out)
+
+
+def _templated(tok) -> bool:
+    return bool(getattr(tok, "chat_template", None))
+
+
+def _texts(study: Study, opts: TokensOptions) -> list[tuple[dict, object]]:
+    """(summary fields, PairText) for every text the stage reads."""
+    ta, tb = study.base.tokenizer, study.tuned.tokenizer
+    same = same_tokenizer(ta, tb)
+    resp = study.run.read_json(RESPONSES)
+    by_id = {p["id"]: p for p in study.target_prompts}
+    out = []
+    for pid in resp["ids"]:
+        p = by_id.get(pid)
+        if p is None:
+            raise DataError(f"{RESPONSES} names prompt {pid!r}, which the prompt set no longer holds; "
+                            "rerun into a new --out")
+        (ra, (ca0, ca1)), (rb, (cb0, cb1)) = format_prompt(ta, p), format_prompt(tb, p)
+        for who in SIDES:
+            r = resp[who][pid]
+            xa, xb = ra + r, rb + r
+            unit = "token" if same and xa == xb else "span"
+            pt = pair_text(ta, tb, xa, xb, [(ca0, ca1), (len(ra), len(xa))], [(cb0, cb1), (len(rb), len(xb))],
+                           unit=unit, add_special_tokens=(not _templated(ta), not _templated(tb)))
+            out.append((_meta(p, "prompts", who, xa, len(ra), unit), pt))
+    for p in _neutral(study, opts.n_neutral):
+        unit = "token" if same else "span"
+        out.append((_meta(p, "neutral", None, p["text"], 0, unit),
+                    pair_text(ta, tb, p["text"], unit=unit)))
+    return out
+
+
+def _meta(p: dict, set_: str, who, text: str, response_start: int, unit: str) -> dict:
+    return {"id": str(p["id"]), "set": set_, "responder": who, "category": str(p.get("category", "all")),
+            "lang": str(p.get("lang", "")), "topic": str(p.get("topic", "")), "text": text,
+            "response_start": response_start, "unit": unit}
+
+
+def _divergence(study: Study, opts: TokensOptions) -> None:
+    ta, tb = study.base.tokenizer, study.tuned.tokenizer
+    texts = _texts(study, opts)
+    red = RowReducer(study.base.model, study.tuned.model, study.allowed_ids("base"), study.allowed_ids("tuned"),
+                     full=same_tokenizer(ta, tb))
+    rows: list[dict] = []
+    from mechdiff.progress import progress
+    bs = study.batch_size
+    for i in progress(range(0, len(texts), bs), f"tokens ({len(texts)} texts)", total=-(-len(texts) // bs)):
+        rows += divergence_rows(red, ta, tb, [pt for _, pt in texts[i:i + bs]])
+    summaries = []
+    for idx, ((meta, pt), r) in enumerate(zip(texts, rows)):
+        resp = r["start"] >= meta["response_start"] if meta["responder"] else torch.ones_like(r["start"], dtype=torch.bool)
+        summaries.append(dataclasses.asdict(TextSummary(
+            idx=idx, n_rows=int(r["start"].numel()), mean_kl_bt=_nanmean(r["kl_bt"][resp]),
+            mean_kl_tb=_nanmean(r["kl_tb"][resp]),
+            coverage=pt.alignment.coverage if pt.alignment is not None else 1.0, **meta)))
+    offsets = torch.tensor([0] + [int(r["start"].numel()) for r in rows]).cumsum(0)
+    tensors = {k: torch.cat([r[k] for r in rows]).to(torch.int64 if k in INT_FIELDS else torch.float32)
+               for k in TOKEN_FIELDS}
+    tensors["row_offsets"] = offsets.to(torch.int64)
+    study.run.write_tensors(PER_TOKEN, tensors, allow_nonfinite=True)
+    study.run.write_json(TEXTS, {"texts": summaries})
+
+
+def _nanmean(x: torch.Tensor) -> float:
+    x = x[torch.isfinite(x)]
+    return float(x.double().mean()) if x.numel() else float("nan")
+
+
+def run(study: Study, opts: TokensOptions) -> None:
+    info = {"n_prompts": opts.n_prompts, "max_new_tokens": opts.max_new_tokens, "seed": study.seed,
+            "prompts": study.prompts_path}
+    study.run.cached("tokens.responses", lambda: _responses(study, opts), outputs=[RESPONSES], info=info)
+    study.run.cached("tokens.divergence", lambda: _divergence(study, opts), outputs=[PER_TOKEN, TEXTS],
+                     depends_on=["tokens.responses"], info={**info, "n_neutral": opts.n_neutral})
+
+
+def summarise(study: Study, opts: TokensOptions) -> dict:
+    return summarise_run(study.run, opts)
+
+
+def summarise_run(run, opts: TokensOptions) -> dict:
+    """tokens.json and the curve figure from the step outputs alone."""
+    texts_meta = run.read_json(TEXTS)["texts"]
+    run.write_json("tokens.json", {"schema": SCHEMA, "texts": texts_meta, "headline": {}})
+    texts = load_texts(run.path)
+    prompts = [t for t in texts if t.summary.set == "prompts"]
+    neutral = [t for t in texts if t.summary.set == "neutral"]
+    curve = S.curve(prompts, "kl_bt", opts.curve_len)
+    headline: dict = {"unit": texts[0].summary.unit if texts else None, "n_texts": len(texts)}
+    for who in SIDES:
+        ts = [t for t in prompts if t.summary.responder == who]
+        s = S.cluster_mean([S.text_mean(t) for t in ts], [t.summary.topic or t.summary.id for t in ts])
+        headline[f"kl_bt_{who}_response"], headline[f"kl_bt_{who}_response_se"] = s["mean"], s["se"]
+        c = curve.get(who) or {}
+        if c.get("pos") and c["pos"][0] == 0:
+            headline[f"kl_bt_{who}_response_first_token"] = c["mean"][0]
+    if neutral:
+        s = S.cluster_mean([S.text_mean(t) for t in neutral], [t.summary.topic or t.summary.id for t in neutral])
+        headline["kl_bt_neutral"], headline["kl_bt_neutral_se"] = s["mean"], s["se"]
+    for key in ("dropped_base", "dropped_tuned"):
+        vals = [S.text_mean(t, key) for t in texts]
+        s = S.cluster_mean(vals, [t.summary.topic or t.summary.id for t in texts])
+        headline[f"{key}_mean"], headline[f"{key}_se"] = s["mean"], s["se"]
+    headline["coverage_mean"] = sum(t.summary.coverage for t in texts) / len(texts) if texts else None
+    figures = {}
+    if any(c["pos"] for c in curve.values()):
+        from mechdiff.plots.tokens import plot_tokens_curve
+        plot_tokens_curve([{"label": run.path.name, "curves": curve}], run.figure("tokens_curve.png"))
+        figures["tokens_curve.png"] = ("Per-token KL(base || tuned) over the shared vocabulary along each model's "
+                                       "own greedy response: mean over prompts, 95% band from the topic-cluster SE")
+    out = {
+        "schema": SCHEMA, "title": "Per-token divergence over whole texts (tokens)",
+        "summary": ("KL between the two models' next-token distributions at every response token "
+                    f"({'aligned spans across tokenizers' if headline['unit'] == 'span' else 'shared tokenizer'}); "
+                    "means over texts with topic-cluster SEs."),
+        "headline": headline, "texts": texts_meta, "curve": curve, "figures": figures,
+        "tables": {"top_tokens": S.top_tokens(texts, opts.top_n), "per_prompt": S.per_prompt(texts),
+                   "by_category": S.by_group(texts, "category"), "by_lang": S.by_group(texts, "lang"),
+                   "by_topic": S.by_group(texts, "topic")},
+    }
+    run.write_json("tokens.json", out)
+    return out
+
+
+def run_tokens(pair, opts: TokensOptions | None = None, **kw):
+    """``run_stage("tokens", pair, opts, **kw)``."""
+    from mechdiff.experiments.stage import run_stage
+    return run_stage("tokens", pair, opts or TokensOptions(), **kw)
+
+
+STAGE = register(Stage(
+    name="tokens", help="per-token divergence over whole texts (responses and neutral text), across tokenizers",
+    options=TokensOptions, run=run, summarise=summarise, check=check,
+    done_message="per-token divergence written to tokens.json and tokens/per_token.safetensors"))
