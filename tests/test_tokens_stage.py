@@ -41,9 +41,23 @@ def test_tokens_stage_on_a_tiny_pair(tmp_path, tiny_pair):
     assert set(meta["curve"]) == {"base", "tuned"} and meta["curve"]["base"]["pos"][0] == 0
     assert len(meta["tables"]["top_tokens"]) == 5
     assert (run.path / "figures" / "tokens_curve.png").is_file()
-    html = (run.path / "report.html").read_text(encoding="utf-8") if (run.path / "report.html").is_file() else None
-    if html is not None:
-        assert "<b>1</b>" not in html                                 # prompt text escaped
+    from mechdiff.report import write_report
+    html = write_report(run.path)[0].read_text(encoding="utf-8")
+    assert "Most divergent texts, token by token" in html and "Figure E" in html
+    assert "<b>" not in html and ">&lt;</span>" in html               # prompt text escaped, token by token
+    assert 'style="background: rgba(220,40,40,' in html
+    return run.path
+
+
+def test_compare_puts_the_curves_side_by_side(tmp_path, tiny_pair):
+    from mechdiff.compare import compare_runs
+    runs = []
+    for name, seed in (("a", 1), ("b", 2)):
+        pair = str(tiny_pair(tmp_path, name, seed, _prompts(tmp_path, 3)))
+        runs.append(run_stage("tokens", pair, out=tmp_path / f"run_{name}", device="cpu", batch_size=4,
+                              **{**SMALL, "n_prompts": 2, "n_neutral": 0}).path)
+    out = compare_runs(runs, out=tmp_path / "cmp")
+    assert (out / "figures" / "compare_e.png").is_file()
 
 
 def test_tokens_stage_model_against_itself_is_zero(tmp_path, tiny_pair):

@@ -82,7 +82,8 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
                      "numbers": numbers(d), "sentences": sentences(d), "figures": figure_data(d, label)})
     figures, notes = {}, []
     for key, title in (("A", "CKA and patch KL per layer"), ("B", "map quality and mapped vs raw patch"),
-                       ("C", "effect vs k and head importance"), ("D", "churn and the top-k curve")):
+                       ("C", "effect vs k and head importance"), ("D", "churn and the top-k curve"),
+                       ("E", "per-token divergence along the response")):
         data = [r["figures"][key] for r in runs if r["figures"][key] is not None]
         if data:
             try:

@@ -30,6 +30,7 @@ from typing import Any, Mapping
 from mechdiff.artifacts import MANIFEST_NAME, STEPS_NAME
 from mechdiff.atomic import atomic_write_text
 from mechdiff.report.render import ID_COLUMNS, MAX_TABLE_ROWS, Section, header, load, page, render_node
+from mechdiff.report.tokens import tokens_section
 
 __all__ = ["write_report", "KNOWN_METRICS", "ID_COLUMNS", "MAX_TABLE_ROWS"]
 
@@ -149,6 +150,7 @@ def write_report(run_dir: str | os.PathLike) -> tuple[Path, Path]:
     sec.heading(f"mechdiff report — {name or run_dir.name}", 1)
     _summary(sec, run_dir, manifest)
     _figures_ad(sec, run_dir)
+    tokens_section(sec, run_dir)
     _sweep(sec, run_dir)
     _reproduce(sec, run_dir)
     captions = _details(sec, run_dir)

@@ -25,6 +25,8 @@ CAPTIONS = {
     "C": "Figure C — rank-k handle: share of the base-tuned gap closed vs k on held-out prompts (random bases "
          "dashed), the neutral-perplexity side effect with its allowed band, and the head-importance histogram.",
     "D": "Figure D — head churn per measurement and the cumulative effect of the top-k heads (± 1 sd).",
+    "E": "Figure E — per-token KL(base || tuned) over the shared vocabulary along each model's own greedy "
+         "response, teacher-forced in both (mean over prompts, 95% band from the topic-cluster SE).",
 }
 
 
@@ -126,12 +128,20 @@ def fig_d_data(rq4: dict | None) -> dict | None:
     return {"churn": churn, "cumulative": cum, "unit": rq4.get("unit")} if churn or cum else None
 
 
+def fig_e_data(tokens: dict | None) -> dict | None:
+    curves = (tokens or {}).get("curve") if isinstance(tokens, dict) else None
+    if not isinstance(curves, dict) or not any(isinstance(c, dict) and c.get("pos") for c in curves.values()):
+        return None
+    return {"curves": curves}
+
+
 def figure_data(run_dir: Path, label: str | None = None) -> dict[str, dict | None]:
     """``{"A": .., "B": .., "C": .., "D": ..}``: one run's data for each figure (None: its stage did not run)."""
     run_dir = Path(run_dir)
-    d = {n: load(run_dir / f"{n}.json") for n in ("rq1", "cka", "maps", "alpha_sweep", "variants", "rq3", "rq4")}
+    d = {n: load(run_dir / f"{n}.json") for n in ("rq1", "cka", "maps", "alpha_sweep", "variants", "rq3", "rq4",
+                                                  "tokens")}
     out = {"A": fig_a_data(d["rq1"], d["cka"]), "B": fig_b_data(d["maps"], d["alpha_sweep"], d["variants"]),
-           "C": fig_c_data(d["rq3"], d["rq4"]), "D": fig_d_data(d["rq4"])}
+           "C": fig_c_data(d["rq3"], d["rq4"]), "D": fig_d_data(d["rq4"]), "E": fig_e_data(d["tokens"])}
     for v in out.values():
         if v is not None:      # "$" would start matplotlib mathtext: a pair name is shown as written
             v["label"] = (label or run_dir.name).replace("$", r"\$")
@@ -143,7 +153,8 @@ def draw(key: str, runs: list[dict], path: Path) -> Path:
     import inspect
 
     from mechdiff import plots
-    fn = {"A": plots.plot_fig_a, "B": plots.plot_fig_b, "C": plots.plot_fig_c, "D": plots.plot_fig_d}[key]
+    fn = {"A": plots.plot_fig_a, "B": plots.plot_fig_b, "C": plots.plot_fig_c, "D": plots.plot_fig_d,
+          "E": plots.plot_tokens_curve}[key]
     digest = hashlib.sha256((json.dumps(runs, sort_keys=True, default=str) + inspect.getsource(fn)).encode()).hexdigest()
     stamp = path.with_suffix(".sha256")
     if path.is_file() and stamp.is_file() and stamp.read_text().strip() == digest:
@@ -155,11 +166,14 @@ def draw(key: str, runs: list[dict], path: Path) -> Path:
 
 
 def write_figures(run_dir: Path) -> list[tuple[str, Path | None, str]]:
-    """Figures A-D of one run under figures/report/: ``[(key, path or None, caption or the reason)]``."""
+    """Figures A-E of one run under figures/report/: ``[(key, path or None, caption or the reason)]``
+    (E, the tokens stage's curve, only when that stage ran)."""
     run_dir = Path(run_dir)
     data = figure_data(run_dir)
     out = []
-    for key in "ABCD":
+    for key in "ABCDE":
+        if data[key] is None and key == "E":
+            continue
         if data[key] is None:
             out.append((key, None, f"Figure {key}: its stage has not run in this directory."))
             continue
