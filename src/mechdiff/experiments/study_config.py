@@ -22,7 +22,7 @@ from mechdiff.errors import ConfigError
 #: Stages in the order a study runs them (registered ones only; "maps" runs only when asked for,
 #: since mapped-patch fits the maps itself).
 STUDY_ORDER = ("rq1", "maps", "mapped-patch", "steer", "heads", "tokens")
-DEFAULT_STAGES = ("rq1", "mapped-patch", "steer", "heads")
+DEFAULT_STAGES = ("rq1", "mapped-patch", "steer", "heads", "tokens")
 
 __all__ = ["study_stages", "read_config", "stage_options", "STUDY_ORDER", "DEFAULT_STAGES", "stage_command",
            "config_toml"]
