@@ -29,6 +29,7 @@ from mechdiff.texts.divergence import RowReducer, divergence_rows, pair_text, sa
 from mechdiff.texts.result import SCHEMA, TOKEN_FIELDS, TextSummary, load_texts
 
 RESPONSES, PER_TOKEN, TEXTS = "tokens/responses.json", "tokens/per_token.safetensors", "tokens/texts.json"
+LENS, LENS_JSON = "tensors/diff_lens.safetensors", "diff_lens.json"
 INT_FIELDS = ("start", "end", "rank_in_base", "rank_in_tuned")
 
 
@@ -39,6 +40,8 @@ class TokensOptions:
     n_neutral: int = opt(16, "neutral texts read as they are (0: none)")
     top_n: int = opt(20, "most divergent tokens listed with their context")
     curve_len: int = opt(64, "response positions shown in the divergence curve")
+    lens_tokens: int = opt(5, "activation-difference lens: first content tokens of each neutral text averaged "
+                              "(0: off; models of one shape only)")
 
 
 def check(opts: TokensOptions, n_layers: int) -> None:
@@ -46,8 +49,9 @@ def check(opts: TokensOptions, n_layers: int) -> None:
     for name in ("n_prompts", "max_new_tokens", "top_n", "curve_len"):
         if getattr(opts, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
-    if opts.n_neutral < 0:
-        raise ConfigError(f"--n-neutral must be >= 0, got {opts.n_neutral}")
+    for name in ("n_neutral", "lens_tokens"):
+        if getattr(opts, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(opts, name)}")
 
 
 def _prompts(study: Study, n: int) -> list[dict]:
@@ -150,6 +154,33 @@ def run(study: Study, opts: TokensOptions) -> None:
     study.run.cached("tokens.responses", lambda: _responses(study, opts), outputs=[RESPONSES], info=info)
     study.run.cached("tokens.divergence", lambda: _divergence(study, opts), outputs=[PER_TOKEN, TEXTS],
                      depends_on=["tokens.responses"], info={**info, "n_neutral": opts.n_neutral})
+    if opts.lens_tokens and study.same_shape and opts.n_neutral:
+        study.run.cached("tokens.diff_lens", lambda: _diff_lens(study, opts), outputs=[LENS, LENS_JSON],
+                         info={"lens_tokens": opts.lens_tokens, "n_neutral": opts.n_neutral})
+
+
+def _diff_lens(study: Study, opts: TokensOptions) -> None:
+    """The activation-difference lens on the neutral texts; its per-layer directions as add handles
+    under handles/ (``Handle.load(run / "handles/diff_lens_L{l}_resid_post_add")``)."""
+    from mechdiff.analyses.diff_lens import diff_lens, lens_handles
+    out = diff_lens(study.base, study.tuned, _neutral(study, opts.n_neutral), opts.lens_tokens,
+                    study.batch_size)
+    study.run.write_tensors(LENS, {"delta": out["delta"]})
+    handles = []
+    for h in lens_handles(out["delta"], {"n_positions": out["n"], "n_tokens": opts.lens_tokens}):
+        prefix = f"handles/diff_lens_L{h.layer}_resid_post_add"
+        h.save(study.run.file(prefix))
+        handles.append(prefix)
+    rows = [{"layer": r["layer"], "norm": r["norm"],
+             "tuned_lens_promoted": " ".join(r["tuned"]["promoted"][:8]),
+             "tuned_lens_suppressed": " ".join(r["tuned"]["suppressed"][:8]),
+             "base_lens_promoted": " ".join(r["base"]["promoted"][:8])} for r in out["lens"]]
+    study.run.write_json(LENS_JSON, {
+        "title": "Activation-difference lens (tuned - base on neutral text)",
+        "summary": (f"Mean tuned-minus-base resid_post over the first {opts.lens_tokens} content tokens of the "
+                    f"neutral texts ({out['n']} positions), read through each model's final norm and unembedding. "
+                    "Each layer's direction is saved as a rank-1 add handle (alpha 1 adds the mean difference)."),
+        "table": rows, "lens": out["lens"], "handles": handles, "n_positions": out["n"]})
 
 
 def summarise(study: Study, opts: TokensOptions) -> dict:
