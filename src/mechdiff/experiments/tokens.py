@@ -21,15 +21,23 @@ from dataclasses import dataclass
 import torch
 
 from mechdiff.analyses.behaviour.generation import generate
+from mechdiff.analyses.diff_lens import diff_lens, lens_handles
+from mechdiff.data.datasets import load_prompt_set
 from mechdiff.data.prompts import format_prompt
 from mechdiff.errors import ConfigError, DataError
-from mechdiff.experiments.stage import SIDES, Stage, Study, opt, register
+from mechdiff.experiments.common import load_dataset_ref
+from mechdiff.experiments.stage import SIDES, Stage, Study, opt, register, run_stage
+from mechdiff.experiments.steps import check_layers, study_layers
+from mechdiff.patching.response import response_patch
+from mechdiff.plots.tokens import plot_tokens_curve
+from mechdiff.progress import progress
 from mechdiff.texts import summaries as S
 from mechdiff.texts.divergence import RowReducer, divergence_rows, pair_text, same_tokenizer
 from mechdiff.texts.result import SCHEMA, TOKEN_FIELDS, TextSummary, load_texts
 
 RESPONSES, PER_TOKEN, TEXTS = "tokens/responses.json", "tokens/per_token.safetensors", "tokens/texts.json"
 LENS, LENS_JSON = "tensors/diff_lens.safetensors", "diff_lens.json"
+PATCH_JSON = "response_patch.json"
 INT_FIELDS = ("start", "end", "rank_in_base", "rank_in_tuned")
 
 
@@ -40,6 +48,10 @@ class TokensOptions:
     n_neutral: int = opt(16, "neutral texts read as they are (0: none)")
     top_n: int = opt(20, "most divergent tokens listed with their context")
     curve_len: int = opt(64, "response positions shown in the divergence curve")
+    response_k: int = opt(8, "response readout of layer patching: mean KL over the first K response tokens, "
+                             "patched at every position of prompt + response (0: off; one tokenizer only)")
+    patch_layers: list[int] | None = opt(None, "layers patched for the response readout (default: RQ1's choice "
+                                               "in this run directory and its control)")
     lens_tokens: int = opt(5, "activation-difference lens: first content tokens of each neutral text averaged "
                               "(0: off; models of one shape only)")
 
@@ -49,7 +61,8 @@ def check(opts: TokensOptions, n_layers: int) -> None:
     for name in ("n_prompts", "max_new_tokens", "top_n", "curve_len"):
         if getattr(opts, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(opts, name)}")
-    for name in ("n_neutral", "lens_tokens"):
+    check_layers(n_layers, layers=opts.patch_layers)
+    for name in ("n_neutral", "lens_tokens", "response_k"):
         if getattr(opts, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(opts, name)}")
 
@@ -63,8 +76,6 @@ def _prompts(study: Study, n: int) -> list[dict]:
 def _neutral(study: Study, n: int) -> list[dict]:
     if n == 0:
         return []
-    from mechdiff.data.datasets import load_prompt_set
-    from mechdiff.experiments.common import load_dataset_ref
     ref = (study.pair.datasets or {}).get("neutral")
     rows = load_dataset_ref(ref) if ref is not None else load_prompt_set("neutral")
     return rows[:n]
@@ -124,7 +135,6 @@ def _divergence(study: Study, opts: TokensOptions) -> None:
     red = RowReducer(study.base.model, study.tuned.model, study.allowed_ids("base"), study.allowed_ids("tuned"),
                      full=same_tokenizer(ta, tb))
     rows: list[dict] = []
-    from mechdiff.progress import progress
     bs = study.batch_size
     for i in progress(range(0, len(texts), bs), f"tokens ({len(texts)} texts)", total=-(-len(texts) // bs)):
         rows += divergence_rows(red, ta, tb, [pt for _, pt in texts[i:i + bs]])
@@ -154,15 +164,58 @@ def run(study: Study, opts: TokensOptions) -> None:
     study.run.cached("tokens.responses", lambda: _responses(study, opts), outputs=[RESPONSES], info=info)
     study.run.cached("tokens.divergence", lambda: _divergence(study, opts), outputs=[PER_TOKEN, TEXTS],
                      depends_on=["tokens.responses"], info={**info, "n_neutral": opts.n_neutral})
+    if opts.response_k and study.same_shape and same_tokenizer(study.base.tokenizer, study.tuned.tokenizer):
+        layers = _patch_layers(study, opts)
+        study.run.cached("tokens.response_patch", lambda: _response_patch(study, opts, layers),
+                         outputs=[PATCH_JSON], depends_on=["tokens.responses"],
+                         info={**info, "response_k": opts.response_k, "layers": layers})
     if opts.lens_tokens and study.same_shape and opts.n_neutral:
         study.run.cached("tokens.diff_lens", lambda: _diff_lens(study, opts), outputs=[LENS, LENS_JSON],
                          info={"lens_tokens": opts.lens_tokens, "n_neutral": opts.n_neutral})
 
 
+def _patch_layers(study: Study, opts: TokensOptions) -> list[int]:
+    layers, control = study_layers(study, opts.patch_layers)
+    return sorted(set(layers) | ({control} if not opts.patch_layers else set()))
+
+
+def _response_patch(study: Study, opts: TokensOptions, layers: list[int]) -> None:
+    """RQ1's layer patching read over the response: patched at every position of prompt + response
+    (teacher-forced on each model's response in turn), the mean KL over the first K response tokens."""
+    tok = study.base.tokenizer
+    texts = [(m, pt) for m, pt in _texts(study, opts) if m["set"] == "prompts"]
+    rows = []
+    for who in SIDES:
+        sel = [(m, pt) for m, pt in texts if m["responder"] == who]
+        ids = [pt.a.ids for _, pt in sel]
+        starts = [next((i for i, (s, _) in enumerate(pt.a.offsets) if s >= m["response_start"] and not pt.a.special[i]),
+                       len(pt.a.ids)) for m, pt in sel]
+        keep = [i for i, (st, x) in enumerate(zip(starts, ids)) if 0 < st < len(x)]
+        topics = [sel[i][0]["topic"] or sel[i][0]["id"] for i in keep]
+        for src, dst in (("base", "tuned"), ("tuned", "base")):
+            out = response_patch(study.side(src).model, study.side(dst).model, tok, [ids[i] for i in keep],
+                                 [starts[i] for i in keep], layers, opts.response_k, study.allowed_ids(src),
+                                 study.allowed_ids(dst), study.batch_size)
+            gap = S.cluster_mean(out["gap"].tolist(), topics)
+            for l in layers:
+                kl = S.cluster_mean(out["patch_kl"][l].tolist(), topics)
+                rows.append({"readout": f"response (first {opts.response_k} tokens)", "responder": who,
+                             "direction": f"{src}->{dst}", "layer": l, "patch_kl": kl["mean"], "patch_kl_se": kl["se"],
+                             "gap": gap["mean"], "gap_se": gap["se"], "share_closed": out["share_closed"][l],
+                             "n_texts": kl["n"]})
+    study.run.write_json(PATCH_JSON, {
+        "title": "Layer patching read over the response (tokens stage)",
+        "summary": (f"resid_post of one model written into the other at every position of prompt + response, "
+                    f"teacher-forced on each model's greedy response; patch KL = KL(destination clean || patched), "
+                    f"gap = KL(source clean || destination clean), share closed = 1 - KL(source || patched) / gap, "
+                    f"each the mean over the first {opts.response_k} response tokens (shared vocabulary), "
+                    "SEs over topic clusters. RQ1's own patch.json reads the decision/last token instead."),
+        "table": rows, "layers": layers})
+
+
 def _diff_lens(study: Study, opts: TokensOptions) -> None:
     """The activation-difference lens on the neutral texts; its per-layer directions as add handles
     under handles/ (``Handle.load(run / "handles/diff_lens_L{l}_resid_post_add")``)."""
-    from mechdiff.analyses.diff_lens import diff_lens, lens_handles
     out = diff_lens(study.base, study.tuned, _neutral(study, opts.n_neutral), opts.lens_tokens,
                     study.batch_size)
     study.run.write_tensors(LENS, {"delta": out["delta"]})
@@ -213,7 +266,6 @@ def summarise_run(run, opts: TokensOptions) -> dict:
     headline["coverage_mean"] = sum(t.summary.coverage for t in texts) / len(texts) if texts else None
     figures = {}
     if any(c["pos"] for c in curve.values()):
-        from mechdiff.plots.tokens import plot_tokens_curve
         plot_tokens_curve([{"label": run.path.name, "curves": curve}], run.figure("tokens_curve.png"))
         figures["tokens_curve.png"] = ("Per-token KL(base || tuned) over the shared vocabulary along each model's "
                                        "own greedy response: mean over prompts, 95% band from the topic-cluster SE")
@@ -233,7 +285,6 @@ def summarise_run(run, opts: TokensOptions) -> dict:
 
 def run_tokens(pair, opts: TokensOptions | None = None, **kw):
     """``run_stage("tokens", pair, opts, **kw)``."""
-    from mechdiff.experiments.stage import run_stage
     return run_stage("tokens", pair, opts or TokensOptions(), **kw)
 
 

@@ -28,7 +28,8 @@ import torch
 
 from mechdiff.data.prompts import Encoded, collate, pad_id_of
 from mechdiff.errors import DataError
-from mechdiff.texts.alignment import Alignment, Tokenization
+from mechdiff.scale.devices import input_device
+from mechdiff.texts.alignment import Alignment, Tokenization, align_regions, tokenize_text
 from mechdiff.texts.result import TOKEN_FIELDS
 
 __all__ = ["PairText", "final_hidden", "head_logits", "RowReducer", "divergence_rows", "same_tokenizer"]
@@ -52,7 +53,6 @@ def same_tokenizer(tok_a: Any, tok_b: Any) -> bool:
 
 
 def _device(model: Any) -> torch.device:
-    from mechdiff.scale.devices import input_device
     return input_device(model)
 
 
@@ -104,8 +104,10 @@ class RowReducer:
         self.ids = (torch.as_tensor(a_ids, dtype=torch.long), torch.as_tensor(b_ids, dtype=torch.long))
         if self.ids[0].numel() == 0:
             raise DataError("the two tokenizers share no vocabulary: nothing to compare per token")
-        v = max(int(m.get_output_embeddings().weight.shape[0]) for m in self.models)
-        self.chunk = max(1, budget_bytes // (v * 4 * 8))     # ~8 float32 [rows, V] temporaries
+        vs = [int(m.get_output_embeddings().weight.shape[0]) for m in self.models]
+        self.chunk = max(1, budget_bytes // (max(vs) * 4 * 8))     # ~8 float32 [rows, V] temporaries
+        # the shared vocabulary is the whole vocabulary in order on both sides: masked = full, computed once
+        self.whole = all(i.numel() == v and torch.equal(i, torch.arange(v)) for i, v in zip(self.ids, vs))
 
     def _side(self, s: int, h: torch.Tensor, nxt: torch.Tensor):
         model = self.models[s]
@@ -122,9 +124,9 @@ class RowReducer:
         out = {"logp": [], "rank": []}
         for i in range(0, h.shape[0], self.chunk):
             _, _, logp, rank = self._side(s, h[i:i + self.chunk], nxt[i:i + self.chunk])
-            out["logp"].append(logp.cpu())
-            out["rank"].append(rank.cpu())
-        return {k: torch.cat(v) if v else torch.zeros(0) for k, v in out.items()}
+            out["logp"].append(logp)
+            out["rank"].append(rank)
+        return {k: torch.cat(v).cpu() if v else torch.zeros(0) for k, v in out.items()}
 
     @torch.no_grad()
     def pair_stats(self, h_a: torch.Tensor, h_b: torch.Tensor, nxt_a: torch.Tensor, nxt_b: torch.Tensor
@@ -137,22 +139,28 @@ class RowReducer:
             sl = slice(i, i + self.chunk)
             la, lsa, lp_a, rk_a = self._side(0, h_a[sl], nxt_a[sl])
             lb, lsb, lp_b, rk_b = self._side(1, h_b[sl], nxt_b[sl])
-            ia, ib = self.ids[0].to(la.device), self.ids[1].to(lb.device)
-            sa = la.index_select(-1, ia)
-            sb = lb.index_select(-1, ib).to(sa.device)
-            lpa, lpb = torch.log_softmax(sa, -1), torch.log_softmax(sb, -1)
-            r = {"kl_bt": _kl(lpa, lpb), "kl_tb": _kl(lpb, lpa),
-                 "dropped_base": (1 - lsa.index_select(-1, ia).exp().sum(-1)).clamp_min(0),
-                 "dropped_tuned": (1 - lsb.index_select(-1, ib).exp().sum(-1)).clamp_min(0),
-                 "logp_base": lp_a, "logp_tuned": lp_b, "rank_in_base": rk_a, "rank_in_tuned": rk_b}
-            if self.full:
+            if self.whole:
+                lpa, lpb = lsa, lsb.to(lsa.device)
+                drop_a = drop_b = torch.zeros_like(lp_a)
+            else:
+                ia, ib = self.ids[0].to(la.device), self.ids[1].to(lb.device)
+                lpa = torch.log_softmax(la.index_select(-1, ia), -1)
+                lpb = torch.log_softmax(lb.index_select(-1, ib), -1).to(lpa.device)
+                drop_a = (1 - lsa.index_select(-1, ia).exp().sum(-1)).clamp_min(0)
+                drop_b = (1 - lsb.index_select(-1, ib).exp().sum(-1)).clamp_min(0).to(drop_a.device)
+            r = {"kl_bt": _kl(lpa, lpb), "kl_tb": _kl(lpb, lpa), "dropped_base": drop_a, "dropped_tuned": drop_b,
+                 "logp_base": lp_a, "logp_tuned": lp_b.to(lp_a.device), "rank_in_base": rk_a,
+                 "rank_in_tuned": rk_b.to(rk_a.device)}
+            if self.whole:
+                r["kl_bt_full"], r["kl_tb_full"] = r["kl_bt"], r["kl_tb"]
+            elif self.full:
                 lsb_ = lsb.to(lsa.device)
                 r["kl_bt_full"], r["kl_tb_full"] = _kl(lsa, lsb_), _kl(lsb_, lsa)
             else:
                 r["kl_bt_full"] = r["kl_tb_full"] = torch.full_like(lp_a, NAN)
             for k in keys:
-                out[k].append(r[k].cpu())
-        return {k: torch.cat(v) for k, v in out.items()}
+                out[k].append(r[k])
+        return {k: torch.cat(v).cpu() for k, v in out.items()}
 
 
 def _kl(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
@@ -235,7 +243,6 @@ def pair_text(tok_a: Any, tok_b: Any, text_a: str, text_b: str | None = None,
     or one per side (False for a text a chat template rendered: it holds its specials). A side whose tokens start with
     text (no special token, e.g. SmolLM2 adds no BOS) gets its BOS in front, so the first token has
     a prediction too."""
-    from mechdiff.texts.alignment import align_regions, tokenize_text
     text_b = text_a if text_b is None else text_b
     sp_a, sp_b = add_special_tokens if isinstance(add_special_tokens, tuple) else (add_special_tokens,) * 2
     a = _with_bos(tokenize_text(tok_a, text_a, sp_a), tok_a)
