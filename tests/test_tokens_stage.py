@@ -46,7 +46,11 @@ def test_tokens_stage_on_a_tiny_pair(tmp_path, tiny_pair):
     assert "Most divergent texts, token by token" in html and "Figure E" in html
     assert "<b>" not in html and ">&lt;</span>" in html               # prompt text escaped, token by token
     assert 'style="background: rgba(220,40,40,' in html
-    return run.path
+    # the response readout of layer patching and the activation-difference lens ran (one tokenizer, one shape)
+    rp = json.loads((run.path / "response_patch.json").read_text())
+    assert {r["direction"] for r in rp["table"]} == {"base->tuned", "tuned->base"} and rp["table"][0]["gap"] > 0
+    lens = json.loads((run.path / "diff_lens.json").read_text())
+    assert len(lens["table"]) == 4 and lens["handles"]
 
 
 def test_compare_puts_the_curves_side_by_side(tmp_path, tiny_pair):
@@ -68,6 +72,9 @@ def test_tokens_stage_model_against_itself_is_zero(tmp_path, tiny_pair):
         for r in t.rows:
             assert r.kl_bt == 0.0 and r.kl_tb == 0.0 and r.kl_bt_full == 0.0
             assert r.logp_base == r.logp_tuned and r.rank_in_base == r.rank_in_tuned
+    rp = json.loads((run.path / "response_patch.json").read_text())
+    assert all(r["patch_kl"] == 0.0 and r["gap"] == 0.0 and r["share_closed"] is None for r in rp["table"])
+    assert json.loads((run.path / "diff_lens.json").read_text())["handles"] == []
     # resumable: a rerun recomputes nothing
     from mechdiff.artifacts import RunDir
     steps = RunDir(run.path).steps()
