@@ -44,6 +44,11 @@ def test_tokens_stage_on_a_tiny_pair(tmp_path, tiny_pair):
     from mechdiff.report import write_report
     html = write_report(run.path)[0].read_text(encoding="utf-8")
     assert "Most divergent texts, token by token" in html and "Figure E" in html
+    assert "Per token, KL(base ‖ tuned) over the shared vocabulary is" in html          # the summary sentence
+    from mechdiff.experiments.results import load_result
+    from mechdiff.experiments.tokens import TokensResult
+    res = load_result(run, TokensResult)
+    assert res.n_texts == 8 and res.kl_bt_tuned_response == h["kl_bt_tuned_response"]
     assert "<b>" not in html and ">&lt;</span>" in html               # prompt text escaped, token by token
     assert 'style="background: rgba(220,40,40,' in html
     # the response readout of layer patching and the activation-difference lens ran (one tokenizer, one shape)

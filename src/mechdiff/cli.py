@@ -207,6 +207,18 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="two or more run dir
 
 
 @app.command()
+def serve(run_dirs: list[Path] = typer.Argument(..., help="one or more run directories"),
+          port: int = typer.Option(8765, "--port", help="TCP port"),
+          host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: this machine only)"),
+          device: str = typer.Option("cpu", "--device", help="where the live panel's models run (cpu, cuda ...)")) -> None:
+    """An explorer in the browser: headlines and Figures A-D, per-token texts, live prompts with handles."""
+    from mechdiff.serve import make_app, run_app
+    app_ = _run(make_app, run_dirs, device=device, hosts=[host])
+    console.print(f"mechdiff serve: http://{host}:{port}/  (Ctrl-C stops)", markup=False, highlight=False)
+    run_app(app_, host, port)
+
+
+@app.command()
 def sweep(pairs: str = typer.Option(..., "--pairs", help="comma list of pairs (built-in names or TOML files)"),
           stages: Optional[str] = typer.Option(None, "--stages", help="comma list of stages (default: the whole study)"),
           address: Optional[str] = typer.Option(None, "--address", help="an existing Ray cluster (ray://HOST:10001 "
@@ -220,7 +232,7 @@ def sweep(pairs: str = typer.Option(..., "--pairs", help="comma list of pairs (b
           seed: int = typer.Option(0, "--seed", help="random seed"),
           prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL prompt file for every pair")) -> None:
     """Many pairs as Ray tasks (one GPU each where there are GPUs), each a resumable study, then compare."""
-    from mechdiff.scale.sweep import sweep as run_sweep
+    from mechdiff.experiments.sweep import sweep as run_sweep
     path = _run(run_sweep, pairs, stages, out, address=address, config=config, device=device, dtype=dtype,
                 batch_size=batch_size, seed=seed, prompts=prompts)
     console.print(f"sweep done: {path.resolve()} (compare: {(path / 'compare').resolve()})", markup=False,
@@ -260,10 +272,10 @@ def demo(out: Optional[Path] = OutOpt, device: Optional[str] = DeviceOpt,
 
 
 def _register_stages() -> None:
-    from mechdiff.experiments.stage import STAGES, get_stage
-    get_stage("rq1")   # imports the registry
-    for stage in STAGES.values():
-        _stage_command(stage)
+    """One command per registered stage (:mod:`mechdiff.experiments.registry`), in study order."""
+    from mechdiff.experiments import STAGES, study_order
+    for name in study_order():
+        _stage_command(STAGES[name])
 
 
 _register_stages()

@@ -15,8 +15,10 @@ rows and the divergence by category/language/topic with cluster SEs) and figures
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -26,11 +28,14 @@ from mechdiff.data.datasets import load_prompt_set
 from mechdiff.data.prompts import format_prompt
 from mechdiff.errors import ConfigError, DataError
 from mechdiff.experiments.common import load_dataset_ref
-from mechdiff.experiments.stage import SIDES, Stage, Study, opt, register, run_stage
+from mechdiff.experiments.results import result_of
+from mechdiff.experiments.stage import SIDES, Stage, Study, opt, run_stage
 from mechdiff.experiments.steps import check_layers, study_layers
 from mechdiff.patching.response import response_patch
 from mechdiff.plots.tokens import plot_tokens_curve
 from mechdiff.progress import progress
+from mechdiff.report.hooks import Figure, ReportHooks
+from mechdiff.report.tokens import tokens_section
 from mechdiff.texts import summaries as S
 from mechdiff.texts.divergence import RowReducer, divergence_rows, pair_text, same_tokenizer
 from mechdiff.texts.result import SCHEMA, TOKEN_FIELDS, TextSummary, load_texts
@@ -236,8 +241,31 @@ def _diff_lens(study: Study, opts: TokensOptions) -> None:
         "table": rows, "lens": out["lens"], "handles": handles, "n_positions": out["n"]})
 
 
-def summarise(study: Study, opts: TokensOptions) -> dict:
-    return summarise_run(study.run, opts)
+@result_of("tokens")
+@dataclass
+class TokensResult:
+    """What later stages and the report read of the ``tokens`` stage (the full numbers: tokens.json)."""
+
+    unit: str | None = None
+    n_texts: int = 0
+    kl_bt_base_response: float | None = None
+    kl_bt_base_response_se: float | None = None
+    kl_bt_tuned_response: float | None = None
+    kl_bt_tuned_response_se: float | None = None
+    coverage_mean: float | None = None
+    response_patch_layers: list[int] = field(default_factory=list)
+
+
+def summarise(study: Study, opts: TokensOptions) -> TokensResult:
+    out = summarise_run(study.run, opts)
+    h = out["headline"]
+    rp = study.run.read_json(PATCH_JSON) if study.run.exists(PATCH_JSON) else {}
+    return TokensResult(unit=h.get("unit"), n_texts=int(h.get("n_texts") or 0),
+                        kl_bt_base_response=h.get("kl_bt_base_response"),
+                        kl_bt_base_response_se=h.get("kl_bt_base_response_se"),
+                        kl_bt_tuned_response=h.get("kl_bt_tuned_response"),
+                        kl_bt_tuned_response_se=h.get("kl_bt_tuned_response_se"),
+                        coverage_mean=h.get("coverage_mean"), response_patch_layers=list(rp.get("layers") or []))
 
 
 def summarise_run(run, opts: TokensOptions) -> dict:
@@ -288,7 +316,50 @@ def run_tokens(pair, opts: TokensOptions | None = None, **kw):
     return run_stage("tokens", pair, opts or TokensOptions(), **kw)
 
 
-STAGE = register(Stage(
+def _headline(run_dir: Path) -> dict:
+    f = Path(run_dir) / "tokens.json"
+    return (json.loads(f.read_text(encoding="utf-8")).get("headline") or {}) if f.is_file() else {}
+
+
+def tokens_sentences(run_dir: Path) -> list[str]:
+    """One executive-summary sentence: the per-token KL along each model's response, with its SE."""
+    h = _headline(run_dir)
+    if not h:
+        return []
+    parts = []
+    for who in SIDES:
+        m, se = h.get(f"kl_bt_{who}_response"), h.get(f"kl_bt_{who}_response_se")
+        if m is not None:
+            parts.append(f"{m:.3g}" + (f" ± {se:.2g}" if se is not None else " (no SE: one topic)") +
+                         f" nats along the {who} model's responses")
+    if not parts:
+        return []
+    return [f"Per token, KL(base ‖ tuned) over the shared vocabulary is {' and '.join(parts)} "
+            f"(± topic-cluster SE; unit: {h.get('unit')}, coverage {h.get('coverage_mean') or 0:.3g})."]
+
+
+def tokens_numbers(run_dir: Path) -> dict:
+    h = _headline(run_dir)
+    return {"per-token KL, tuned responses": h.get("kl_bt_tuned_response"),
+            "per-token KL, base responses": h.get("kl_bt_base_response")} if h else {}
+
+
+def curve_data(run_dir: Path) -> dict | None:
+    """Figure E's data: the curve along the response (None: the stage has not run there)."""
+    f = Path(run_dir) / "tokens.json"
+    curves = json.loads(f.read_text(encoding="utf-8")).get("curve") if f.is_file() else None
+    if not isinstance(curves, dict) or not any(isinstance(c, dict) and c.get("pos") for c in curves.values()):
+        return None
+    return {"curves": curves}
+
+
+FIG_E = Figure("E", "Figure E — per-token KL(base ‖ tuned) over the shared vocabulary along each model's own greedy "
+                    "response, teacher-forced in both (mean over prompts, 95% band from the topic-cluster SE).",
+               curve_data, lambda runs, path: plot_tokens_curve(runs, path), "per-token divergence along the response")
+REPORT = ReportHooks(topic="Per-token divergence", sentences=tokens_sentences, figures=(FIG_E,), section=tokens_section,
+                     numbers=tokens_numbers, metrics=("tokens.json", PATCH_JSON, LENS_JSON))
+STAGE = Stage(
     name="tokens", help="per-token divergence over whole texts (responses and neutral text), across tokenizers",
-    options=TokensOptions, run=run, summarise=summarise, check=check,
-    done_message="per-token divergence written to tokens.json and tokens/per_token.safetensors"))
+    options=TokensOptions, run=run, summarise=summarise, check=check, result=TokensResult, report=REPORT,
+    done_message="per-token divergence written to tokens.json and tokens/per_token.safetensors")
+STAGES = (STAGE,)
