@@ -15,7 +15,7 @@ import sys, torch
 sys.path.insert(0, "benchmarks")
 import common as C
 import bench_capture, bench_compare, bench_exactness, bench_gpu, bench_linalg, bench_patch  # noqa: F401
-import bench_defaults, bench_patching_cpu, bench_rq3, bench_rq4, bench_scale, bench_stages  # noqa: F401
+import bench_defaults, bench_patching_cpu, bench_rq3, bench_rq4, bench_scale, bench_stages, bench_tokens  # noqa: F401
 sections = {s for m in bench_gpu.MODULES for s in m.SECTIONS}
 assert sections == set(bench_gpu.ORDER.split(",")), sections
 bench_gpu.main(["--tiny", "--reps", "1", "--out", sys.argv[1], "--sections", "maps_detail,linalg,patch"])
@@ -27,6 +27,8 @@ model, b = C.build_model(cfg, torch.float32), C.random_batch(3, 8, cfg.vocab_siz
 with torch.no_grad():
     a, h = C.honest_forward(model, b), C.hf_forward(model, b)[:, -1]
 assert torch.allclose(a, h, atol=1e-5), (a - h).abs().max()
+rows = bench_tokens.main(["--tiny", "--reps", "1", "--batch", "2", "--seq", "8", "--out", sys.argv[1]])
+assert len(rows) == 3 and rows[2][1] is not None, rows
 print("OK")
 """
 

@@ -6,7 +6,8 @@ from mechdiff.errors import ConfigError
 from mechdiff.pairs import ModelSpec, Pair, list_pairs, load_pair, pair_from_specs
 
 BUILTINS = {"cultural", "cognitive", "planted-cultural", "planted-cognitive", "smollm2-vs-gemma3", "smollm2-self",
-            "smollm2-math-lora", "smollm2-culture-lora"}
+            "smollm2-math-lora", "smollm2-culture-lora", "smollm2-culture-l20-r1", "smollm2-culture-l20-r2",
+            "smollm2-culture-l20-r4", "smollm2-culture-l20-r8", "smollm2-math-attn-4"}
 
 
 def test_parse_hub_with_and_without_revision():

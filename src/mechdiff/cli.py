@@ -207,6 +207,18 @@ def compare(run_dirs: list[Path] = typer.Argument(..., help="two or more run dir
 
 
 @app.command()
+def serve(run_dirs: list[Path] = typer.Argument(..., help="one or more run directories"),
+          port: int = typer.Option(8765, "--port", help="TCP port"),
+          host: str = typer.Option("127.0.0.1", "--host", help="address to bind (default: this machine only)"),
+          device: str = typer.Option("cpu", "--device", help="where the live panel's models run (cpu, cuda ...)")) -> None:
+    """An explorer in the browser: headlines and Figures A-D, per-token texts, live prompts with handles."""
+    from mechdiff.serve import make_app, run_app
+    app_ = _run(make_app, run_dirs, device=device, hosts=[host])
+    console.print(f"mechdiff serve: http://{host}:{port}/  (Ctrl-C stops)", markup=False, highlight=False)
+    run_app(app_, host, port)
+
+
+@app.command()
 def sweep(pairs: str = typer.Option(..., "--pairs", help="comma list of pairs (built-in names or TOML files)"),
           stages: Optional[str] = typer.Option(None, "--stages", help="comma list of stages (default: the whole study)"),
           address: Optional[str] = typer.Option(None, "--address", help="an existing Ray cluster (ray://HOST:10001 "
@@ -228,18 +240,20 @@ def sweep(pairs: str = typer.Option(..., "--pairs", help="comma list of pairs (b
 
 
 @app.command()
-def finetune(task: str = typer.Argument(..., help="math | culture"),
+def finetune(task: str = typer.Argument(..., help="math | culture | a ladder name (culture-l20-r1, -r2, -r4, "
+                                                   "-r8, math-attn-4) | ladder (all five)"),
              out: Optional[Path] = OutOpt, device: Optional[str] = DeviceOpt,
              base: Optional[str] = typer.Option(None, "--base", help="base model spec (default: smollm2-135m)"),
              seed: int = typer.Option(0, "--seed"),
              smoke: bool = typer.Option(False, "--smoke", help="a few steps on a tiny random model (CPU check)"),
              max_steps: Optional[int] = typer.Option(None, "--max-steps", help="stop after this many steps"),
              evaluate: bool = typer.Option(True, "--evaluate/--no-evaluate", help="base vs tuned evaluation")) -> None:
-    """Train a LoRA fine-tune of the base (the testbed's math or culture recipe) and write its card."""
+    """Train a LoRA fine-tune of the base (the testbed's math or culture recipe, or a known-answer ladder
+    adapter on the CPU) and write its card."""
     from mechdiff.finetune import finetune as run_finetune
     card = _run(run_finetune, task, out, base=base, seed=seed, smoke=smoke, device=device,
                 evaluate=evaluate, max_steps=max_steps)
-    console.print(f"finetune done: {card.get('headline', '')}")
+    console.print(f"finetune done: {card.get('headline') or ', '.join(card)}", markup=False, highlight=False)
 
 
 @app.command()

@@ -41,6 +41,8 @@ def demo_config(pair: str, quick: bool = False) -> dict[str, dict]:
                       n_fit=8 if cognitive else 16, n_dev=3 if cognitive else 4, n_test=5 if cognitive else 8,
                       n_neutral=4, n_mc=0 if quick else 4, transfer_lang=None),
         "heads": dict(n_prompts=4 if quick else 6, ablations=["zero"], top_k=4),
+        "tokens": dict(n_prompts=4 if quick else 8, max_new_tokens=8 if quick else 16, n_neutral=2 if quick else 4,
+                       top_n=10),
     }
     return cfg
 

@@ -4,19 +4,25 @@
     python -m mechdiff.finetune culture --smoke --out /tmp/smoke                   # CPU: seconds
     python -m mechdiff.finetune verify src/mechdiff/finetune/adapters/smollm2-math-lora
     python -m mechdiff.finetune write-sets          # rewrite the shipped held-out prompt sets
+    python -m mechdiff.finetune ladder --out src/mechdiff/finetune/adapters   # the known-answer ladder (CPU)
+    python -m mechdiff.finetune culture-l20-r4 --out /tmp/l20r4                # one ladder adapter
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
+from mechdiff.finetune.recipes import LADDER
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m mechdiff.finetune", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for task in ("math", "culture"):
-        p = sub.add_parser(task, help=f"train the {task} LoRA adapter, evaluate it, write it with its card")
+    for task in ("math", "culture", *LADDER, "ladder"):
+        what = ("every known-answer ladder adapter (out: their parent directory)" if task == "ladder"
+                else f"the {task} LoRA adapter")
+        p = sub.add_parser(task, help=f"train {what}, evaluate it, write it with its card")
         p.add_argument("--out", help="adapter directory to write (replaced); default runs/finetune/<name>")
         p.add_argument("--base", help="base model spec (default smollm2-135m; 'tiny' = random tiny Llama)")
         p.add_argument("--seed", type=int, default=0)
@@ -45,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
 
     card = finetune(a.cmd, a.out, base=a.base, seed=a.seed, smoke=a.smoke, device=a.device,
                     evaluate=not a.no_eval, max_steps=a.max_steps)
+    if a.cmd == "ladder":
+        card = {"headline": {k: c["headline"] for k, c in card.items()}}
     if "headline" in card:
         import json
 

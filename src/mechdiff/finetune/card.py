@@ -5,10 +5,22 @@ import json
 from pathlib import Path
 from typing import Any
 
+import platform
+
+import peft
+import torch
+import transformers
+
 from mechdiff.atomic import atomic_write_text, dumps_json, sha256_file
 
 CARD = "card.json"
 CARD_VERSION = 1
+
+
+def versions() -> dict[str, str]:
+    """The software that made an adapter (recorded in its card)."""
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "peft": peft.__version__}
 
 
 def file_hashes(adapter_dir: str | Path) -> dict[str, str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import gc
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -16,20 +15,14 @@ from typing import Any, Callable
 
 import torch
 
-from mechdiff.finetune.card import write_card
-from mechdiff.finetune.recipes import Recipe, get_recipe
+from mechdiff.errors import ConfigError
+from mechdiff.finetune.card import versions, write_card
+from mechdiff.finetune.ladder import train_ladder
+from mechdiff.finetune.recipes import LADDER, Recipe, get_recipe
 from mechdiff.finetune.train import (data_hash, examples_for, extend_tokenizer, save_adapter, train_lora,
                                      weights_fingerprint)
 
 TINY = "tiny"  # base name of the CPU smoke mode: a random 4-layer Llama (mechdiff.models.tiny)
-
-
-def _versions() -> dict[str, str]:
-    import peft
-    import transformers
-
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "peft": peft.__version__}
 
 
 def _load(base: str, device: str, seed: int, adapter: Path | None = None) -> tuple[Any, Any, dict]:
@@ -129,7 +122,18 @@ def finetune(task: str, out: "str | os.PathLike | None" = None, *, base: str | N
            tokenizer files for culture, card.json. Default ``runs/finetune/<recipe name>``.
     evaluate: score base and tuned (the written adapter, loaded as BASE+ADAPTER) into the card.
     Returns the card (also written as ``out/card.json``).
+
+    A ladder name (``culture-l20-r1`` .. ``math-attn-4``, `mechdiff.finetune.ladder`) trains that
+    known-answer adapter on the CPU (default out: the shipped ``finetune/adapters/<name>``);
+    ``task="ladder"`` trains all five into ``out`` (default: the shipped adapters directory) and
+    returns ``{name: card}``.
     """
+    if task == "ladder" or task in LADDER:
+        if smoke or base or max_steps:
+            raise ConfigError("the ladder recipes are fixed (SmolLM2-135M, their own steps): drop --smoke / --base / --max-steps")
+        if task == "ladder":
+            return train_ladder(tuple(LADDER), out, log=log) if out else train_ladder(tuple(LADDER), log=log)
+        return train_ladder((task,), out=out, log=log)[task]
     recipe = get_recipe(task, smoke=smoke, seed=seed, **({"max_steps": max_steps} if max_steps else {}))
     base = base or (TINY if smoke else "smollm2-135m")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -170,7 +174,7 @@ def finetune(task: str, out: "str | os.PathLike | None" = None, *, base: str | N
         "training": {**stats, "device": torch.cuda.get_device_name() if device.startswith("cuda") else device,
                      "precision": "bf16 autocast, fp32 weights" if device.startswith("cuda") else "fp32",
                      "optimizer": "AdamW", "schedule": "linear warm-up, cosine decay to min_lr_frac * lr"},
-        "versions": _versions(),
+        "versions": versions(),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]) if sys.argv and sys.argv[0] else None,
     }
     if new_ids:

@@ -30,6 +30,7 @@ class Recipe:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: tuple[str, ...] = LORA_TARGETS
+    layers: tuple[int, ...] | None = None   # only these decoder layers (None: all)
     new_tokens: bool = False           # culture: extend the tokenizer, train the rows
     # optimisation
     lr: float = 5e-4
@@ -59,6 +60,10 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["target_modules"] = list(self.target_modules)
+        if self.layers is None:   # all layers: the key is left out (as in the cards written before it existed)
+            del d["layers"]
+        else:
+            d["layers"] = list(self.layers)
         return d
 
 
@@ -71,10 +76,39 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
+#: The known-answer ladder (`mechdiff.finetune.ladder`): one-site LoRAs whose truth is in their card.
+#: Trained with the layers below the lowest adapted one frozen and their output cached (exact), on
+#: a seeded subset of the task's data; one recipe for the four culture ranks (same steps, lr, seed).
+LADDER_LAYER = 20
+LADDER_RANKS = (1, 2, 4, 8)
+MATH_ATTN_LAYERS = (12, 16, 20, 24)
+_CULTURE_LADDER = dict(task="culture", dropout=0.0, target_modules=("down_proj",),
+                       layers=(LADDER_LAYER,), lr=5e-3, batch_size=4, max_len=96, max_steps=20,
+                       warmup_frac=0.1, min_lr_frac=0.1, data={"answers_per_prompt": 1, "subset": 80},
+                       eval_n=24, n_neutral=24, save_dtype="float32", log_every=5)
+LADDER: dict[str, Recipe] = {
+    **{f"culture-l{LADDER_LAYER}-r{r}": Recipe(
+        name=f"smollm2-culture-l{LADDER_LAYER}-r{r}", r=r, alpha=2 * r,
+        **_CULTURE_LADDER) for r in LADDER_RANKS},
+    "math-attn-4": Recipe(task="math", name="smollm2-math-attn-4", r=4, alpha=8, dropout=0.0,
+                          target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), layers=MATH_ATTN_LAYERS,
+                          lr=5e-3, batch_size=4, max_len=128, max_steps=12, warmup_frac=0.1,
+                          data={"n_train": 6000, "n_eval": 400, "subset": 48}, eval_n=24, n_neutral=24,
+                          save_dtype="float32", log_every=4),
+}
+#: Every recipe name the command line takes (``mechdiff finetune NAME``); ``ladder`` trains all of LADDER.
+RECIPE_NAMES: tuple[str, ...] = (*RECIPES, *LADDER)
+
+
 def get_recipe(task: str, *, smoke: bool = False, **overrides: Any) -> Recipe:
-    """The recipe for ``task``; ``smoke`` shrinks it to a few CPU steps on a tiny model's data."""
+    """The recipe named ``task`` (math, culture or a ladder name); ``smoke`` shrinks math / culture to a
+    few CPU steps on a tiny model's data."""
+    if task in LADDER:
+        if smoke:
+            raise ConfigError(f"{task} has no smoke version (it trains one site of SmolLM2 on the CPU already)")
+        return replace(LADDER[task], **overrides) if overrides else LADDER[task]
     if task not in RECIPES:
-        raise ConfigError(f"unknown fine-tune task {task!r}; choose one of {', '.join(TASKS)}")
+        raise ConfigError(f"unknown fine-tune task {task!r}; choose one of {', '.join(RECIPE_NAMES)} or ladder")
     rec = RECIPES[task]
     if smoke:
         data = {"n_train": 8, "n_eval": 4} if task == "math" else {"answers_per_prompt": 1, "n_train": 8}

@@ -113,6 +113,8 @@ def lora_config(recipe: Recipe, new_ids: Sequence[int] | None = None):
                               target_modules=list(recipe.target_modules), bias="none", task_type="CAUSAL_LM")
     if new_ids:
         kw["trainable_token_indices"] = list(new_ids)
+    if recipe.layers is not None:
+        kw["layers_to_transform"] = list(recipe.layers)
     return LoraConfig(**kw)
 
 

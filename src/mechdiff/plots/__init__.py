@@ -17,7 +17,8 @@ from mechdiff.plots.rq1 import plot_cka_curve, plot_cka_matrix, plot_patch_kl
 from mechdiff.plots.rq2 import plot_drop_heatmap, plot_map_quality
 from mechdiff.plots.rq3 import plot_steer_vs_k
 from mechdiff.plots.rq4 import plot_churn_bars, plot_cumulative_topk, plot_head_hist
+from mechdiff.plots.tokens import plot_tokens_curve
 
 __all__ = ["CKA_FLOOR", "plot_cka_curve", "plot_cka_matrix", "plot_patch_kl", "plot_map_quality",
            "plot_drop_heatmap", "plot_steer_vs_k", "plot_head_hist", "plot_churn_bars",
-           "plot_cumulative_topk", "plot_fig_a", "plot_fig_b", "plot_fig_c", "plot_fig_d"]
+           "plot_cumulative_topk", "plot_tokens_curve", "plot_fig_a", "plot_fig_b", "plot_fig_c", "plot_fig_d"]
