@@ -40,3 +40,47 @@ def test_overlapping_or_missing_estimates_are_not_resolved():
     assert rows[1].diff.note == "a side has no estimate"
     assert "not resolved at this sample size" in summary_sentence(rows)
     assert rows[0].to_json()["predicted"] == "cultural < cognitive"
+
+
+def _run(root, name, domain, rank, share, ablate, own):
+    """A run directory holding only what the verdict reads: manifest, rq3.json, rq4.json."""
+    import json
+    d = root / name
+    d.mkdir()
+    iv = lambda v, lo, hi: {"estimate": v, "ci_low": lo, "ci_high": hi, "method": "constructed"}  # noqa: E731
+    (d / "manifest.json").write_text(json.dumps({"pair": {"name": name, "domain": domain}}))
+    (d / "rq3.json").write_text(json.dumps({"result": {
+        "rank": {"20": iv(*rank), "22": iv(rank[0] - 1, rank[1] - 1, rank[2] - 1)},
+        "by_mode": {"steer": {"cell": {"k": 2, "dev_share": 0.3, "test_share": share[0], "ppl_change_pct_masked": 1.5},
+                              "estimates": {"test_share": iv(*share)}},
+                    "map": {"cell": {"k": 8, "dev_share": 0.9, "test_share": 0.9}},    # k > 3: not a small handle
+                    "ablate": {"cell": {"k": 1, "dev_share": 0.2, "test_share": ablate[0]},
+                               "estimates": {"test_share": iv(*ablate)}}}}}))
+    (d / "rq4.json").write_text(json.dumps({"churn": {"own": {"share_interval": iv(*own)}}}))
+    return d
+
+
+def test_compare_writes_the_verdict_of_a_constructed_knob_and_rewiring_pair(tmp_path):
+    import json
+
+    from mechdiff.compare import compare_runs
+    knob = _run(tmp_path, "knob", "cultural", (2, 2, 3), (0.4, 0.3, 0.5), (0.5, 0.35, 0.6), (0.02, 0.0, 0.04))
+    rew = _run(tmp_path, "rewiring", "cognitive", (12, 9, 15), (0.05, -0.05, 0.15), (0.45, 0.3, 0.6), (0.3, 0.2, 0.4))
+    out = compare_runs([knob, rew], out=tmp_path / "cmp")
+    v = json.loads((out / "compare.json").read_text())["verdict"]
+    rows = {r["key"]: r for r in v["rows"]}
+    assert rows["rank"]["cultural"]["value"] == 2 and rows["rank"]["cognitive"]["value"] == 12   # widest layer
+    assert rows["rank"]["verdict"] == SUPPORTS and rows["head_churn"]["verdict"] == SUPPORTS
+    assert rows["handle_steer"]["verdict"] == SUPPORTS                 # steer (k=2), not map (k=8)
+    assert rows["handle_ablate"]["verdict"] == NOT_RESOLVED            # both ablate about half: no difference
+    assert rows["side_effects"]["verdict"] == NOT_RESOLVED             # no interval: never a verdict
+    assert "towards the hypothesis" in v["summary"]
+    html = (out / "compare.html").read_text()
+    assert "Verdict" in html and NOT_RESOLVED in html
+    # the same runs with the roles swapped contradict it
+    for name, dom in (("knob", "cognitive"), ("rewiring", "cultural")):
+        m = tmp_path / name / "manifest.json"
+        m.write_text(json.dumps({"pair": {"name": name, "domain": dom}}))
+    v2 = json.loads((compare_runs([knob, rew], out=tmp_path / "cmp2") / "compare.json").read_text())["verdict"]
+    assert {r["key"]: r["verdict"] for r in v2["rows"]}["rank"] == CONTRADICTS
+    assert "against the hypothesis" in v2["summary"]

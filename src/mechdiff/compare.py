@@ -20,7 +20,7 @@ from mechdiff.report.figures import draw, figure_data
 from mechdiff.report.hooks import figures as report_figures
 from mechdiff.report.render import Section, load, page
 from mechdiff.report.summary import numbers, sentences
-from mechdiff.verdict import Estimate, difference
+from mechdiff.verdict import Estimate, difference, run_estimates, verdict_for
 
 #: (row label, key in report.summary.numbers, format); indented rows are the uncertainty or control
 ROWS = (("divergence enters at layer", "entry layer", "{}"), ("  patch KL there", "entry KL", "{:.3g}"),
@@ -124,6 +124,7 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
         runs.append({"label": label, "path": str(d.resolve()), "pair": pair.get("name"), "domain": pair.get("domain"),
                      "numbers": numbers(d), "sentences": sentences(d), "figures": figure_data(d, label),
                      "intervals": intervals(d)})
+        runs[-1]["estimates"] = run_estimates(runs[-1]["intervals"], load(d / "rq3.json") or {}, runs[-1]["numbers"])
     figures, notes = {}, []
     for key, title in ((f.key, f.title or f.key) for f in report_figures()):
         data = [r["figures"][key] for r in runs if r["figures"].get(key) is not None]
@@ -135,10 +136,10 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
                 continue
             figures[key] = (path, f"Figure {key} overlaid ({title}): " + ", ".join(r["label"] for r in data))
     table = [{"quantity": name.strip(), **{r["label"]: r["numbers"].get(key) for r in runs}} for name, key, _ in ROWS]
-    contrasts, diffs = _contrasts(runs), differences(runs)
+    contrasts, diffs, verdict = _contrasts(runs), differences(runs), verdict_for(runs)
     run.write_json("compare.json", {"title": "mechdiff comparison", "runs": [
-        {k: v for k, v in r.items() if k not in ("figures", "intervals")} for r in runs], "table": table,
-        "contrasts": contrasts, "differences": diffs,
+        {k: v for k, v in r.items() if k not in ("figures", "intervals", "estimates")} for r in runs], "table": table,
+        "contrasts": contrasts, "differences": diffs, "verdict": verdict,
         "figures": {f"compare_{k.lower()}.png": cap for k, (_, cap) in figures.items()}})
     sec = Section()
     sec.heading("mechdiff comparison — " + " vs ".join(r["label"] for r in runs), 1)
@@ -146,6 +147,8 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
     sec.heading("Headline numbers", 2, "table")
     sec.table(["quantity", *[r["label"] for r in runs]],
               [[name, *[_cell(r["numbers"].get(key), spec) for r in runs]] for name, key, spec in ROWS])
+    if verdict:
+        _verdict_section(sec, verdict)
     if contrasts:
         sec.heading("Contrasts", 2, "contrasts")
         sec.bullets(contrasts)
@@ -166,6 +169,23 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
     atomic_write_text(out_dir / "compare.html", page("mechdiff comparison", sec.html))
     atomic_write_text(out_dir / "compare.md", "\n".join(sec.md))
     return out_dir
+
+
+def _verdict_section(sec, verdict: dict) -> None:
+    """The verdict table: one row per criterion, both runs' estimates with intervals, the difference."""
+    def iv(e: dict) -> str:
+        if e["value"] is None:
+            return "n/a" + (f" ({e['note']})" if e["note"] else "")
+        txt = f"{e['value']:.3g}"
+        return txt + (f" [{e['lo']:.3g}, {e['hi']:.3g}]" if e["lo"] is not None and e["hi"] is not None
+                      else f" ({e['note'] or 'no interval'})")
+    sec.heading("Verdict: is the cultural fine-tune a low-rank knob and the cognitive one distributed rewiring?",
+                2, "verdict")
+    sec.para(verdict["summary"])
+    sec.table(["criterion", "predicted", f"cultural: {verdict['cultural']}", f"cognitive: {verdict['cognitive']}",
+               "difference (cultural - cognitive)", "verdict"],
+              [[r["criterion"], r["predicted"], iv(r["cultural"]), iv(r["cognitive"]), iv(r["difference"]),
+                r["verdict"]] for r in verdict["rows"]])
 
 
 def _contrasts(runs: list[dict]) -> list[str]:

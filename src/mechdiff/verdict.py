@@ -134,3 +134,61 @@ def summary_sentence(rows: list[Row]) -> str:
         overall = "the hypothesis is not resolved at this sample size"
     return (f"Is the cultural fine-tune a low-rank knob and the cognitive one distributed rewiring? "
             f"{'; '.join(parts)}: {overall}.")
+
+
+#: the modes that move the base towards the tuned model (criterion handle_steer) and the one that
+#: removes the tuned model's change (handle_ablate)
+STEER_MODES, ABLATE_MODE, MAX_K = ("steer", "add", "map"), "ablate", 3
+
+
+def run_estimates(intervals: dict[str, Estimate], rq3: dict, numbers: dict) -> dict[str, Estimate]:
+    """One run's estimate per criterion, from its interval-carrying headlines (``compare.intervals``),
+    its ``rq3.json`` and its compare numbers. Rules (chosen before looking at any result):
+
+    - rank: the largest rank estimate over the layers RQ3 analysed (where the change is widest);
+    - handle_steer: of the steering modes whose handle was chosen on dev at k <= 3, the one with the
+      best *dev* share; its test share with interval (never the best test share: that is selection);
+    - handle_ablate: the ablation handle's test share where its k <= 3;
+    - side_effects: that steering handle's neutral perplexity change (%), no interval (not resolved);
+    - head_churn: the changed-head share of the ``own`` measure (else ``swap``);
+    - map_r2: the best transport map's held-out R2 (no interval: a row without a verdict).
+    """
+    out: dict[str, Estimate] = {}
+    ranks = [e for k, e in intervals.items() if k.startswith("RQ3 rank of the difference at L")]
+    if ranks:
+        out["rank"] = max(ranks, key=lambda e: e.value)
+    by_mode = (rq3.get("result") or {}).get("by_mode") or {}
+
+    def cell(mode):
+        c = (by_mode.get(mode) or {}).get("cell") or {}
+        return c if c.get("k") is not None and c["k"] <= MAX_K else None
+    steer = [(m, cell(m)) for m in STEER_MODES if cell(m) and cell(m).get("dev_share") is not None]
+    if steer:
+        mode, c = max(steer, key=lambda mc: mc[1]["dev_share"])
+        est = intervals.get(f"RQ3 {mode}: test share of the gap closed")
+        out["handle_steer"] = est or Estimate(c.get("test_share"), note=f"{mode} k={c['k']}: no interval")
+        ppl = c.get("ppl_change_pct_masked", c.get("ppl_change_pct_unmasked"))
+        if ppl is not None:
+            out["side_effects"] = Estimate(float(ppl), note=f"{mode} k={c['k']}: no interval")
+    if cell(ABLATE_MODE):
+        c = cell(ABLATE_MODE)
+        out["handle_ablate"] = intervals.get(f"RQ3 {ABLATE_MODE}: test share of the gap closed") or \
+            Estimate(c.get("test_share"), note=f"k={c['k']}: no interval")
+    churn = intervals.get("RQ4 changed heads (own)") or intervals.get("RQ4 changed heads (swap)")
+    if churn:
+        out["head_churn"] = churn
+    if numbers.get("best map R2") is not None:
+        out["map_r2"] = Estimate(float(numbers["best map R2"]), note="held-out R2 of one split: no interval")
+    return out
+
+
+def verdict_for(runs: list[dict]) -> dict | None:
+    """The verdict table of a comparison: ``runs`` as compare builds them (``domain``, ``label``,
+    ``estimates``). Needs exactly one ``cultural`` and one ``cognitive`` run; else None."""
+    cult = [r for r in runs if r.get("domain") == "cultural"]
+    cogn = [r for r in runs if r.get("domain") == "cognitive"]
+    if len(cult) != 1 or len(cogn) != 1:
+        return None
+    rows = verdict_rows(cult[0]["estimates"], cogn[0]["estimates"])
+    return {"cultural": cult[0]["label"], "cognitive": cogn[0]["label"], "rows": [r.to_json() for r in rows],
+            "summary": summary_sentence(rows)}

@@ -10,13 +10,14 @@ from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
-from mechdiff.compare import ROWS, _cell, _contrasts, _label
+from mechdiff.compare import ROWS, _cell, _contrasts, _label, intervals
 from mechdiff.errors import ConfigError, DataError
 from mechdiff.report.figures import figure_data
 from mechdiff.report.hooks import registered_hooks
 from mechdiff.report.render import load
 from mechdiff.report.summary import numbers, sentences
 from mechdiff.texts.result import TextDivergence, load_texts
+from mechdiff.verdict import run_estimates, verdict_for
 
 #: metrics files the built-in stages' report hooks open by name (with each registered hook's ``metrics``
 #: and results/*.json, checked to stay inside the run before the report readers open them)
@@ -171,7 +172,11 @@ class RunSet:
             for h in r.headlines():
                 for k, v in h["headline"].items():
                     stages.setdefault((h["title"], k), [None] * len(self.runs))[j] = v
-        runs = [{"label": lab, "numbers": n} for lab, n in zip(labels, nums)]
+        runs = []
+        for r, lab, n in zip(self.runs, labels, nums):
+            iv = intervals(r.root)
+            runs.append({"label": lab, "numbers": n, "domain": (r.manifest.get("pair") or {}).get("domain"),
+                         "estimates": run_estimates(iv, load(r.root / "rq3.json") or {}, n)})
         return clean({"labels": labels, "table": table,
                       "headlines": [{"stage": s, "key": k, "values": v} for (s, k), v in stages.items()],
                       "contrasts": _contrasts(runs) if len(runs) > 1 else [], "verdicts": verdict_rows(runs),
@@ -179,9 +184,8 @@ class RunSet:
 
 
 def verdict_rows(runs: list[dict]) -> list[dict]:
-    """HOOK (verdict table). ``compare`` writes the headline rows and the contrasts but does not yet
-    extract the per-run estimates that ``mechdiff.verdict.verdict_rows`` judges (main has verdict.py,
-    the extraction is not written). When it is, return ``[Row.to_json(), ...]`` here: ``{"criterion",
-    "predicted", "cultural": {value, lo, hi, note}, "cognitive": {...}, "difference": {...}, "verdict"}``;
-    the page renders those rows as the verdict table and says the hook is empty otherwise."""
-    return []
+    """The verdict table's rows (``mechdiff.verdict.Row.to_json()`` form: criterion, predicted, both
+    runs' estimates with intervals, the difference, the verdict) where exactly one cultural and one
+    cognitive run are open, as ``mechdiff compare`` writes them; [] otherwise."""
+    v = verdict_for(runs)
+    return v["rows"] if v else []

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The GPU study of docs/RESULTS_LORA.md in one command: every pair named (default: the two trained
+# LoRA pairs and the known-answer ladder) through `mechdiff run` with docs/lora_study/gpu.toml on one
+# GPU in bfloat16, then `mechdiff compare` over all of them. Prints one line per pair: wall time and
+# peak GPU memory, and a time stamp on every stage's log line.
+#   benchmarks/gpu_study.sh OUT [PAIR ...]
+set -euo pipefail
+OUT=${1:?usage: gpu_study.sh OUT [PAIR ...]}; shift
+PAIRS=("$@")
+[ ${#PAIRS[@]} -gt 0 ] || PAIRS=(smollm2-culture-lora smollm2-math-lora)
+CONFIG=${CONFIG:-docs/lora_study/gpu.toml}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+for p in "${PAIRS[@]}"; do
+  if ! "$PY" - "$p" "$OUT/$p" "$CONFIG" <<'PYEOF'
+import sys, time, torch
+from mechdiff.experiments.study import run_study
+pair, out, cfg = sys.argv[1:4]
+torch.cuda.reset_peak_memory_stats()
+t0 = time.perf_counter()
+run_study(pair, cfg, out=out, device="cuda", dtype="bfloat16",
+          log=lambda m: print(f"[{pair} {time.perf_counter() - t0:7.1f} s] {m}", flush=True))
+print(f"study {pair}: {time.perf_counter() - t0:.1f} s wall, peak GPU memory "
+      f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
+PYEOF
+  then echo "study $p failed (see above); the other pairs go on"; fi
+done
+dirs=(); for p in "${PAIRS[@]}"; do dirs+=("$OUT/$p"); done
+"$PY" -m mechdiff.cli compare "${dirs[@]}" --out "$OUT/compare"
