@@ -114,6 +114,9 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike, create: bool = True):
         self.path = Path(path)
+        #: Content hashes of what the steps read (the models' files); when set, a step recorded
+        #: with other inputs is not done (a model changed in place is recomputed).
+        self.inputs: dict | None = None
         if create:
             self.path.mkdir(parents=True, exist_ok=True)
         elif not self.path.is_dir():
@@ -261,6 +264,8 @@ class RunDir:
         rec = steps.get(name)
         if rec is None or name in _stack:
             return False
+        if self.inputs is not None and rec.get("inputs") != to_jsonable(self.inputs):
+            return False
         outputs = rec.get("outputs")
         if not isinstance(outputs, dict):
             return False
@@ -304,7 +309,8 @@ class RunDir:
                                     f"(run it first)")
                 deps[dep] = self._fingerprint(steps[dep])
             record = {"outputs": hashes, "deps": deps, "finished": utc_now(),
-                      "info": to_jsonable(dict(info or {}))}
+                      "info": to_jsonable(dict(info or {})),
+                      **({"inputs": to_jsonable(self.inputs)} if self.inputs is not None else {})}
             steps[name] = record
             self._write_steps(steps)
         return record

@@ -36,6 +36,7 @@ from mechdiff.models.hub import (  # noqa: F401  (re-exported: importable from h
     _not_cached_error,
     hub_offline,
 )
+from mechdiff.models.content import content_hash
 from mechdiff.models.kinds import offline_kind, resolve_offline
 from mechdiff.pairs.spec import ModelSpec
 
@@ -272,6 +273,17 @@ def _apply_adapter(model: Any, tok: Any, adapter: str, trust_remote_code: bool =
     return merged, tok, {"adapter": str(a.resolve()) if local else adapter, "adapter_merged": True}
 
 
+def _read_paths(spec: ModelSpec, info: dict) -> list[str | None]:
+    """The files and directories a load read: the GGUF file or the model directory, then the adapter."""
+    root = info.get("resolved_path")
+    weights = str(Path(root) / spec.gguf_file) if spec.gguf_file and root else root
+    adapter = info.get("adapter")
+    if adapter and not Path(adapter).exists():      # a hub adapter: its cached snapshot
+        cached = _cached_file(adapter, "adapter_config.json", None)
+        adapter = str(Path(cached).parent) if cached else None
+    return [weights, adapter]
+
+
 def load_model(spec: "ModelSpec | str", *, dtype: "str | torch.dtype" = "auto", device_map: Any = None,
                device: "str | torch.device | None" = None, trust_remote_code: bool = False,
                max_memory: Any = None) -> LoadedModel:
@@ -312,6 +324,7 @@ def load_model(spec: "ModelSpec | str", *, dtype: "str | torch.dtype" = "auto", 
     if spec.adapter:
         model, tok, ainfo = _apply_adapter(model, tok, spec.adapter, trust_remote_code=trc)
         info.update(ainfo)
+    info["content_hash"] = content_hash(_read_paths(spec, info))
     if device_map is None:
         model = model.to(device=device, dtype=torch_dtype)
     model.eval()
