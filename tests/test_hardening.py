@@ -62,3 +62,35 @@ def test_an_adapter_edited_in_place_is_recomputed_like_a_fresh_run(tmp_path, mon
     after = _results(run_stage("rq1", str(f), out=out, **RQ1_SMALL))
     fresh = _results(run_stage("rq1", str(f), out=tmp_path / "fresh", **RQ1_SMALL))
     assert after != before and after == fresh
+
+
+def test_finetune_out_never_removes_what_it_did_not_write(tmp_path):
+    """Item 2: a non-empty --out that is not a fine-tune output is refused and left as it was; over
+    an earlier fine-tune's output only that fine-tune's files are replaced (a user's file stays)."""
+    from mechdiff.errors import ConfigError
+    from mechdiff.finetune import finetune
+    from mechdiff.finetune.card import verify_card
+    mine = tmp_path / "results"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my own work", encoding="utf-8")
+    (mine / "sub").mkdir()
+    with pytest.raises(ConfigError, match="not empty and not a fine-tune output"):
+        finetune("math", mine, smoke=True, evaluate=False, max_steps=1, log=lambda s: None)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "sub"]
+    assert (mine / "notes.txt").read_text(encoding="utf-8") == "my own work"
+    out = tmp_path / "adapter"
+    finetune("math", out, smoke=True, evaluate=False, max_steps=1, log=lambda s: None)
+    (out / "keep.txt").write_text("kept", encoding="utf-8")
+    card = finetune("math", out, smoke=True, evaluate=False, max_steps=2, log=lambda s: None)
+    assert card["training"]["steps"] == 2 and (out / "keep.txt").read_text(encoding="utf-8") == "kept"
+    assert verify_card(out) == []
+
+
+@pytest.mark.parametrize("steps", [0, -1])
+def test_finetune_max_steps_below_one_is_refused_before_any_work(tmp_path, steps):
+    """Item 4: --max-steps 0 used to run the whole recipe, -1 to write an untrained adapter."""
+    from mechdiff.errors import ConfigError
+    from mechdiff.finetune import finetune
+    with pytest.raises(ConfigError, match="--max-steps must be an integer >= 1"):
+        finetune("math", tmp_path / "out", smoke=True, evaluate=False, max_steps=steps, log=lambda s: None)
+    assert not (tmp_path / "out").exists()

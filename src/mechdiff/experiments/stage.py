@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mechdiff.artifacts import RunDir
+from mechdiff.checks import check_device
 from mechdiff.errors import ConfigError, MechdiffError
 from mechdiff.models.load import LoadedModel
 from mechdiff.pairs import Pair
@@ -211,17 +212,9 @@ def resolve_batch_size(batch_size: int | None, models: Sequence[LoadedModel], pr
 
 def check_common(device: str | None, batch_size: int | None) -> None:
     """The common options: a CUDA device needs a GPU, a batch holds at least one prompt."""
-    import torch
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    if device:
-        try:
-            torch.device(device)
-        except (RuntimeError, ValueError):
-            raise ConfigError(f"--device {device}: not a torch device; use cpu, cuda, cuda:N or mps") from None
-    if device and device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu "
-                          "(or install a CUDA build of torch on a machine with a GPU)")
+    check_device(device)
 
 
 def _forget_options(run: RunDir, stage: str, before: dict | None) -> None:

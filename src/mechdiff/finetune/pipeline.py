@@ -16,7 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from mechdiff.finetune.card import write_card
+from mechdiff.checks import check_count, check_device, check_out_dir
+from mechdiff.finetune.card import check_adapter_out, write_card
 from mechdiff.finetune.recipes import Recipe, get_recipe
 from mechdiff.finetune.train import (data_hash, examples_for, extend_tokenizer, save_adapter, train_lora,
                                      weights_fingerprint)
@@ -125,15 +126,20 @@ def finetune(task: str, out: "str | os.PathLike | None" = None, *, base: str | N
 
     base:  a model spec (default ``smollm2-135m``); ``"tiny"`` is a random 4-layer Llama (CPU smoke).
     smoke: the recipe shrunk to a few steps on 8 examples (base defaults to ``"tiny"``).
-    out:   the adapter directory (replaced): adapter_model.safetensors, adapter_config.json, the
+    out:   the adapter directory (a new or empty one, or an earlier fine-tune's, whose files are
+           replaced; any other directory is refused): adapter_model.safetensors, adapter_config.json, the
            tokenizer files for culture, card.json. Default ``runs/finetune/<recipe name>``.
     evaluate: score base and tuned (the written adapter, loaded as BASE+ADAPTER) into the card.
     Returns the card (also written as ``out/card.json``).
     """
-    recipe = get_recipe(task, smoke=smoke, seed=seed, **({"max_steps": max_steps} if max_steps else {}))
+    check_count(max_steps, "--max-steps")
+    check_device(device)
+    recipe = get_recipe(task, smoke=smoke, seed=seed, **({"max_steps": max_steps} if max_steps is not None else {}))
     base = base or (TINY if smoke else "smollm2-135m")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out) if out is not None else Path("runs") / "finetune" / recipe.name
+    check_out_dir(out)
+    check_adapter_out(out)
     t_all = time.perf_counter()
     train_rows, eval_rows = examples_for(recipe)
     model, tok, info = _load(base, device, seed)
