@@ -94,3 +94,67 @@ def test_finetune_max_steps_below_one_is_refused_before_any_work(tmp_path, steps
     with pytest.raises(ConfigError, match="--max-steps must be an integer >= 1"):
         finetune("math", tmp_path / "out", smoke=True, evaluate=False, max_steps=steps, log=lambda s: None)
     assert not (tmp_path / "out").exists()
+
+
+class _FakeRay:
+    """Just enough of Ray for `sweep` to run its tasks inline."""
+
+    def is_initialized(self):
+        return True
+
+    def cluster_resources(self):
+        return {}
+
+    def remote(self, **kw):
+        return lambda fn: type("T", (), {"remote": staticmethod(fn)})
+
+    def get(self, ref):
+        return ref
+
+
+@pytest.mark.parametrize("name", ["../../../escaped", "/tmp/abs-i22-escape", "a/../../b", "_..", "c:\\\\x y"])
+def test_sweep_pair_names_stay_inside_out(tmp_path, monkeypatch, name):
+    """Item 3: a pair TOML's `name` becomes one safe path component under --out (a traversal or
+    absolute name used to put that pair's run directory outside the sweep directory)."""
+    import sys
+    from pathlib import Path
+
+    import mechdiff.scale.sweep as sw
+    from mechdiff.errors import ConfigError
+    written = []
+
+    def run_one(pair, out, *a):
+        written.append(Path(out))
+        Path(out).mkdir(parents=True)
+        return out
+    monkeypatch.setitem(sys.modules, "ray", _FakeRay())
+    monkeypatch.setattr(sw, "_run_one", run_one)
+    monkeypatch.setattr("mechdiff.compare.compare_runs", lambda *a, **k: None)
+    tomls = []
+    for i, n in enumerate([name, "plain"]):
+        f = tmp_path / f"p{i}.toml"
+        f.write_text(f'name = {json.dumps(n)}\nbase = "smollm2-135m"\ntuned = "smollm2-135m"\n', encoding="utf-8")
+        tomls.append(str(f))
+    root = tmp_path / "deep" / "sweep"
+    if name == "_..":
+        with pytest.raises(ConfigError, match="no letters or digits"):
+            sw.sweep(tomls, "rq1", root)
+        return
+    sw.sweep(tomls, "rq1", root)
+    assert len(written) == 2
+    for p in written:
+        assert p.parent == root.resolve(), p
+    assert sorted(x.name for x in (tmp_path / "deep").iterdir()) == ["sweep"]
+    assert not Path("/tmp/abs-i22-escape").exists()
+
+
+def test_sweep_missing_config_fails_before_ray(tmp_path, monkeypatch):
+    """Item 9: `sweep --config missing.toml` is refused before Ray is imported or started."""
+    import sys
+
+    import mechdiff.scale.sweep as sw
+    from mechdiff.errors import ConfigError
+    monkeypatch.setitem(sys.modules, "ray", None)      # importing ray would fail
+    with pytest.raises(ConfigError, match="run config .*missing.toml does not exist"):
+        sw.sweep("planted-cultural,planted-cognitive", None, tmp_path / "s", config=tmp_path / "missing.toml")
+    assert not (tmp_path / "s").exists()
