@@ -158,3 +158,59 @@ def test_sweep_missing_config_fails_before_ray(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="run config .*missing.toml does not exist"):
         sw.sweep("planted-cultural,planted-cognitive", None, tmp_path / "s", config=tmp_path / "missing.toml")
     assert not (tmp_path / "s").exists()
+
+
+def test_entry_layer_is_no_stronger_than_the_patched_layers():
+    """Item 5: with --layers 20,24 the entry is "layer 20 or earlier" (nothing below was patched);
+    exact only when the layer below was patched too."""
+    from mechdiff.report.summary import entry_phrase
+    assert entry_phrase(20, [20, 24]) == "layer 20 or earlier (layers below 20 were not patched)"
+    assert entry_phrase(20, [18, 20, 22]) == "layer 20 or earlier (after layer 18; layer 19 was not patched)"
+    assert entry_phrase(20, [10, 20]) == "layer 20 or earlier (after layer 10; layers 11-19 were not patched)"
+    assert entry_phrase(20, [19, 20]) == "layer 20" and entry_phrase(0, [0, 4]) == "layer 0"
+
+
+def test_mapped_patch_across_widths_says_raw_kl_na_not_zero():
+    """Item 5: where the widths differ there is no raw patch: the reasons and the report sentence say
+    "raw KL n/a: widths differ", never that the raw patch changes nothing."""
+    import test_rq2
+
+    from mechdiff.experiments.rq2_summary import stop_conditions, sweep_table
+    from mechdiff.report.summary import rq2_sentences
+    v = test_rq2._variants()
+    v["variants"] = [r for r in v["variants"] if r["kind"] != "raw"]
+    t = sweep_table(v)
+    s = stop_conditions(t, test_rq2.SIDE_OK)
+    assert "widths differ" in s["reasons"]["large_drop"] and "changes nothing" not in s["reasons"]["large_drop"]
+    text = " ".join(rq2_sentences(None, {**t, "stop_conditions": s}, v))
+    assert "raw KL n/a (widths differ)" in text and "changes nothing" not in text
+
+
+def test_pair_layers_out_of_range_are_refused_not_dropped(tmp_path, tiny_pair):
+    """Item 4: a pair TOML with `layers = [99]` used to be dropped silently by `heads` (which then ran
+    on its default layers); now one error names the pair's key and the range, and nothing is written."""
+    from mechdiff.errors import ConfigError
+    from mechdiff.experiments.stage import run_stage
+    f = tiny_pair(tmp_path, "tiny", 1, _prompts(tmp_path))
+    f.write_text(f.read_text(encoding="utf-8").replace('dtype = "float32"\n', 'dtype = "float32"\nlayers = [99]\n'),
+                 encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"layers = \[99\]: layer\(s\) \[99\] out of range 0..3"):
+        run_stage("heads", str(f), out=tmp_path / "run", device="cpu", n_prompts=4)
+    assert not (tmp_path / "run").exists()
+
+
+def test_run_config_tables_of_stages_not_run_are_checked_before_models_load(tmp_path, monkeypatch):
+    """Item 9: `ks = [0]` under [steer] fails with --stages rq1 too, before any model loads."""
+    from mechdiff.errors import ConfigError
+    from mechdiff.experiments import common
+    from mechdiff.experiments.study import run_study
+    monkeypatch.setattr(common, "open_models", lambda *a, **k: pytest.fail("a model loaded"))
+    for table, match in (("[steer]\nks = [0]\n", r"\[steer\] --k"), ("[steer]\nalphas = []\n", r"\[steer\] --alpha"),
+                         ("[heads]\nn_prompts = 0\n", r"\[heads\] --n-prompts"),
+                         ("[mapped-patch]\nside_n = 0\n", r"\[mapped-patch\] --side-n must be an integer >= 1"),
+                         ("[steer]\nks = \"1,2\"\n", r"expected a TOML list such as \[1, 2\]")):
+        cfg = tmp_path / "cfg.toml"
+        cfg.write_text(table, encoding="utf-8")
+        with pytest.raises(ConfigError, match=match):
+            run_study("planted-cultural", cfg, "rq1", tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -49,3 +49,55 @@ def check_out_dir(out: str | os.PathLike | None, flag: str = "--out") -> None:
                           "give another path")
     if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
         raise ConfigError(f"{flag} {out}: {probe} is not writable here; give a directory you can write to")
+
+
+#: Integer options that may be 0 (everything else that counts must be >= 1).
+ZERO_OK = {"exclude_last", "n_neutral", "n_mc", "seed"}
+#: Integer options that are layer indices (checked against the models by the stages).
+LAYER_FIELDS = {"control_layer", "layers"}
+
+
+def option_flag(f) -> str:
+    """The command-line spelling of an options dataclass field."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def check_option_counts(opts) -> None:
+    """Every integer count of a stage's options is >= 1 (>= 0 for those in ``ZERO_OK``), every layer
+    index >= 0, every float finite: a negative count would slice ``[:-1]``, a zero one run nothing."""
+    import dataclasses
+    import math
+    for f in dataclasses.fields(opts):
+        v = getattr(opts, f.name)
+        flag = option_flag(f)
+        if f.name in LAYER_FIELDS:
+            for layer in ([v] if isinstance(v, int) else v or []):
+                if isinstance(layer, int) and layer < 0:
+                    raise ConfigError(f"{flag}: layer {layer} is negative; layers are 0-based indices "
+                                      "(0 = the first block)")
+            continue
+        if isinstance(v, bool):
+            continue
+        if isinstance(v, int):
+            check_count(v, flag, 0 if f.name in ZERO_OK else 1)
+        elif isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{flag} must be a finite number, got {v!r}")
+
+
+def check_pair_layers(pair, n_layers: int) -> None:
+    """The pair file's ``layers`` index layers of these models (they used to be dropped silently)."""
+    bad = [layer for layer in (getattr(pair, "layers", None) or []) if not 0 <= layer < n_layers]
+    if bad:
+        raise ConfigError(f"pair {pair.name!r}: layers = {list(pair.layers)}: layer(s) {bad} out of range "
+                          f"0..{n_layers - 1} for these models; fix the pair file's `layers`")
+
+
+def check_against_models(opts, pair, n_layers: int, d_model: int) -> None:
+    """What needs the models' shapes but no model work: the pair's ``layers``, and rank ``ks`` no
+    wider than the residual stream (checked after the models load, before anything is written)."""
+    check_pair_layers(pair, n_layers)
+    ks = getattr(opts, "ks", None) or []
+    wide = [k for k in ks if isinstance(k, int) and k > d_model]
+    if wide:
+        raise ConfigError(f"--k: k = {wide[0]} exceeds the models' width d = {d_model}; a rank-k handle needs "
+                          f"k <= {d_model} (and --n-fit above k)")

@@ -8,6 +8,7 @@ from mechdiff.models.load import LoadedModel
 from mechdiff.pairs import Pair
 from mechdiff.plots import plot_cka_curve, plot_cka_matrix, plot_patch_kl
 from mechdiff.report import write_report
+from mechdiff.report.summary import entry_phrase
 
 
 def planted_layers(pair: Pair) -> list[int] | None:
@@ -118,7 +119,7 @@ def summarise_rq1(run: RunDir, pair: Pair, base: LoadedModel, tuned: LoadedModel
         "vocab increase %": fair["vocab"]["pct_increase"],
         "shared tokens": fair["vocab"]["shared"],
         "chosen layers": choice["chosen"], "control layer": choice["control"],
-        "divergence enters at": (f"layer {choice['entry']}" if choice["entry"] is not None else
+        "divergence enters at": (entry_phrase(choice["entry"], patch["layers"]) if choice["entry"] is not None else
                                  "no divergence found" if patch else "n/a (no patching)"),
     }
     if choice["entry"] is not None:

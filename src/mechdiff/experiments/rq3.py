@@ -103,6 +103,9 @@ def check(opts: RQ3Options, n_layers: int) -> None:
         ("--max-mc-drop-pp", opts.max_mc_drop_pp, opts.max_mc_drop_pp >= 0),
         ("--min-gap-kl", opts.min_gap_kl, opts.min_gap_kl >= 0),
         ("--min-shared-ratio", opts.min_shared_ratio, 0 <= opts.min_shared_ratio <= 1)) if not ok]
+    if opts.ks and all(isinstance(k, int) for k in opts.ks) and opts.n_fit <= max(opts.ks):
+        raise ConfigError(f"--k {max(opts.ks)} needs more fit prompts: --n-fit ({opts.n_fit}) must exceed the largest "
+                          "k; lower --k or raise --n-fit")
     if bad:
         f, v, _ = bad[0]
         raise ConfigError(f"{f}: invalid value {v!r} (see `mechdiff steer --help`; --n-fit must exceed the "

@@ -35,6 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from mechdiff.artifacts import RESUME_SAFE_OPTIONS, RunDir, new_run_dir
 from mechdiff.atomic import atomic_write_text, to_jsonable
+from mechdiff.checks import check_against_models
 from mechdiff.errors import ConfigError
 from mechdiff.experiments.study_config import (DEFAULT_STAGES, STUDY_ORDER,  # noqa: F401 (re-exported)
                                                _coerce, _field_names, _registered, _toml_value, _value_text,
@@ -149,13 +150,13 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
     from mechdiff.pairs import load_pair
     log = log or _log
     names = study_stages(stages)
-    options = stage_options(read_config(config), names)
+    cfg = read_config(config)
+    options = stage_options(cfg, names)
     check_common(device=device, batch_size=batch_size)
     pair = load_pair(pair) if isinstance(pair, (str, os.PathLike)) else pair
+    check_config_tables(cfg)                           # every table, also of stages not run now
     for name in names:                                 # everything but layer ranges, before the models load
-        st = get_stage(name)
-        if st.check is not None:
-            st.check(options[name], 10 ** 9)
+        check_stage_options(name, options[name])
     rows = target_prompts(pair, str(prompts) if prompts else None)   # a bad prompt file fails here
     from mechdiff.scale import distributed as dp
     path = Path(out) if out is not None else dp.from_rank0(lambda: new_run_dir("runs", "study"))
@@ -164,9 +165,8 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
     base, tuned = models or open_models(pair, device, dtype)        # prints a line per model
     n_layers = min(base.n_layers, tuned.n_layers)
     for name in names:                                 # layer ranges, before anything is written
-        st = get_stage(name)
-        if st.check is not None:
-            st.check(options[name], n_layers)
+        check_stage_options(name, options[name], n_layers)
+        check_against_models(options[name], pair, n_layers, min(base.d_model, tuned.d_model))
     prompts_s = str(prompts) if prompts else None
     batch_size = resolve_batch_size(batch_size, (base, tuned), rows)
     first = get_stage(names[0])
@@ -195,6 +195,28 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
     from mechdiff.report import write_report
     write_report(run.path)
     return run
+
+
+def check_stage_options(name: str, opts: Any, n_layers: int = 10 ** 9) -> None:
+    """A stage's option checks (counts, then the stage's own; layer ranges when ``n_layers`` is known),
+    with the stage named: run config values have no command-line flag of their own."""
+    from mechdiff.checks import check_option_counts
+    from mechdiff.experiments.stage import get_stage
+    st = get_stage(name)
+    try:
+        check_option_counts(opts)
+        if st.check is not None:
+            st.check(opts, n_layers)
+    except ConfigError as e:
+        raise ConfigError(f"[{name}] {e}") from None
+
+
+def check_config_tables(cfg: Mapping[str, Mapping]) -> None:
+    """Check the option values of every table of a run config (before any model loads)."""
+    from mechdiff.experiments.stage import STAGES
+    present = [n if n in STAGES else n.replace("_", "-") for n in cfg]
+    for name, opts in stage_options(cfg, present).items():
+        check_stage_options(name, opts)
 
 
 def _with_recorded(run: RunDir, options: Mapping[str, Any]) -> dict[str, Any]:
