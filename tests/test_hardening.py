@@ -214,3 +214,69 @@ def test_run_config_tables_of_stages_not_run_are_checked_before_models_load(tmp_
         with pytest.raises(ConfigError, match=match):
             run_study("planted-cultural", cfg, "rq1", tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_duplicate_prompt_texts_are_dropped_with_a_counted_warning(tmp_path, capsys):
+    """Item 8: eight copies of one text (distinct ids) used to crash RQ1's summary late; now the
+    repeats are dropped at load time with one counted warning."""
+    from mechdiff.data.prompts import load_jsonl
+    f = tmp_path / "p.jsonl"
+    rows = [{"id": f"c{i}", "text": "same text"} for i in range(8)] + [{"id": "x", "text": "other"}]
+    f.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    got = load_jsonl(f)
+    assert [r["id"] for r in got] == ["c0", "x"]
+    err = capsys.readouterr().err
+    assert "warning:" in err and "7 prompt(s) repeat an earlier prompt's text" in err and "line 2 repeats line 1" in err
+
+
+def test_a_stage_that_crashes_with_a_bug_leaves_no_options_behind(tmp_path, monkeypatch, tiny_pair):
+    """Item 8: a stage failing with any exception (here a TypeError) forgets its recorded options, so
+    the corrected rerun with other options into the same --out is not refused."""
+    import dataclasses
+
+    from mechdiff.experiments import stage as st
+    pair, out = str(tiny_pair(tmp_path, "tiny", 1, _prompts(tmp_path))), tmp_path / "run"
+    real = st.get_stage("rq1")
+
+    def crash(study, opts):
+        raise TypeError("a bug")
+    monkeypatch.setitem(st.STAGES, "rq1", dataclasses.replace(real, run=crash))
+    with pytest.raises(TypeError):
+        st.run_stage("rq1", pair, out=out, **{**RQ1_SMALL, "n_prompts": 5})
+    assert "rq1" not in json.loads((out / "manifest.json").read_text(encoding="utf-8")).get("options", {})
+
+
+def test_artifacts_get_the_umask_mode_not_0600(tmp_path):
+    """Item 10: atomic writes used mkstemp's 0600 whatever the umask; colleagues could not read a run."""
+    import os
+    import stat
+
+    from mechdiff.artifacts import RunDir
+    old = os.umask(0o022)
+    try:
+        run = RunDir(tmp_path / "run")
+        p = run.write_json("x.json", {"a": 1})
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644
+        os.umask(0o027)
+        assert stat.S_IMODE(run.write_json("y.json", {}).stat().st_mode) == 0o640
+    finally:
+        os.umask(old)
+
+
+def test_custom_code_model_dir_is_refused_naming_the_flag(tmp_path):
+    """Item 10: a model directory with custom code (auto_map) is refused with a line naming
+    --trust-remote-code, not transformers' own message about trust_remote_code=True."""
+    from mechdiff.errors import ModelLoadError
+    from mechdiff.models.load import load_model
+    from mechdiff.models.tiny import tiny_model
+    m, tok = tiny_model("llama", n_layers=2)
+    d = tmp_path / "custom"
+    m.save_pretrained(d)
+    tok.save_pretrained(d)
+    cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+    cfg["model_type"] = "xcustom"
+    cfg["auto_map"] = {"AutoConfig": "modeling_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}
+    (d / "config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    (d / "modeling_x.py").write_text("raise SystemExit('custom code ran')\n", encoding="utf-8")
+    with pytest.raises(ModelLoadError, match="pass --trust-remote-code"):
+        load_model(str(d), device="cpu")

@@ -92,12 +92,52 @@ def check_pair_layers(pair, n_layers: int) -> None:
                           f"0..{n_layers - 1} for these models; fix the pair file's `layers`")
 
 
-def check_against_models(opts, pair, n_layers: int, d_model: int) -> None:
-    """What needs the models' shapes but no model work: the pair's ``layers``, and rank ``ks`` no
-    wider than the residual stream (checked after the models load, before anything is written)."""
+def check_against_models(opts, pair, base, tuned) -> None:
+    """What needs the models' shapes but no model work (after the models load, before anything is
+    written): the pair's ``layers``, rank ``ks`` no wider than the residual stream, ``--path`` heads
+    that exist."""
+    n_layers, d_model = min(base.n_layers, tuned.n_layers), min(base.d_model, tuned.d_model)
     check_pair_layers(pair, n_layers)
+    n_heads = min(int(m.info.get("n_heads") or 10 ** 9) for m in (base, tuned))
+    for spec in getattr(opts, "path", None) or []:
+        sender, _, receiver = str(spec).partition(":")
+        heads = [sender.split(".")[-1]] + ([receiver.split(".")[-1]] if receiver.startswith("head.") else [])
+        for h in heads:
+            if h.lstrip("-").isdigit() and not 0 <= int(h) < n_heads:
+                raise ConfigError(f"--path {spec!r}: head {h} is out of range 0..{n_heads - 1} (these models have "
+                                  f"{n_heads} heads per layer)")
     ks = getattr(opts, "ks", None) or []
     wide = [k for k in ks if isinstance(k, int) and k > d_model]
     if wide:
         raise ConfigError(f"--k: k = {wide[0]} exceeds the models' width d = {d_model}; a rank-k handle needs "
                           f"k <= {d_model} (and --n-fit above k)")
+
+
+def check_run_dir(path: str | os.PathLike) -> None:
+    """``path`` is a run directory: a directory whose manifest.json holds a JSON object."""
+    import json
+    p = Path(path)
+    if not p.is_dir():
+        raise ConfigError(f"{path} is not a run directory (no such directory)")
+    m = p / "manifest.json"
+    if not m.is_file():
+        raise ConfigError(f"{path} is not a run directory (no manifest.json); give a directory a mechdiff "
+                          "command wrote")
+    try:
+        data = json.loads(m.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{m} cannot be read as JSON ({type(e).__name__}); is this a mechdiff run "
+                          "directory?") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{m} holds a JSON {type(data).__name__}, not a run manifest (an object); is this a "
+                          "mechdiff run directory?")
+
+
+def check_distinct_runs(run_dirs) -> None:
+    """No run directory is given twice (comparing a run with itself shows nothing)."""
+    seen: dict[Path, str] = {}
+    for d in run_dirs:
+        key = Path(d).resolve()
+        if key in seen:
+            raise ConfigError(f"{d} is given twice (as {seen[key]}); compare two or more different runs")
+        seen[key] = str(d)

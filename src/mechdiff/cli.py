@@ -10,14 +10,17 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mechdiff.errors import ConfigError, MechdiffError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fair, causal diffing of a base language model against its fine-tunes.")
-console = Console()
-err_console = Console(stderr=True)
+# Every message may hold user text (paths, option values, names): printed without markup, never
+# hard-wrapped (a pipe gets whole lines), see _say / _error.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 OutOpt = typer.Option(None, "--out", help="run directory (default: a new one under runs/); rerun to resume")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 DeviceMapOpt = typer.Option(None, "--device-map", help="spread each model over this host's GPUs: auto | balanced | "
@@ -50,22 +53,31 @@ def _floats(text: Optional[str], flag: str) -> Optional[list[float]]:
         raise ConfigError(f"{flag} takes a comma list of numbers (e.g. 0.5,1,2), got {text!r}") from None
 
 
+def _say(text: str) -> None:
+    """One line on stdout, user text shown as written (no rich markup, no highlighting)."""
+    console.print(str(text), markup=False, highlight=False)
+
+
+def _error(text: str) -> None:
+    """``error: TEXT`` on stderr; TEXT is escaped, so square brackets in it are shown as written."""
+    err_console.print(f"[bold red]error:[/] {escape(str(text))}", highlight=False)
+
+
 def _run(fn, *args, **kwargs):
     """Call a runner; turn mechdiff errors into a one-line message on stderr and exit code 2."""
     try:
         return fn(*args, **kwargs)
     except MechdiffError as e:
-        err_console.print(f"[bold red]error:[/] {e}")
+        _error(str(e))
         raise typer.Exit(2)
     except KeyboardInterrupt:
-        err_console.print("interrupted; rerun the same command to resume")
+        err_console.print("interrupted; rerun the same command to resume", markup=False, highlight=False)
         raise typer.Exit(130)
     except (MemoryError, RuntimeError) as e:     # torch.OutOfMemoryError is a RuntimeError
         if not _out_of_memory(e):
             raise
-        err_console.print(f"[bold red]error:[/] out of memory ({str(e).splitlines()[0][:160]}); rerun the same "
-                          "command with a smaller --batch-size (finished steps are kept and skipped), or fewer "
-                          "prompts / layers", markup=True, highlight=False)
+        _error(f"out of memory ({str(e).splitlines()[0][:160]}); rerun the same command with a smaller "
+               "--batch-size (finished steps are kept and skipped), or fewer prompts / layers")
         raise typer.Exit(2)
 
 
@@ -128,7 +140,7 @@ def _stage_command(stage) -> None:
                    dtype=vals["dtype"], batch_size=vals["batch_size"], seed=vals["seed"], prompts=vals["prompts"],
                    trust_remote_code=vals["trust_remote_code"], device_map=vals["device_map"],
                    max_memory=vals["max_memory"])
-        console.print(stage.done_message.format(path=run.path) if stage.done_message else f"{stage.name} done: {run.path}")
+        _say(stage.done_message.format(path=run.path) if stage.done_message else f"{stage.name} done: {run.path}")
 
     command.__signature__ = inspect.Signature([p for p, _ in common + own])
     command.__doc__ = stage.help
@@ -154,16 +166,18 @@ def pairs(as_json: bool = typer.Option(False, "--json", help="one JSON list of t
         for col in ("name", "domain", "base", "tuned", "tokenizer policy"):
             table.add_column(col, overflow="fold")
         for r in rows:
-            table.add_row(*r.values())
+            table.add_row(*(escape(v) for v in r.values()))
         console.print(table)
 
 
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
     """(Re)write report.html and report.md for a run directory."""
+    from mechdiff.checks import check_run_dir
     from mechdiff.report import write_report
+    _run(check_run_dir, run_dir)
     html, md = _run(write_report, run_dir)
-    console.print(f"report: {html}  {md}")
+    _say(f"report: {html}  {md}")
 
 
 @app.command("run")
@@ -239,7 +253,7 @@ def finetune(task: str = typer.Argument(..., help="math | culture"),
     from mechdiff.finetune import finetune as run_finetune
     card = _run(run_finetune, task, out, base=base, seed=seed, smoke=smoke, device=device,
                 evaluate=evaluate, max_steps=max_steps)
-    console.print(f"finetune done: {card.get('headline', '')}")
+    _say(f"finetune done: {card.get('headline', '')}")
 
 
 @app.command()
@@ -247,7 +261,7 @@ def testbed(force: bool = typer.Option(False, "--force", help="rebuild even if c
     """De-quantise the offline models and build the planted pairs into the cache."""
     from mechdiff.experiments.common import prepare_testbed
     for line in _run(prepare_testbed, force=force):
-        console.print(line)
+        _say(line)
 
 
 @app.command()

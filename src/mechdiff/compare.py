@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from mechdiff.checks import check_distinct_runs, check_out_dir, check_run_dir
 from mechdiff.errors import ConfigError
 
 #: (row label, key in report.summary.numbers, format); indented rows are the uncertainty or control
@@ -66,8 +67,9 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
     if len(dirs) < 2:
         raise ConfigError("compare needs two or more run directories")
     for d in dirs:
-        if not d.is_dir() or not (d / "manifest.json").is_file():
-            raise ConfigError(f"{d} is not a run directory (no manifest.json)")
+        check_run_dir(d)
+    check_distinct_runs(dirs)
+    check_out_dir(out)
     if labels is not None and len(labels) != len(dirs):
         raise ConfigError(f"{len(labels)} labels for {len(dirs)} runs")
     out_dir = Path(out) if out is not None else new_run_dir("runs", "compare")

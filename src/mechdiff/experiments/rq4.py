@@ -118,9 +118,14 @@ def parse_path(spec: str, n_layers: int | None) -> tuple[int, int, str]:
         layer, head = (int(x) for x in sender.split("."))
     except ValueError:
         raise ConfigError(f"--path {spec!r}: use LAYER.HEAD:RECEIVER, e.g. 22.3:logits") from None
-    if n_layers is not None:
-        check_layers(n_layers, path=[layer])
-    parse_receiver(receiver, layer, n_layers if n_layers is not None else 10**6)
+    if head < 0:
+        raise ConfigError(f"--path {spec!r}: head {head} is negative; heads are 0-based")
+    try:
+        if n_layers is not None:
+            check_layers(n_layers, path=[layer])
+        parse_receiver(receiver, layer, n_layers if n_layers is not None else 10**6)
+    except ConfigError as e:
+        raise ConfigError(f"--path {spec!r}: {e}") from None
     return layer, head, receiver
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from mechdiff.artifacts import RunDir
-from mechdiff.checks import check_against_models, check_device, check_option_counts
-from mechdiff.errors import ConfigError, MechdiffError
+from mechdiff.checks import check_against_models, check_device, check_option_counts, check_out_dir
+from mechdiff.errors import ConfigError
 from mechdiff.models.load import LoadedModel
 from mechdiff.pairs import Pair
 
@@ -180,6 +180,7 @@ def open_study(pair: Pair, stage: Stage, opts: Any, *, out=None, device: str | N
     """
     from mechdiff.experiments.common import open_models, open_run, target_prompts
     check_common(device=device, batch_size=batch_size)
+    check_out_dir(out)
     check_option_counts(opts)
     if stage.check is not None:
         stage.check(opts, 10 ** 9)          # everything but layer ranges, before the models load
@@ -189,7 +190,7 @@ def open_study(pair: Pair, stage: Stage, opts: Any, *, out=None, device: str | N
                           f"vocabulary), got {ratio}")
     rows = target_prompts(pair, prompts)    # a bad prompt file fails here, before any model work
     base, tuned = models or open_models(pair, device, dtype)
-    check_against_models(opts, pair, min(base.n_layers, tuned.n_layers), min(base.d_model, tuned.d_model))
+    check_against_models(opts, pair, base, tuned)
     if stage.check is not None:
         stage.check(opts, min(base.n_layers, tuned.n_layers))   # layer ranges, before any write
     batch_size = resolve_batch_size(batch_size, (base, tuned), rows)
@@ -273,7 +274,7 @@ def run_stage(name: str, pair: "Pair | str", opts: Any = None, *, out=None, devi
     try:
         stage.run(study, opts)
         stage.summarise(study, opts)
-    except MechdiffError:
+    except BaseException:        # any failure (a bug, Ctrl-C): the corrected rerun is not refused
         _forget_options(study.run, stage.name, before)
         raise
     return study.run

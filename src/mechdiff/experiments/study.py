@@ -35,7 +35,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from mechdiff.artifacts import RESUME_SAFE_OPTIONS, RunDir, new_run_dir
 from mechdiff.atomic import atomic_write_text, to_jsonable
-from mechdiff.checks import check_against_models
+from mechdiff.checks import check_against_models, check_out_dir
 from mechdiff.errors import ConfigError
 from mechdiff.experiments.study_config import (DEFAULT_STAGES, STUDY_ORDER,  # noqa: F401 (re-exported)
                                                _coerce, _field_names, _registered, _toml_value, _value_text,
@@ -146,13 +146,15 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
     rq1, mapped-patch, steer, heads). models: already loaded ``(base, tuned)``.
     """
     from mechdiff.experiments.common import open_models, target_prompts
-    from mechdiff.experiments.stage import check_common, get_stage, open_study, resolve_batch_size, run_stage
+    from mechdiff.experiments.stage import (_forget_options, check_common, get_stage, open_study, resolve_batch_size,
+                                            run_stage)
     from mechdiff.pairs import load_pair
     log = log or _log
     names = study_stages(stages)
     cfg = read_config(config)
     options = stage_options(cfg, names)
     check_common(device=device, batch_size=batch_size)
+    check_out_dir(out)
     pair = load_pair(pair) if isinstance(pair, (str, os.PathLike)) else pair
     check_config_tables(cfg)                           # every table, also of stages not run now
     for name in names:                                 # everything but layer ranges, before the models load
@@ -166,10 +168,11 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
     n_layers = min(base.n_layers, tuned.n_layers)
     for name in names:                                 # layer ranges, before anything is written
         check_stage_options(name, options[name], n_layers)
-        check_against_models(options[name], pair, n_layers, min(base.d_model, tuned.d_model))
+        check_against_models(options[name], pair, base, tuned)
     prompts_s = str(prompts) if prompts else None
     batch_size = resolve_batch_size(batch_size, (base, tuned), rows)
     first = get_stage(names[0])
+    recorded = _recorded_options(path)
     study = open_study(pair, first, options[names[0]], out=path, device=device, dtype=dtype, batch_size=batch_size,
                        seed=seed, prompts=prompts_s, models=(base, tuned))
     run = study.run
@@ -188,13 +191,23 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
     for i, name in enumerate(names):
         t0 = time.perf_counter()
         log(f"[{i + 1}/{len(names)}] {name}: {get_stage(name).help}")
-        run_stage(name, pair, options[name], study=study)
+        try:
+            run_stage(name, pair, options[name], study=study)
+        except BaseException:    # the failed stage's options must not block the corrected rerun
+            _forget_options(run, name, recorded.get(name))
+            raise
         seconds[name] = time.perf_counter() - t0
         log(f"[{i + 1}/{len(names)}] {name} done in {seconds[name]:.0f}s")
     atomic_write_text(run.file(RUN_MD), _run_md(run, command, stage_cmds, every, history, seconds))
     from mechdiff.report import write_report
     write_report(run.path)
     return run
+
+
+def _recorded_options(path: Path) -> dict:
+    """The per-stage options recorded in ``path``'s manifest before this invocation ({} if none)."""
+    m = RunDir(path, create=False).read_manifest() if (path / "manifest.json").is_file() else None
+    return dict((m or {}).get("options") or {})
 
 
 def check_stage_options(name: str, opts: Any, n_layers: int = 10 ** 9) -> None:

@@ -156,11 +156,18 @@ def _from_pretrained(src: str, *, revision: str | None, local_only: bool, gguf_f
                           "trust_remote_code": bool(trust_remote_code)}
     if gguf_file:
         kw["gguf_file"] = gguf_file
-    tok = AutoTokenizer.from_pretrained(src, **kw)
     mkw = dict(kw, dtype=torch_dtype)
     if device_map is not None:   # a scale.devices.Placement (device_map, max_memory, offload folder)
         mkw.update(device_map.kwargs() if hasattr(device_map, "kwargs") else {"device_map": device_map})
-    model = AutoModelForCausalLM.from_pretrained(src, **mkw)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, **kw)
+        model = AutoModelForCausalLM.from_pretrained(src, **mkw)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e) or trust_remote_code:
+            raise
+        raise ModelLoadError(f"{src} ships its own model code, which mechdiff does not run unless asked: pass "
+                             "--trust-remote-code (or trust_remote_code = true in the pair TOML) if you trust "
+                             "that code") from None
     return model, tok
 
 
@@ -176,6 +183,8 @@ def _load_hub(spec: ModelSpec, torch_dtype: torch.dtype, device_map: Any, trust_
         model, tok = _from_pretrained(repo, revision=rev, local_only=offline, gguf_file=spec.gguf_file,
                                       torch_dtype=torch_dtype, device_map=device_map,
                                       trust_remote_code=trust_remote_code)
+    except ModelLoadError:
+        raise
     except Exception as first:  # noqa: BLE001
         if offline:
             raise ModelLoadError(f"could not load {what} {repo} from the local cache: {first}") from first
