@@ -280,3 +280,29 @@ def test_custom_code_model_dir_is_refused_naming_the_flag(tmp_path):
     (d / "modeling_x.py").write_text("raise SystemExit('custom code ran')\n", encoding="utf-8")
     with pytest.raises(ModelLoadError, match="pass --trust-remote-code"):
         load_model(str(d), device="cpu")
+
+
+def test_ks_wider_than_the_model_and_bad_head_paths_fail_before_any_write(tmp_path, tiny_pair):
+    """Items 9/10: `steer --k` above the model width (it used to run minutes and fail only in the
+    summary) and `heads --path L.H:...` with a head the models lack (it failed after the ablations
+    without naming --path) are refused once the models load, before anything is written."""
+    from mechdiff.errors import ConfigError
+    from mechdiff.experiments.stage import run_stage
+    pair = str(tiny_pair(tmp_path, "tiny", 1, _prompts(tmp_path)))
+    with pytest.raises(ConfigError, match=r"--k: k = 100 exceeds the models' width d = 64"):
+        run_stage("steer", pair, out=tmp_path / "run", device="cpu", ks=[100], n_fit=200)
+    with pytest.raises(ConfigError, match=r"--path '1.99:logits': head 99 is out of range 0..3"):
+        run_stage("heads", pair, out=tmp_path / "run", device="cpu", n_prompts=4, path=["1.99:logits"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys):
+    """Item 7: Ctrl-C while the CLI imports the stages (torch) ends with one line and exit 130."""
+    import mechdiff.cli as cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "_register_stages", interrupted)
+    with pytest.raises(SystemExit) as e:
+        cli._start()
+    assert e.value.code == 130 and "interrupted during start-up" in capsys.readouterr().err

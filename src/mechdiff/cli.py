@@ -280,7 +280,18 @@ def _register_stages() -> None:
         _stage_command(stage)
 
 
-_register_stages()
+def _start() -> None:
+    """Register the stage commands (imports torch and the stages: the slow part of start-up); Ctrl-C
+    meanwhile is one line and exit 130, not a traceback."""
+    import sys
+    try:
+        _register_stages()
+    except KeyboardInterrupt:
+        print("interrupted during start-up; nothing was run", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+_start()
 
 if __name__ == "__main__":  # pragma: no cover
     app()
