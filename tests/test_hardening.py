@@ -306,3 +306,40 @@ def test_ctrl_c_during_start_up_is_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli._start()
     assert e.value.code == 130 and "interrupted during start-up" in capsys.readouterr().err
+
+
+def test_a_relative_dataset_path_is_taken_from_the_pair_tomls_folder(tmp_path, monkeypatch):
+    """Item 10: a dataset path in a pair TOML is looked up beside the TOML (it was taken from the
+    working directory), and a missing one names every place looked at."""
+    from mechdiff.errors import DataError
+    from mechdiff.experiments.common import target_prompts
+    from mechdiff.pairs import load_pair
+    d = tmp_path / "pairs"
+    d.mkdir()
+    _prompts(d, 5)
+    f = d / "p.toml"
+    f.write_text('base = "smollm2-135m"\ntuned = "smollm2-135m"\n[datasets]\nset = "prompts.jsonl"\n', encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert len(target_prompts(load_pair(str(f)))) == 5
+    assert load_pair(str(f)).to_dict()["datasets"] == {"set": {"path": "prompts.jsonl"}}   # manifests unchanged
+    (d / "prompts.jsonl").unlink()
+    with pytest.raises(DataError, match=rf"not found; looked in {d / 'prompts.jsonl'} and {elsewhere / 'prompts.jsonl'}"):
+        target_prompts(load_pair(str(f)))
+
+
+def test_a_write_that_fails_mid_run_is_one_line_not_a_traceback(monkeypatch, tmp_path):
+    """Item 7: an OSError mid-run (a read-only or full --out discovered after the models load) is one
+    `error:` line naming the file, exit 2."""
+    from typer.testing import CliRunner
+
+    import mechdiff.experiments.stage as stage
+    from mechdiff.cli import app
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "run" / "manifest.json"))
+    monkeypatch.setattr(stage, "run_stage", denied)
+    res = CliRunner().invoke(app, ["rq1", "--pair", "planted-cultural", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "error: Permission denied" in res.stderr and "manifest.json" in res.stderr

@@ -73,6 +73,11 @@ def _run(fn, *args, **kwargs):
     except KeyboardInterrupt:
         err_console.print("interrupted; rerun the same command to resume", markup=False, highlight=False)
         raise typer.Exit(130)
+    except OSError as e:       # a file that cannot be written or read (read-only --out, full disk, ...)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        _error(f"{e.strerror or e}{where}; check the path and its permissions (finished steps are kept: rerun "
+               "the same command to resume)")
+        raise typer.Exit(2)
     except (MemoryError, RuntimeError) as e:     # torch.OutOfMemoryError is a RuntimeError
         if not _out_of_memory(e):
             raise

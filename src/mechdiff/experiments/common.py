@@ -110,7 +110,7 @@ def load_dataset_ref(ref: DatasetRef) -> list[dict]:
         else:
             rows = ds.load_prompt_set(ref.builtin)
     elif ref.path:
-        rows = load_jsonl(ref.path)
+        rows = load_jsonl(ref.local_path())
     else:
         loaders = {"kk": ds.load_kk_socio_cultural_mc, "gsm8k": ds.load_gsm8k, "math": ds.load_math}
         key = next((k for k in loaders if k in ref.name.lower() or k in (ref.hub or "").lower()), None)
