@@ -343,3 +343,13 @@ def test_a_write_that_fails_mid_run_is_one_line_not_a_traceback(monkeypatch, tmp
     res = CliRunner().invoke(app, ["rq1", "--pair", "planted-cultural", "--out", str(tmp_path / "run")])
     assert res.exit_code == 2 and "Traceback" not in res.output
     assert "error: Permission denied" in res.stderr and "manifest.json" in res.stderr
+
+
+def test_done_message_lists_only_files_that_were_written(tmp_path):
+    """Item 9: the done line used to list files a stage never wrote (e.g. no handle could be built)."""
+    from mechdiff.cli import _done_line
+    (tmp_path / "rq3.json").write_text("{}", encoding="utf-8")
+    msg = "RQ3 done: {path}  (rq3.json, rq3_summary.txt, handles/, figures/steer_vs_k.png)"
+    assert _done_line(msg, tmp_path) == f"RQ3 done: {tmp_path}  (rq3.json)"
+    (tmp_path / "rq3.json").unlink()
+    assert _done_line(msg, tmp_path) == f"RQ3 done: {tmp_path}"

@@ -128,6 +128,17 @@ def _fields(cls) -> list[tuple[dataclasses.Field, Any]]:
     return [(f, hints[f.name]) for f in dataclasses.fields(cls) if not f.name.startswith("_")]
 
 
+def _done_line(message: str, path: Path) -> str:
+    """A stage's done message with its "(file, file, ...)" list cut to the files this run holds."""
+    text = message.format(path=path)
+    head, sep, listed = text.rpartition("(")
+    if not sep or not listed.endswith(")"):
+        return text
+    names = [n.strip() for n in listed[:-1].split(",") if n.strip()]
+    there = [n for n in names if (Path(path) / n).exists()]
+    return f"{head}({', '.join(there)})" if there else head.rstrip()
+
+
 def _stage_command(stage) -> None:
     from mechdiff.experiments.stage import Common
     common = [_cli_param(f, h) for f, h in _fields(Common)]
@@ -145,7 +156,7 @@ def _stage_command(stage) -> None:
                    dtype=vals["dtype"], batch_size=vals["batch_size"], seed=vals["seed"], prompts=vals["prompts"],
                    trust_remote_code=vals["trust_remote_code"], device_map=vals["device_map"],
                    max_memory=vals["max_memory"])
-        _say(stage.done_message.format(path=run.path) if stage.done_message else f"{stage.name} done: {run.path}")
+        _say(_done_line(stage.done_message, run.path) if stage.done_message else f"{stage.name} done: {run.path}")
 
     command.__signature__ = inspect.Signature([p for p, _ in common + own])
     command.__doc__ = stage.help
