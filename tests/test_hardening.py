@@ -91,7 +91,7 @@ def test_finetune_max_steps_below_one_is_refused_before_any_work(tmp_path, steps
     """Item 4: --max-steps 0 used to run the whole recipe, -1 to write an untrained adapter."""
     from mechdiff.errors import ConfigError
     from mechdiff.finetune import finetune
-    with pytest.raises(ConfigError, match="--max-steps must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="--max-steps must be >= 1"):
         finetune("math", tmp_path / "out", smoke=True, evaluate=False, max_steps=steps, log=lambda s: None)
     assert not (tmp_path / "out").exists()
 
@@ -207,7 +207,7 @@ def test_run_config_tables_of_stages_not_run_are_checked_before_models_load(tmp_
     monkeypatch.setattr(common, "open_models", lambda *a, **k: pytest.fail("a model loaded"))
     for table, match in (("[steer]\nks = [0]\n", r"\[steer\] --k"), ("[steer]\nalphas = []\n", r"\[steer\] --alpha"),
                          ("[heads]\nn_prompts = 0\n", r"\[heads\] --n-prompts"),
-                         ("[mapped-patch]\nside_n = 0\n", r"\[mapped-patch\] --side-n must be an integer >= 1"),
+                         ("[mapped-patch]\nside_n = 0\n", r"\[mapped-patch\] --side-n must be >= 1"),
                          ("[steer]\nks = \"1,2\"\n", r"expected a TOML list such as \[1, 2\]")):
         cfg = tmp_path / "cfg.toml"
         cfg.write_text(table, encoding="utf-8")

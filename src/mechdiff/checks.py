@@ -28,7 +28,7 @@ def check_device(device: str | None) -> None:
 def check_count(value: int | None, flag: str, minimum: int = 1) -> None:
     """An integer option that counts something: ``value >= minimum`` (None: the default)."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-        raise ConfigError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+        raise ConfigError(f"{flag} must be >= {minimum}, got {value!r}")
 
 
 def check_out_dir(out: str | os.PathLike | None, flag: str = "--out") -> None:
