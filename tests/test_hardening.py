@@ -353,3 +353,33 @@ def test_done_message_lists_only_files_that_were_written(tmp_path):
     assert _done_line(msg, tmp_path) == f"RQ3 done: {tmp_path}  (rq3.json)"
     (tmp_path / "rq3.json").unlink()
     assert _done_line(msg, tmp_path) == f"RQ3 done: {tmp_path}"
+
+
+def test_content_hash_sees_an_in_place_edit_and_reuses_unchanged_digests(tmp_path, monkeypatch):
+    """Item 1, the fingerprint itself: same bytes -> same hash (also for a copy elsewhere); one changed
+    byte in place -> another hash; an unchanged file is not read again (its digest is cached)."""
+    import shutil
+
+    import mechdiff.models.content as content
+    monkeypatch.setenv("MECHDIFF_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "config.json").write_text("{}", encoding="utf-8")
+    (d / "model.safetensors").write_bytes(bytes(range(256)) * 64)
+    (d / "notes.md").write_text("not read by a load", encoding="utf-8")
+    h = content.content_hash([d])
+    shutil.copytree(d, tmp_path / "copy")
+    assert content.content_hash([tmp_path / "copy"]) == h
+    (d / "notes.md").write_text("changed", encoding="utf-8")
+    assert content.content_hash([d]) == h
+    reads = []
+    monkeypatch.setattr(content, "_file_digest", lambda p, st: reads.append(p) or "x")
+    content.content_hash([d])
+    assert reads == []                                              # size/mtime/inode unchanged: cached
+    monkeypatch.undo()
+    monkeypatch.setenv("MECHDIFF_CACHE", str(tmp_path / "cache"))
+    data = bytearray((d / "model.safetensors").read_bytes())
+    data[5000] ^= 1
+    with open(d / "model.safetensors", "r+b") as fh:                  # in place: same inode, same size
+        fh.write(bytes(data))
+    assert content.content_hash([d]) != h

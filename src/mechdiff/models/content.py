@@ -69,6 +69,7 @@ def file_hashes(paths: Iterable[Path]) -> dict[str, str]:
             changed = True
         out[str(real)] = rec["sha"]
     if changed:
+        cache = {k: v for k, v in cache.items() if os.path.exists(k)}     # forget deleted files
         try:
             atomic_write_text(_cache_path(), json.dumps(cache, sort_keys=True))
         except OSError:     # a read-only cache only costs the rehash next time
