@@ -35,7 +35,7 @@ from common import (bench_tokenizer, cleanup, honest_forward, kl_gap, log, peak_
 
 @section("patch")
 def sec_patch(base, tuned, cfg, shapes, tail, max_rows_list, reps, profile=True):
-    from mechdiff.analyses.kl import kl_from_logits
+    from mechdiff.patching.kl import kl_from_logits
     from mechdiff.patching import Patch, PatchEngine, patch_kl
     RESULTS = C.RESULTS
     L = cfg.num_hidden_layers

@@ -124,7 +124,7 @@ def _rq2_blocks(models, prompts_path, n_tr, n_val, stage):
     and score ridge / Procrustes / scaled Procrustes maps (resid_post, 16 layers), then the mapped-patch
     alpha-sweep (3 sites x 16 layers x 4 alphas, base states mapped into the tuned model) through
     the PatchEngine in chunks of 32 val prompts, with KL against the clean run."""
-    from mechdiff.analyses.kl import kl_from_logits
+    from mechdiff.patching.kl import kl_from_logits
     from mechdiff.analyses.maps import ProcrustesMap, RidgeMap, ScaledProcrustesMap
     from mechdiff.data.prompts import encode, load_jsonl
     from mechdiff.experiments.rq1 import cka_layers

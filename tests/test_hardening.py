@@ -119,7 +119,7 @@ def test_sweep_pair_names_stay_inside_out(tmp_path, monkeypatch, name):
     import sys
     from pathlib import Path
 
-    import mechdiff.scale.sweep as sw
+    import mechdiff.experiments.sweep as sw
     from mechdiff.errors import ConfigError
     written = []
 
@@ -129,7 +129,7 @@ def test_sweep_pair_names_stay_inside_out(tmp_path, monkeypatch, name):
         return out
     monkeypatch.setitem(sys.modules, "ray", _FakeRay())
     monkeypatch.setattr(sw, "_run_one", run_one)
-    monkeypatch.setattr("mechdiff.compare.compare_runs", lambda *a, **k: None)
+    monkeypatch.setattr(sw, "compare_runs", lambda *a, **k: None)
     tomls = []
     for i, n in enumerate([name, "plain"]):
         f = tmp_path / f"p{i}.toml"
@@ -152,7 +152,7 @@ def test_sweep_missing_config_fails_before_ray(tmp_path, monkeypatch):
     """Item 9: `sweep --config missing.toml` is refused before Ray is imported or started."""
     import sys
 
-    import mechdiff.scale.sweep as sw
+    import mechdiff.experiments.sweep as sw
     from mechdiff.errors import ConfigError
     monkeypatch.setitem(sys.modules, "ray", None)      # importing ray would fail
     with pytest.raises(ConfigError, match="run config .*missing.toml does not exist"):
@@ -163,7 +163,7 @@ def test_sweep_missing_config_fails_before_ray(tmp_path, monkeypatch):
 def test_entry_layer_is_no_stronger_than_the_patched_layers():
     """Item 5: with --layers 20,24 the entry is "layer 20 or earlier" (nothing below was patched);
     exact only when the layer below was patched too."""
-    from mechdiff.report.summary import entry_phrase
+    from mechdiff.experiments.summaries import entry_phrase
     assert entry_phrase(20, [20, 24]) == "layer 20 or earlier (layers below 20 were not patched)"
     assert entry_phrase(20, [18, 20, 22]) == "layer 20 or earlier (after layer 18; layer 19 was not patched)"
     assert entry_phrase(20, [10, 20]) == "layer 20 or earlier (after layer 10; layers 11-19 were not patched)"
@@ -176,13 +176,13 @@ def test_mapped_patch_across_widths_says_raw_kl_na_not_zero():
     import test_rq2
 
     from mechdiff.experiments.rq2_summary import stop_conditions, sweep_table
-    from mechdiff.report.summary import rq2_sentences
+    from mechdiff.experiments.summaries import rq2_text
     v = test_rq2._variants()
     v["variants"] = [r for r in v["variants"] if r["kind"] != "raw"]
     t = sweep_table(v)
     s = stop_conditions(t, test_rq2.SIDE_OK)
     assert "widths differ" in s["reasons"]["large_drop"] and "changes nothing" not in s["reasons"]["large_drop"]
-    text = " ".join(rq2_sentences(None, {**t, "stop_conditions": s}, v))
+    text = " ".join(rq2_text(None, {**t, "stop_conditions": s}, v))
     assert "raw KL n/a (widths differ)" in text and "changes nothing" not in text
 
 

@@ -7,7 +7,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from mechdiff.analyses.kl import kl_from_logits, kl_masked, kl_shared, summarise
+from mechdiff.patching.kl import kl_from_logits, kl_masked, kl_shared, summarise
 from mechdiff.errors import NumericsError
 from mechdiff.fairness import shared_vocab
 

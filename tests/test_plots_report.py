@@ -7,6 +7,7 @@ import pytest
 from mechdiff import plots
 from mechdiff.artifacts import RunDir
 from mechdiff.manifest import build_manifest
+import mechdiff.experiments  # noqa: F401  (registers the stages and their report hooks)
 from mechdiff.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -92,7 +92,7 @@ def test_planted_cultural_handle_transfers_from_kazakh_prompts(cultural):
 def test_saved_handle_loads_and_applies_in_two_lines(cultural, planted_cultural):
     """The saved ablation handle, applied in two lines at the decision token, reproduces the sweep's
     per-prompt KL(base || tuned patched) for its cell on the test prompts."""
-    from mechdiff.analyses.kl import kl_shared
+    from mechdiff.patching.kl import kl_shared
     from mechdiff.analyses.steering import Handle
     from mechdiff.artifacts import RunDir
     from mechdiff.data.datasets import load_prompt_set

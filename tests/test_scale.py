@@ -271,7 +271,7 @@ def test_two_gloo_ranks_gather_the_one_process_numbers(tmp_path):
 def test_sweep_runs_two_pairs_on_a_local_ray_and_compares_them(tmp_path, tiny_pair):
     pytest.importorskip("ray")
     from mechdiff.experiments.study import run_study
-    from mechdiff.scale.sweep import sweep
+    from mechdiff.experiments.sweep import sweep
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"id": f"q{i}", "text": "word " * (1 + i % 5) + f"item {i}",
                                              "category": f"c{i % 3}"}) for i in range(12)), encoding="utf-8")

@@ -250,7 +250,7 @@ def sweep(pairs: str = typer.Option(..., "--pairs", help="comma list of pairs (b
           seed: int = typer.Option(0, "--seed", help="random seed"),
           prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL prompt file for every pair")) -> None:
     """Many pairs as Ray tasks (one GPU each where there are GPUs), each a resumable study, then compare."""
-    from mechdiff.scale.sweep import sweep as run_sweep
+    from mechdiff.experiments.sweep import sweep as run_sweep
     path = _run(run_sweep, pairs, stages, out, address=address, config=config, device=device, dtype=dtype,
                 batch_size=batch_size, seed=seed, prompts=prompts)
     console.print(f"sweep done: {path.resolve()} (compare: {(path / 'compare').resolve()})", markup=False,
@@ -290,10 +290,10 @@ def demo(out: Optional[Path] = OutOpt, device: Optional[str] = DeviceOpt,
 
 
 def _register_stages() -> None:
-    from mechdiff.experiments.stage import STAGES, get_stage
-    get_stage("rq1")   # imports the registry
-    for stage in STAGES.values():
-        _stage_command(stage)
+    """One command per registered stage (:mod:`mechdiff.experiments.registry`), in study order."""
+    from mechdiff.experiments import STAGES, study_order
+    for name in study_order():
+        _stage_command(STAGES[name])
 
 
 def _start() -> None:

@@ -12,8 +12,15 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from mechdiff import experiments  # noqa: F401  (registers the stages and their report hooks)
+from mechdiff.artifacts import RunDir, new_run_dir
+from mechdiff.atomic import atomic_write_text
 from mechdiff.checks import check_distinct_runs, check_out_dir, check_run_dir
 from mechdiff.errors import ConfigError
+from mechdiff.report.figures import draw, figure_data
+from mechdiff.report.hooks import figures as report_figures
+from mechdiff.report.render import Section, load, page
+from mechdiff.report.summary import numbers, sentences
 
 #: (row label, key in report.summary.numbers, format); indented rows are the uncertainty or control
 ROWS = (("divergence enters at layer", "entry layer", "{}"), ("  patch KL there", "entry KL", "{:.3g}"),
@@ -58,11 +65,6 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
                  labels: Sequence[str] | None = None) -> Path:
     """Write the comparison of ``run_dirs`` into ``out`` (default: a new runs/compare-* directory) and
     return ``out``."""
-    from mechdiff.artifacts import RunDir, new_run_dir
-    from mechdiff.atomic import atomic_write_text
-    from mechdiff.report.figures import draw, figure_data
-    from mechdiff.report.render import Section, load, page
-    from mechdiff.report.summary import numbers, sentences
     dirs = [Path(d) for d in run_dirs]
     if len(dirs) < 2:
         raise ConfigError("compare needs two or more run directories")
@@ -83,9 +85,8 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
         runs.append({"label": label, "path": str(d.resolve()), "pair": pair.get("name"), "domain": pair.get("domain"),
                      "numbers": numbers(d), "sentences": sentences(d), "figures": figure_data(d, label)})
     figures, notes = {}, []
-    for key, title in (("A", "CKA and patch KL per layer"), ("B", "map quality and mapped vs raw patch"),
-                       ("C", "effect vs k and head importance"), ("D", "churn and the top-k curve")):
-        data = [r["figures"][key] for r in runs if r["figures"][key] is not None]
+    for key, title in ((f.key, f.title or f.key) for f in report_figures()):
+        data = [r["figures"][key] for r in runs if r["figures"].get(key) is not None]
         if data:
             try:
                 path = draw(key, data, run.figure(f"compare_{key.lower()}.png"))

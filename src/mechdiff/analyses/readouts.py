@@ -1,7 +1,7 @@
 """Side-effect readouts of a model under patches, read through the one patching engine (batched
 variants, the full logits of all variants never held at once), for any stage: RQ3 measures its
 handles with it, and RQ2's mapped patches can call :func:`side_effects` the same way. (The distance
-of a patched model to the *other* model of a pair is ``experiments.steps.kl_and_gap``.)
+of a patched model to the *other* model of a pair is ``mechdiff.patching.kl.kl_and_gap``.)
 
 - :func:`side_effects`: on a neutral prompt set, the next-token perplexity change, and on
   multiple-choice items the accuracy and delta-log-prob change, clean vs each variant, masked to the
@@ -29,6 +29,8 @@ import torch
 from mechdiff.analyses.behaviour.mc import check_items, letter_ids, mc_prompt, mean_finite, score_choices
 from mechdiff.fairness import mask_logits
 from mechdiff.models.load import LoadedModel
+from mechdiff.patching.kl import kl_to_clean
+from mechdiff.patching.measure import patch_measure
 
 MASKS = ("masked", "unmasked")
 
@@ -84,7 +86,6 @@ def side_effects(side: LoadedModel, neutral: Sequence, mc_items: Sequence[dict],
 
     variants: engine variants whose tensors do not depend on the prompt (bases, ``[d]`` values).
     positions: "decision" or "all" (patch every position)."""
-    from mechdiff.experiments.steps import kl_to_clean, patch_measure
     pos = {"positions": "all"} if positions == "all" else {}
     rows: list[dict] = [{} for _ in variants]
     for where in ([measure] + ([also] if also and also != measure else [])) if neutral else []:

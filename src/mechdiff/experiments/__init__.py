@@ -1,10 +1,10 @@
-"""The stages of a study (see :mod:`mechdiff.experiments.stage`). Importing the package registers
-the built-in stages: ``rq1``, ``maps``, ``mapped-patch``, and RQ3/RQ4 where present."""
-from mechdiff.experiments.stage import STAGES, Stage, Study, get_stage, open_study, register, run_stage
+"""The stages of a study (see :mod:`mechdiff.experiments.stage`). The built-in stages (``rq1``,
+``maps``, ``mapped-patch``, ``steer``, ``heads``) are the modules listed in
+:mod:`mechdiff.experiments.registry`, registered when this package is imported."""
+from mechdiff.experiments.stage import (STAGES, Stage, Study, get_stage, open_study, register, run_stage, study_order,
+                                        unregister)
+from mechdiff.experiments.registry import STAGE_MODULES  # noqa: E402  (registers the built-in stages)
+from mechdiff.experiments.results import load_result, save_result
 
-from mechdiff.experiments import rq1 as rq1  # noqa: E402  (registers "rq1")
-from mechdiff.experiments import rq2 as rq2  # noqa: E402  (registers "maps", "mapped-patch")
-from mechdiff.experiments import rq4 as rq4  # noqa: E402  (registers "heads")
-from mechdiff.experiments import rq3 as rq3  # noqa: E402  (registers "steer")
-
-__all__ = ["STAGES", "Stage", "Study", "get_stage", "open_study", "register", "run_stage"]
+__all__ = ["STAGES", "STAGE_MODULES", "Stage", "Study", "get_stage", "open_study", "register", "unregister",
+           "run_stage", "study_order", "load_result", "save_result"]

@@ -16,17 +16,25 @@ from dataclasses import dataclass
 import torch
 
 from mechdiff.analyses.cka import cka_matrix, cka_with_ci
-from mechdiff.analyses.kl import kl_shared, summarise
+from mechdiff.patching.kl import kl_shared, summarise
 from mechdiff.artifacts import RunDir
 from mechdiff.data.prompts import encode
 from mechdiff.errors import ConfigError
-from mechdiff.experiments.stage import Stage, Study, opt, register, run_stage
-from mechdiff.experiments.stage import SIDES
+from mechdiff.experiments.figure_data import FIG_A
+from mechdiff.experiments.results import Rq1Result
+from mechdiff.experiments.rq1_summary import rq1_result, summarise_rq1
+from mechdiff.experiments.stage import SIDES, Stage, Study, opt, run_stage
+from mechdiff.experiments.summaries import rq1_numbers, rq1_sentences
 from mechdiff.experiments.steps import (capture_sides, check_layers, clean_run, group_ids, kl_and_gap, patch_measure,
                                         prompt_digest, select_prompts)
 from mechdiff.patching import Patch, PatchEngine, patch_kl
 from mechdiff.progress import warn
+from mechdiff.report.hooks import ReportHooks
 from mechdiff.sites.names import Site, sites_at
+from mechdiff.sites.names import SITE_NAMES
+from mechdiff.sites.hooks import record
+from mechdiff.analyses.behaviour import behaviour_delta, behaviour_table
+from mechdiff.data.datasets import load_prompt_set
 
 STATES = "tensors/rq1_states.safetensors"
 DIRECTIONS = ("base->tuned", "tuned->base")
@@ -64,7 +72,6 @@ def check(opts: RQ1Options, n_layers: int) -> None:
         raise ConfigError(f"--measure/--readouts: unknown readout(s) {bad}; use decision or last")
     if opts.n_prompts < 4:
         raise ConfigError(f"--n-prompts must be >= 4 (debiased CKA needs n > 3), got {opts.n_prompts}")
-    from mechdiff.sites.names import SITE_NAMES
     if opts.site not in SITE_NAMES or opts.site.startswith("head"):
         raise ConfigError(f"--site: unknown site {opts.site!r}; use resid_post, resid_pre, attn_out or mlp_out")
 
@@ -213,7 +220,6 @@ def _patch_step(study: Study, prompts, opts: RQ1Options) -> None:
 
 def _all_positions(study: Study, prompts, layers, opts) -> dict:
     """Patch every position (needs identical tokenisation on both sides); base->tuned only."""
-    from mechdiff.sites.hooks import record
     base, tuned = study.base, study.tuned
     bb, bt = encode(base.tokenizer, prompts), encode(tuned.tokenizer, prompts)
     if bb.input_ids.shape != bt.input_ids.shape or not torch.equal(bb.input_ids, bt.input_ids):
@@ -229,8 +235,6 @@ def _all_positions(study: Study, prompts, layers, opts) -> dict:
 
 
 def _behaviour_step(study: Study, prompts, opts: RQ1Options) -> None:
-    from mechdiff.analyses.behaviour import behaviour_delta, behaviour_table
-    from mechdiff.data.datasets import load_prompt_set
     n = opts.behaviour_n
     sets = {"target": prompts[:n], "refusal_probe": load_prompt_set("refusal_probe")[:n],
             "mc": load_prompt_set("mc")[:n]}
@@ -269,15 +273,20 @@ def run_rq1_stage(study: Study, opts: RQ1Options) -> None:
                              "max_new_tokens": opts.max_new_tokens})
 
 
-def summarise_rq1_stage(study: Study, opts: RQ1Options) -> dict:
-    from mechdiff.experiments.rq1_summary import summarise_rq1
-    return summarise_rq1(study.run, study.pair, study.base, study.tuned, opts)
+def summarise_rq1_stage(study: Study, opts: RQ1Options) -> Rq1Result:
+    """rq1.json, figures; returns the typed result the later stages read (:class:`Rq1Result`)."""
+    out = summarise_rq1(study.run, study.pair, study.base, study.tuned, opts)
+    return rq1_result(out, opts.control_layer is not None)
 
 
-STAGE = register(Stage(
+REPORT = ReportHooks(topic="RQ1", sentences=rq1_sentences, figures=(FIG_A,), numbers=rq1_numbers,
+                     metrics=("rq1.json",))
+STAGE = Stage(
     name="rq1", options=RQ1Options, run=run_rq1_stage, summarise=summarise_rq1_stage, check=check,
+    result=Rq1Result, report=REPORT,
     help="RQ1: fairness report, CKA per layer (debiased, CI, null), cross-model layer patching, behaviour.",
-    done_message="RQ1 done: {path}  (rq1.json, figures/, report.html)"))
+    done_message="RQ1 done: {path}  (rq1.json, figures/, report.html)")
+STAGES = (STAGE,)
 
 
 def run_rq1(pair, opts: RQ1Options, out=None, device=None, dtype=None, models=None, **common) -> RunDir:

@@ -4,11 +4,13 @@ from __future__ import annotations
 import torch
 
 from mechdiff.artifacts import RunDir
+from mechdiff.experiments.results import ChosenLayer, Rq1Result
 from mechdiff.models.load import LoadedModel
 from mechdiff.pairs import Pair
 from mechdiff.plots import plot_cka_curve, plot_cka_matrix, plot_patch_kl
-from mechdiff.report import write_report
-from mechdiff.report.summary import entry_phrase
+from mechdiff.experiments.summaries import entry_phrase
+from mechdiff.models.planted import ground_truth
+from mechdiff.analyses.resample import delete_group_jackknife
 
 
 def planted_layers(pair: Pair) -> list[int] | None:
@@ -16,13 +18,11 @@ def planted_layers(pair: Pair) -> list[int] | None:
     planted = pair.base.planted if hasattr(pair.base, "planted") else None
     if not planted:
         return None
-    from mechdiff.models.planted import ground_truth
     return list(ground_truth(planted[0]).get("layers") or []) or None
 
 
 def _mean_se(values: torch.Tensor, groups: list[int] | None) -> tuple[float, float]:
     """Mean over prompts and its delete-one-cluster jackknife SE (whole topic groups are dropped)."""
-    from mechdiff.analyses.resample import delete_group_jackknife
     v = values.double()
     if v.numel() < 2:
         return float(v.mean()), float("nan")
@@ -45,7 +45,6 @@ def choose_layers(patch: dict | None, cka: dict, n_layers: int, control: int | N
     similar layer in the first half, never a chosen one.
     """
     if patch:
-        import torch
         layers = patch["layers"]
         dirs = list(patch["directions"].values())
         per_prompt = torch.tensor([d["per_prompt_masked"] for d in dirs], dtype=torch.float64).mean(0)  # [L, N]
@@ -85,6 +84,23 @@ def choose_layers(patch: dict | None, cka: dict, n_layers: int, control: int | N
         cands = [l for l in score if l < n_layers // 2 and l not in chosen and l > 0]
         control = pick_ctrl(cands) if cands else None
     return {"chosen": chosen, "control": control, "basis": basis, "entry": entry, "evidence": evidence}
+
+
+def rq1_result(out: dict, control_given: bool) -> Rq1Result:
+    """RQ1's typed result from the rq1.json it wrote: each chosen layer with the rule(s) that chose it."""
+    layers, patch = out["layers"], out.get("patch")
+    ev = layers.get("evidence") or {}
+    if ev:
+        picks = (("entry", ev.get("entry")), ("steepest rise", ev.get("steepest")), ("peak", ev.get("peak")))
+        chosen = [ChosenLayer(l, " + ".join(r for r, x in picks if x == l)) for l in layers["chosen"]]
+        ctrl_rule = "lowest patch KL in the first half"
+    else:
+        chosen = [ChosenLayer(l, "lowest debiased CKA") for l in layers["chosen"]]
+        ctrl_rule = "highest debiased CKA in the first half"
+    return Rq1Result(entry=layers["entry"], chosen=chosen, control=layers["control"],
+                     control_rule="given (--control-layer)" if control_given else ctrl_rule, basis=layers["basis"],
+                     readouts=list((patch or {}).get("readouts") or []), measure=(patch or {}).get("measure"),
+                     floor=ev.get("floor"), planted=out.get("planted_layers"))
 
 
 def summarise_rq1(run: RunDir, pair: Pair, base: LoadedModel, tuned: LoadedModel, opts) -> dict:
@@ -157,5 +173,4 @@ def summarise_rq1(run: RunDir, pair: Pair, base: LoadedModel, tuned: LoadedModel
     if beh:
         out["tables"] = {"behaviour (tuned - base)": [{"set": s, **m} for s, m in beh["delta"].items()]}
     run.write_json("rq1.json", out)
-    write_report(run.path)
     return out

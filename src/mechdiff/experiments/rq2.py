@@ -31,11 +31,21 @@ from mechdiff.analyses import maps as M
 from mechdiff.analyses.map_metrics import map_metrics, rotation_drift, shuffle_control
 from mechdiff.artifacts import RunDir
 from mechdiff.errors import ConfigError
-from mechdiff.experiments.stage import Stage, Study, opt, register, run_stage
+from mechdiff.experiments.figure_data import FIG_B
+from mechdiff.experiments.results import MappedPatchResult, MapsResult
+from mechdiff.experiments.rq2_summary import mapped_patch_result, summarise_rq2, sweep_section, write_maps_figures
+from mechdiff.experiments.stage import Stage, Study, opt, run_stage
+from mechdiff.experiments.summaries import rq2_numbers, rq2_sentences
+from mechdiff.report.hooks import ReportHooks
 from mechdiff.experiments.steps import (capture_sides, check_layers, clean_run, fair_split, kl_to_clean,
                                         patch_measure, prompt_digest, rq1_prompt_ids, study_layers)
 from mechdiff.patching import Patch
 from mechdiff.sites.names import Site
+from mechdiff.sites.names import SITE_NAMES
+from mechdiff.data.datasets import load_prompt_set
+from mechdiff.experiments.rq2_summary import sweep_table
+from mechdiff.analyses.behaviour.mc import mc_prompt
+from mechdiff.analyses.behaviour.side_effects import mc_effects, refusal_rates
 
 STATES = "tensors/rq2_states.safetensors"
 SOLVERS = tuple(M.SOLVERS)
@@ -78,7 +88,6 @@ class RQ2Options(MapsOptions):
 
 def check(opts: MapsOptions, n_layers: int) -> None:
     """Everything checkable before model work: layer ranges, solvers, sites, counts, alphas."""
-    from mechdiff.sites.names import SITE_NAMES
     check_layers(n_layers, layers=opts.layers, control_layer=opts.control_layer)
     bad = [s for s in opts.solvers if s not in M.SOLVERS]
     if len(set(opts.solvers)) != len(opts.solvers):
@@ -273,10 +282,6 @@ def _sweep_step(study: Study, val, n_dev: int, states, layers, control, opts: RQ
 def _side_step(study: Study, states, opts: RQ2Options) -> None:
     """Side effects of the dev-chosen alpha of each (solver, layer, site): refusal on the harmful half of
     the refusal probe (where a refusal can be lost; the clean rate is recorded beside), MC on the MC set."""
-    from mechdiff.data.datasets import load_prompt_set
-    from mechdiff.experiments.rq2_summary import sweep_table
-    from mechdiff.analyses.behaviour.mc import mc_prompt
-    from mechdiff.analyses.behaviour.side_effects import mc_effects, refusal_rates
     table = sweep_table(study.run.read_json("variants.json"))
     refusal = [p for p in load_prompt_set("refusal_probe") if p.get("category") == "harmful"][: opts.side_n]
     mc = load_prompt_set("mc")[: opts.side_n]
@@ -339,12 +344,13 @@ def run_maps_stage(study: Study, opts: MapsOptions) -> None:
     _prepare(study, opts)
 
 
-def summarise_maps(study: Study, opts: MapsOptions) -> dict:
-    from mechdiff.experiments.rq2_summary import write_maps_figures
-    from mechdiff.report import write_report
+def summarise_maps(study: Study, opts: MapsOptions) -> MapsResult:
+    """The maps' figure; returns :class:`MapsResult` (the map chosen on dev)."""
     write_maps_figures(study.run)
-    write_report(study.run.path)
-    return study.run.read_json("maps.json")
+    maps = study.run.read_json("maps.json")
+    rows = maps.get("table") or []
+    return MapsResult(best=maps.get("best"), layers=sorted({r["layer"] for r in rows if not r.get("control_layer")}),
+                      control_layer=next((r["layer"] for r in rows if r.get("control_layer")), None))
 
 
 def run_mapped_patch_stage(study: Study, opts: RQ2Options) -> None:
@@ -357,20 +363,26 @@ def run_mapped_patch_stage(study: Study, opts: RQ2Options) -> None:
                          depends_on=["rq2.sweep"])
 
 
-def summarise_mapped_patch(study: Study, opts: RQ2Options) -> dict:
-    from mechdiff.experiments.rq2_summary import summarise_rq2
-    return summarise_rq2(study.run, opts)
+def summarise_mapped_patch(study: Study, opts: RQ2Options) -> MappedPatchResult:
+    """alpha_sweep.json, rq2_summary.txt, figures; returns :class:`MappedPatchResult`."""
+    return mapped_patch_result(summarise_rq2(study.run, opts))
 
 
-MAPS = register(Stage(
+MAPS = Stage(
     name="maps", options=MapsOptions, run=run_maps_stage, summarise=summarise_maps, check=check,
+    requires=("rq1",), result=MapsResult, in_default_study=False,
+    report=ReportHooks(topic="RQ2", metrics=("maps.json",)),
     help="RQ2: fit transport maps base -> tuned and score them on held-out prompts.",
-    done_message="maps done: {path}  (maps.json, maps/, figures/)"))
-MAPPED_PATCH = register(Stage(
+    done_message="maps done: {path}  (maps.json, maps/, figures/)")
+MAPPED_PATCH = Stage(
     name="mapped-patch", options=RQ2Options, run=run_mapped_patch_stage, summarise=summarise_mapped_patch,
-    check=check, help="RQ2: mapped patching and the alpha-sweep (solvers compared; chosen on dev, reported "
+    check=check, requires=("rq1", "maps"), result=MappedPatchResult,
+    report=ReportHooks(topic="RQ2", sentences=rq2_sentences, figures=(FIG_B,), section=sweep_section,
+                       numbers=rq2_numbers, metrics=("rq2.json", "alpha_sweep.json")),
+    help="RQ2: mapped patching and the alpha-sweep (solvers compared; chosen on dev, reported "
                                  "on test), side effects, controls, stop conditions.",
-    done_message="mapped patching done: {path}  (alpha_sweep.json, rq2_summary.txt, figures/)"))
+    done_message="mapped patching done: {path}  (alpha_sweep.json, rq2_summary.txt, figures/)")
+STAGES = (MAPS, MAPPED_PATCH)
 
 
 def run_maps(pair, opts: MapsOptions, out=None, device=None, dtype=None, models=None, **common) -> RunDir:

@@ -2,10 +2,14 @@
 side-effect and control lines, the stop conditions; alpha_sweep.json, rq2_summary.txt, figures."""
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
+
 from mechdiff.artifacts import RunDir
 from mechdiff.atomic import atomic_write_text
+from mechdiff.experiments.results import MappedPatchResult, SweepControl, SweepWinner
 from mechdiff.plots import plot_drop_heatmap, plot_map_quality
-from mechdiff.report import write_report
+from mechdiff.report.render import load
 
 THRESHOLDS = {"drop_pct": 30.0, "refusal_pp": 1.0, "mc_dlogp": 0.1}
 
@@ -77,6 +81,17 @@ def winner_controls(controls: list[dict], w: dict | None) -> list[dict]:
     """The bogus and shuffle controls of the winner's own map (its solver, site and map layer)."""
     return [c for c in controls if w and c["control"] in ("bogus", "shuffle") and c.get("solver") == w.get("solver")
             and c["site"] == w["site"] and c.get("map_layer", w["layer"]) == w["layer"]]
+
+
+def mapped_patch_result(out: dict) -> MappedPatchResult:
+    """mapped-patch's typed result from the alpha_sweep.json it wrote: the winner and its controls."""
+    w = out["winner"]
+    winner = None if not w else SweepWinner(**{k: w.get(k) for k in ("solver", "layer", "site", "alpha", "kl_raw",
+                                                                        "kl_mapped", "drop_pct", "dev_drop_pct")})
+    controls = [SweepControl(**{k: c.get(k) for k in ("control", "layer", "map_layer", "site", "kl_mapped", "drop_pct")})
+                for c in winner_controls(out["controls"], w)]
+    return MappedPatchResult(winner=winner, controls=controls, stop_conditions_met=bool(out["stop_conditions"]["met"]),
+                             measure=out["headline"]["measure"])
 
 
 def stop_conditions(t: dict, side: list[dict] | None) -> dict:
@@ -219,5 +234,27 @@ def summarise_rq2(run: RunDir, opts) -> dict:
                                                                        stop["reasons"].items())} if stop["reasons"] else {}),
                         **meta}}
     run.write_json("alpha_sweep.json", out)
-    write_report(run.path)
     return out
+
+
+SWEEP_COLUMNS = ["layer", "site", "alpha", "alpha_value", "kl_raw", "kl_mapped", "delta", "drop_pct"]
+
+
+def sweep_section(sec, run_dir: Path) -> None:
+    """mapped-patch's report section: the alpha-sweep summary table (a ``section`` hook)."""
+    sweep = load(run_dir / "alpha_sweep.json")
+    if not isinstance(sweep, Mapping) or not isinstance(sweep.get("table"), list):
+        return
+    sec.heading("Alpha-sweep summary (RQ2)", 2, "alpha-sweep")
+    h = sweep.get("headline") or {}
+    sec.para(f"Mapped patching on the val split (n={h.get('n_val')}, solver {h.get('solver')}, read at the "
+             f"{h.get('measure')} token): KL(tuned clean || tuned patched) for the raw base state and the mapped "
+             "one per alpha; drop % = (KL_raw - KL_mapped) / KL_raw.")
+    sec.row_table(sweep["table"], SWEEP_COLUMNS)
+    tables = sweep.get("tables") or {}
+    for name in ("best per (layer, site)", "controls"):
+        if isinstance(tables.get(name), list) and tables[name]:
+            sec.para(name)
+            sec.row_table(tables[name])
+    if (run_dir / "rq2_summary.txt").is_file():
+        sec.pre((run_dir / "rq2_summary.txt").read_text(encoding="utf-8"))

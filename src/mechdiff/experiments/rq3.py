@@ -36,14 +36,19 @@ import torch
 
 from mechdiff.analyses import readouts as R
 from mechdiff.analyses import steering as S
-from mechdiff.analyses.kl import kl_shared
+from mechdiff.patching.kl import kl_shared
 from mechdiff.errors import ConfigError, NumericsError
-from mechdiff.experiments.stage import Stage, Study, opt, register
+from mechdiff.experiments.figure_data import FIG_C
+from mechdiff.experiments.results import SteerResult
+from mechdiff.experiments.rq3_summary import BASES, STATES, SWEEP, handle_of, summarise
+from mechdiff.experiments.stage import Stage, Study, opt
+from mechdiff.experiments.summaries import rq3_numbers, rq3_sentences
+from mechdiff.report.hooks import ReportHooks
 from mechdiff.experiments.steps import (capture_sides, check_layers, clean_run, cluster_split, fair_split,  # noqa: F401
                                         kl_and_gap, patch_measure, prompt_digest, study_layers)
+from mechdiff.data.datasets import load_prompt_set
+from mechdiff.experiments.common import load_dataset_ref
 
-STATES, BASES = "tensors/rq3_states.safetensors", "tensors/rq3_bases.safetensors"
-SWEEP = "tensors/rq3_sweep.safetensors"
 KINDS, SIDE_OF = ("diff", "contrast"), {"steer": "base", "add": "base", "ablate": "tuned"}
 OTHER = {"base": "tuned", "tuned": "base"}
 
@@ -114,8 +119,6 @@ def check(opts: RQ3Options, n_layers: int) -> None:
 
 # ------------------------------------------------------------------------------------- plan
 def _plan(study: Study, opts: RQ3Options) -> dict:
-    from mechdiff.data.datasets import load_prompt_set
-    from mechdiff.experiments.common import load_dataset_ref
     layers, control = study_layers(study, opts.layers, opts.control_layer)
     fit, dev, test = fair_split(study, [opts.n_fit, opts.n_dev, opts.n_test], opts.min_shared_ratio, study.seed)
     ref = study.pair.datasets.get("neutral")
@@ -195,13 +198,6 @@ def _cells(plan: dict, opts: RQ3Options, bases: dict, same_width: bool) -> list[
                                "mode": mode, "k": k, "alpha": a, "control_layer": l == control and l != int(bl),
                                "side": SIDE_OF[mode]} for a in opts.alphas]
     return cells
-
-
-def handle_of(cell: dict, bases: dict, site: str) -> S.Handle:
-    """The :class:`~mechdiff.analyses.steering.Handle` of one cell (its basis cut to the cell's k)."""
-    key = f"{cell['kind']}{'@' + cell['fit_lang'] if cell['fit_lang'] else ''}.{cell['basis_layer']}"
-    return S.Handle(cell["layer"], site, bases[key][:, :cell["k"]], mode=cell["mode"], alpha=cell["alpha"],
-                    scale=float(bases[f"scale.{cell['layer']}"]))
 
 
 def _variants(cells, bases, opts) -> list:
@@ -294,12 +290,19 @@ def run_rq3(study: Study, opts: RQ3Options) -> None:
                                                    "side": prompt_digest(plan["neutral"] + plan["mc"])})
 
 
-def summarise_rq3(study: Study, opts: RQ3Options) -> dict:
-    from mechdiff.experiments.rq3_summary import summarise
-    return summarise(study, opts)
+def summarise_rq3(study: Study, opts: RQ3Options) -> SteerResult:
+    """rq3.json, rq3_summary.txt, handles/, the figure; returns :class:`SteerResult`."""
+    out = summarise(study, opts)
+    res, prompts = out["result"], study.run.read_json("rq3_prompts.json")
+    text = res.get("text")
+    return SteerResult(status=res["status"], minimal_k=res["minimal_k"], layers=list(prompts["layers"]),
+                       control_layer=prompts["control_layer"], text=[text] if isinstance(text, str) else list(text or []))
 
 
-STAGE = register(Stage(
+REPORT = ReportHooks(topic="RQ3", sentences=rq3_sentences, figures=(FIG_C,), numbers=rq3_numbers)
+STAGE = Stage(
     name="steer", options=RQ3Options, run=run_rq3, summarise=summarise_rq3, check=check,
+    requires=("rq1",), result=SteerResult, report=REPORT,
     help="RQ3: rank-k steering (base) and ablation (tuned) handles, minimal k, side effects, controls, transfer.",
-    done_message="RQ3 done: {path}  (rq3.json, rq3_summary.txt, handles/, figures/steer_vs_k.png)"))
+    done_message="RQ3 done: {path}  (rq3.json, rq3_summary.txt, handles/, figures/steer_vs_k.png)")
+STAGES = (STAGE,)

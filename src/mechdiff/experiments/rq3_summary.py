@@ -8,7 +8,19 @@ import math
 import torch
 
 from mechdiff.analyses import readouts as R
-from mechdiff.experiments.rq3 import BASES, SWEEP, handle_of
+from mechdiff.analyses import steering as S
+from mechdiff.atomic import atomic_write_text
+from mechdiff.plots import plot_steer_vs_k
+
+STATES, BASES = "tensors/rq3_states.safetensors", "tensors/rq3_bases.safetensors"
+SWEEP = "tensors/rq3_sweep.safetensors"
+
+
+def handle_of(cell: dict, bases: dict, site: str) -> S.Handle:
+    """The :class:`~mechdiff.analyses.steering.Handle` of one cell (its basis cut to the cell's k)."""
+    key = f"{cell['kind']}{'@' + cell['fit_lang'] if cell['fit_lang'] else ''}.{cell['basis_layer']}"
+    return S.Handle(cell["layer"], site, bases[key][:, :cell["k"]], mode=cell["mode"], alpha=cell["alpha"],
+                    scale=float(bases[f"scale.{cell['layer']}"]))
 
 
 def _share(kl: torch.Tensor, gap: torch.Tensor, min_gap: float) -> float | None:
@@ -146,8 +158,6 @@ def _handles(study, chosen: list[dict], heads: list[dict], opts, meta: dict) -> 
 
 
 def summarise(study, opts) -> dict:
-    from mechdiff.plots import plot_steer_vs_k
-    from mechdiff.report import write_report
     run = study.run
     meta, prompts = run.read_json("rq3_cells.json"), run.read_json("rq3_prompts.json")
     lens = run.read_json("rq3_bases.json") if run.exists("rq3_bases.json") else {}
@@ -213,7 +223,5 @@ def summarise(study, opts) -> dict:
                 f"-[{', '.join(x.strip() for x in v['suppressed'][:5])}]"
                 for i, v in enumerate(info["lens"])))
     run.write_json("rq3.json", out)
-    from mechdiff.atomic import atomic_write_text
     atomic_write_text(run.file("rq3_summary.txt"), "\n".join(lines) + "\n")
-    write_report(run.path)
     return out

@@ -39,11 +39,23 @@ from dataclasses import dataclass
 import torch
 
 from mechdiff.analyses.attribution import Target, first_token, grad_x_act, integrated_gradients
-from mechdiff.analyses.heads import change_score, patches, rank
+from mechdiff.analyses.heads import change_score, cumulative_curves, patches, rank, summarise_heads
 from mechdiff.errors import ConfigError, DataError
-from mechdiff.experiments.stage import SIDES, Stage, Study, opt, register
+from mechdiff.experiments.figure_data import FIG_D
+from mechdiff.experiments.results import HeadsResult
+from mechdiff.experiments.stage import SIDES, Stage, Study, opt
+from mechdiff.experiments.summaries import rq4_numbers, rq4_sentences
+from mechdiff.report.hooks import ReportHooks
 from mechdiff.experiments.steps import (check_layers, clean_run, patch_measure, prompt_digest, select_prompts,
                                         study_layers)
+from mechdiff.analyses.path_patching import parse_receiver, path_patch
+from mechdiff.fairness import mask_logits
+from mechdiff.analyses.behaviour import soft_refusal
+from mechdiff.data.prompts import encode
+from mechdiff.sites.hooks import intervene, record, replace_at
+from mechdiff.atomic import atomic_write_text
+from mechdiff.plots import plot_churn_bars, plot_cumulative_topk, plot_head_hist
+from mechdiff.models.planted import ground_truth
 
 TARGETS = ("top", "answer", "continuation", "refusal")
 ABLATIONS, SWAPS = ("zero", "mean"), ("swap", "own")
@@ -112,7 +124,6 @@ def check(opts: RQ4Options, n_layers: int | None) -> None:
 
 def parse_path(spec: str, n_layers: int | None) -> tuple[int, int, str]:
     """``"22.3:logits"`` -> ``(22, 3, "logits")`` (receiver checked against the sender)."""
-    from mechdiff.analyses.path_patching import parse_receiver
     try:
         sender, receiver = spec.split(":")
         layer, head = (int(x) for x in sender.split("."))
@@ -135,7 +146,6 @@ def _targets_step(study: Study, prompts, opts: RQ4Options) -> None:
     """Readout token ids per prompt and side (``[N]``, ``[N, 2]`` for refusal), all in the shared
     vocabulary; ``top``: the base model's clean top shared token at the measured position."""
     if opts.target == "top":          # the clean run of the engines that measure the ablations
-        from mechdiff.fairness import mask_logits
         logits, _ = clean_run(study.base, prompts, batch_size=study.batch_size, measure=opts.measure)
         a = mask_logits(logits, study.allowed_ids("base")).argmax(-1)
         ids = {"base": a, "tuned": torch.tensor([study.vocab.a_to_b[int(x)] for x in a])}
@@ -152,7 +162,6 @@ def _targets_step(study: Study, prompts, opts: RQ4Options) -> None:
 
 def _text_ids(tok, prompts, target: str) -> torch.Tensor:
     if target == "refusal":           # the first tokens of soft_refusal's refusal / neutral replies
-        from mechdiff.analyses.behaviour import soft_refusal
         d = inspect.signature(soft_refusal).parameters
         return torch.tensor([[first_token(tok, d["refusal"].default), first_token(tok, d["neutral"].default)]]
                             * len(prompts))
@@ -178,8 +187,6 @@ def _states_step(study: Study, prompts, layers, swaps) -> None:
     [N, H, d] and ``additive`` (attn_out = sum of head_out + a constant); with "own" ``own_z`` /
     ``own_out``: the other model's heads run on this side's residual stream (only when both
     tokenisations are identical). Metadata ``swaps``: the swaps these states support."""
-    from mechdiff.data.prompts import encode
-    from mechdiff.sites.hooks import intervene, record, replace_at
     names = ["head_z"] + (["head_out", "attn_out"] if swaps else [])
     acc: dict[str, list] = {}
     own = "own" in swaps
@@ -299,7 +306,6 @@ def _cumulative_step(study: Study, prompts, layers, opts: RQ4Options) -> None:
 
 
 def _path_step(study: Study, prompts, opts: RQ4Options) -> None:
-    from mechdiff.analyses.path_patching import path_patch
     tg, rows = targets(study, opts), []
     for spec in opts.path:
         layer, head, receiver = parse_path(spec, study.n_layers)
@@ -343,15 +349,11 @@ def run(study: Study, opts: RQ4Options) -> None:
                  depends_on=["rq4.targets"], info={**base, "path": opts.path})
 
 
-def summarise(study: Study, opts: RQ4Options) -> dict:
+def summarise(study: Study, opts: RQ4Options) -> HeadsResult:
     """rq4.json (every head's scores in both models, churn, overlap, cumulative curves, planted-head
     recovery for planted pairs), rq4_summary.txt and the figures, from the step outputs."""
-    from mechdiff.analyses.heads import cumulative_curves, summarise_heads
-    from mechdiff.atomic import atomic_write_text
-    from mechdiff.plots import plot_churn_bars, plot_cumulative_topk, plot_head_hist
-    from mechdiff.report import write_report
     run = study.run
-    layers, unit = run.steps()["rq4.states"]["info"]["layers"], targets(study, opts)["base"].unit
+    layers, unit = study_layers(study, opts.layers)[0], targets(study, opts)["base"].unit
     thr = opts.abs_threshold if opts.abs_threshold is not None else (5.0 if unit == "points" else 0.5)
     abl = run.read_tensors(ABLATION)
     clean = max(float(abl[f"{s}.clean"].abs().mean()) for s in SIDES)
@@ -361,7 +363,6 @@ def summarise(study: Study, opts: RQ4Options) -> dict:
         per["attribution"] = scores(study, "attribution")
     planted, truth = getattr(study.pair.base, "planted", None), None
     if planted:
-        from mechdiff.models.planted import ground_truth
         truth = ground_truth(planted[0]).get("heads")
     s = summarise_heads(per, layers, z_threshold=opts.z_threshold, abs_threshold=thr, k=opts.top_k, planted=truth,
                         floors={m: 0.0 if m == "attribution" else floor for m in per})
@@ -399,12 +400,16 @@ def summarise(study: Study, opts: RQ4Options) -> dict:
     lines = [f"RQ4 structure change: {study.pair.name}"] + [f"  {k}: {v}" for k, v in headline.items()]
     lines += [f"  cumulative {k}: " + " ".join(f"{x:.3g}" for x in v["mean"]) for k, v in curves.items()]
     atomic_write_text(run.file("rq4_summary.txt"), "\n".join(lines) + "\n")
-    write_report(run.path)
-    return out
+    return HeadsResult(layers=list(layers), unit=unit, noise_floor=floor, structural=structural,
+                       changed_share=churn[structural]["share"] if structural else None, importance=imp,
+                       importance_churn=c.get("churn"), topk_jaccard=c.get("topk_jaccard"))
 
 
-STAGE = register(Stage(
-    name="heads", options=RQ4Options, run=run, summarise=summarise, check=check,
+STAGE = Stage(
+    name="heads", options=RQ4Options, run=run, summarise=summarise, check=check, requires=("rq1",),
+    result=HeadsResult, report=ReportHooks(topic="RQ4", sentences=rq4_sentences, figures=(FIG_D,),
+                                           numbers=rq4_numbers),
     help="RQ4: per-head ablation, cross-model head patching and attribution in both models; churn, "
          "top-k overlap, cumulative top-k effect.",
-    done_message="RQ4 done: {path}  (rq4.json, rq4_summary.txt, figures/)"))
+    done_message="RQ4 done: {path}  (rq4.json, rq4_summary.txt, figures/)")
+STAGES = (STAGE,)

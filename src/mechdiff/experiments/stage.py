@@ -5,9 +5,14 @@ A *stage* is one module (``experiments/rq1.py``, ``rq2.py``, ...) that defines
 - an options dataclass whose fields carry their help text in ``metadata["help"]`` (defaults are
   written once, there; the CLI builds its options from these fields),
 - ``run(study, opts)``: the resumable steps (``study.run.cached``) that write the stage's artifacts,
-- ``summarise(study, opts)``: the stage's summary JSON, figures and report, from artifacts alone,
+- ``summarise(study, opts)``: the stage's summary JSON and figures from artifacts alone; returns its
+  typed result (a dataclass, :mod:`mechdiff.experiments.results`), which ``run_stage`` saves,
+- ``requires``: the stages whose results it reads (a study runs them first),
+- ``report``: its :class:`~mechdiff.report.hooks.ReportHooks` (sentences, figures, section, numbers),
 
-and registers itself with :func:`register`. :class:`Study` holds what every stage shares: the
+and lists its stages in ``STAGES``; :mod:`mechdiff.experiments.registry` names the stage modules
+(one explicit list) and registers them. A stage from elsewhere (a plugin, a test) calls
+:func:`register` itself. ``run_stage`` does check -> run -> summarise -> report, once, for every stage. :class:`Study` holds what every stage shares: the
 pair, both loaded models, the run directory, the shared vocabulary, the fair prompt set, and the
 common options (device, dtype, batch size, seed, prompt file). ``run_stage`` is the one entry
 point the CLI, the demo, the benchmarks and the Python API go through::
@@ -23,11 +28,21 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
+
 from mechdiff.artifacts import RunDir
+from mechdiff.batching import default_batch_size
 from mechdiff.checks import check_against_models, check_device, check_option_counts, check_out_dir
-from mechdiff.errors import ConfigError
+from mechdiff.errors import ConfigError, DataError, MechdiffError
+from mechdiff.experiments.common import open_models, open_run, target_prompts
+from mechdiff.experiments.results import save_result
+from mechdiff.fairness import filter_prompts, shared_vocab
 from mechdiff.models.load import LoadedModel
-from mechdiff.pairs import Pair
+from mechdiff.pairs import Pair, load_pair
+from mechdiff.report import write_report
+from mechdiff.report.hooks import ReportHooks
+from mechdiff.report.hooks import register as register_report
+from mechdiff.report.hooks import unregister as unregister_report
 
 SIDES = ("base", "tuned")
 
@@ -92,7 +107,6 @@ class Study:
     @cached_property
     def vocab(self):
         """:class:`mechdiff.fairness.SharedVocab` of the two tokenizers."""
-        from mechdiff.fairness import shared_vocab
         return shared_vocab(self.base.tokenizer, self.tuned.tokenizer)
 
     def allowed_ids(self, side: str):
@@ -102,13 +116,11 @@ class Study:
     @cached_property
     def target_prompts(self) -> list[dict]:
         """The prompt set the stages run on (``--prompts`` file, else the pair's first dataset)."""
-        from mechdiff.experiments.common import target_prompts
         return target_prompts(self.pair, self.prompts_path)
 
     def fair_prompts(self, min_shared_ratio: float) -> tuple[list[dict], dict]:
         """Prompts that pass the shared-vocabulary filter (in file order) and the filter's report."""
         if min_shared_ratio not in self._fair:
-            from mechdiff.fairness import filter_prompts
             self.check_lengths(self.target_prompts)
             self._fair[min_shared_ratio] = filter_prompts(self.target_prompts, self.base.tokenizer,
                                                           self.tuned.tokenizer, self.vocab, min_shared_ratio)
@@ -117,7 +129,6 @@ class Study:
     def check_lengths(self, prompts: list[dict], margin: int = 64) -> None:
         """DataError naming the prompts longer than either model's context (a too-long prompt would
         pad its whole batch to that length and ask for an out-of-memory allocation)."""
-        from mechdiff.errors import DataError
         limit = min(getattr(getattr(m.model, "config", None), "max_position_embeddings", None) or 10 ** 9
                     for m in (self.base, self.tuned))
         limit = min(limit, 32768)
@@ -134,36 +145,69 @@ class Study:
 
 @dataclass(frozen=True)
 class Stage:
-    """One analysis: ``run(study, opts)`` then ``summarise(study, opts)``.
+    """One analysis: ``run(study, opts)`` then ``summarise(study, opts) -> result``.
 
     check(opts, n_layers): validates the options before any model work or write (ConfigError).
-    requires: stages whose artifacts this one reads (run first by ``mechdiff run``).
+    requires: stages whose results this one reads (a study that runs both runs them first; a stage
+    run alone falls back as its module documents). result: the dataclass ``summarise`` returns
+    (saved as ``results/<name>.json``). report: what the stage adds to the report.
+    in_default_study: part of ``mechdiff run`` without ``--stages``.
     """
 
     name: str
     help: str
     options: type
     run: Callable[[Study, Any], None]
-    summarise: Callable[[Study, Any], dict]
+    summarise: Callable[[Study, Any], Any]
     check: Callable[[Any, int], None] | None = None
     done_message: str = ""
+    requires: tuple[str, ...] = ()
+    result: type | None = None
+    report: ReportHooks | None = None
+    in_default_study: bool = True
 
 
 STAGES: dict[str, Stage] = {}
 
 
 def register(stage: Stage) -> Stage:
-    """Add ``stage`` to the registry (the CLI, the demo and the benchmarks read it)."""
+    """Add ``stage`` (and its report hooks) to the registry (the CLI, the study, the report read it).
+    Built-in stages are registered by :mod:`mechdiff.experiments.registry`."""
     if stage.name in STAGES and STAGES[stage.name] is not stage:
         raise ConfigError(f"a stage named {stage.name!r} is already registered")
     if not dataclasses.is_dataclass(stage.options):
         raise ConfigError(f"stage {stage.name!r}: options must be a dataclass")
+    if stage.result is not None and not dataclasses.is_dataclass(stage.result):
+        raise ConfigError(f"stage {stage.name!r}: result must be a dataclass")
     STAGES[stage.name] = stage
+    register_report(stage.name, stage.report)
     return stage
 
 
+def unregister(name: str) -> None:
+    """Remove stage ``name`` and its report hooks (a plugin or a test that registered it)."""
+    STAGES.pop(name, None)
+    unregister_report(name)
+
+
+def study_order(names=None) -> list[str]:
+    """``names`` (default: every registered stage) in study order: a stage after the stages it
+    ``requires`` (topological), otherwise in registration order (stable). ConfigError on a cycle."""
+    names = list(STAGES) if names is None else list(names)
+    rank = {n: i for i, n in enumerate(STAGES)}
+    todo = sorted(dict.fromkeys(names), key=lambda n: (rank.get(n, len(rank)), names.index(n)))
+    done: list[str] = []
+    while todo:
+        ready = next((n for n in todo if all(r in done or r not in todo for r in
+                                              (STAGES[n].requires if n in STAGES else ()))), None)
+        if ready is None:
+            raise ConfigError(f"stages {todo} require each other in a circle; fix their requires=")
+        done.append(ready)
+        todo.remove(ready)
+    return done
+
+
 def get_stage(name: str) -> Stage:
-    import mechdiff.experiments  # noqa: F401  (registers the built-in stages)
     if name not in STAGES:
         raise ConfigError(f"unknown stage {name!r}; choose from {', '.join(STAGES)}")
     return STAGES[name]
@@ -178,7 +222,6 @@ def open_study(pair: Pair, stage: Stage, opts: Any, *, out=None, device: str | N
     ``batch_size`` (batch size is resume-safe), so a run directory resumes only with the same options.
     ``batch_size`` None: :func:`resolve_batch_size` once the models are loaded.
     """
-    from mechdiff.experiments.common import open_models, open_run, target_prompts
     check_common(device=device, batch_size=batch_size)
     check_out_dir(out)
     check_option_counts(opts)
@@ -207,7 +250,6 @@ def resolve_batch_size(batch_size: int | None, models: Sequence[LoadedModel], pr
     ``prompts`` (tokens of its text plus 64 for the chat template)."""
     if batch_size is not None:
         return int(batch_size)
-    from mechdiff.batching import default_batch_size
     texts = [str(p.get("text", "")) for p in prompts[:4096]] or [""]
     n = max(len(ids) for ids in models[0].tokenizer(texts, add_special_tokens=False)["input_ids"]) + 64
     return default_batch_size([m.model for m in models], n)
@@ -240,13 +282,14 @@ def run_stage(name: str, pair: "Pair | str", opts: Any = None, *, out=None, devi
               prompts: str | Path | None = None, models: tuple[LoadedModel, LoadedModel] | None = None, study: Study | None = None,
               trust_remote_code: bool = False, device_map: Any = None, max_memory: Any = None,
               **option_values) -> RunDir:
-    """Run the stage ``name`` end to end (finished steps are skipped) and return its run directory.
+    """Run the stage ``name`` end to end (finished steps are skipped) and return its run directory:
+    check its options, ``run``, ``summarise`` (its typed result saved as ``results/<name>.json``),
+    then write the report, once.
 
     opts: the stage's options dataclass (or give its fields as keyword arguments). ``study``: an
     already open study (the models and run directory of an earlier stage) instead of pair/out/models.
     trust_remote_code: let the models' own code run (as the pair TOML key of that name does).
     """
-    from mechdiff.pairs import load_pair
     stage = get_stage(name)
     if opts is None:
         opts = stage.options(**option_values)
@@ -267,14 +310,19 @@ def run_stage(name: str, pair: "Pair | str", opts: Any = None, *, out=None, devi
         before = ((study.run.read_manifest() or {}).get("options") or {}).get(stage.name)
         if stage.check is not None:
             stage.check(opts, study.n_layers)
-        from mechdiff.experiments.common import open_run
         open_run(study.run.path, stage.name, study.pair, {"base": study.base, "tuned": study.tuned},
                  {"seed": study.seed}, {**dataclasses.asdict(opts), "batch_size": study.batch_size,
                                         "seed": study.seed, "prompts": study.prompts_path})
     try:
         stage.run(study, opts)
-        stage.summarise(study, opts)
+        result = stage.summarise(study, opts)
     except BaseException:        # any failure (a bug, Ctrl-C): the corrected rerun is not refused
         _forget_options(study.run, stage.name, before)
         raise
+    if stage.result is not None:
+        if not isinstance(result, stage.result):
+            raise TypeError(f"stage {name!r}: summarise returned {type(result).__name__}, not its declared "
+                            f"result {stage.result.__name__}")
+        save_result(study.run, result, stage.name)
+    write_report(study.run.path)
     return study.run

@@ -35,18 +35,23 @@ from typing import Any, Callable, Mapping, Sequence
 
 from mechdiff.artifacts import RESUME_SAFE_OPTIONS, RunDir, new_run_dir
 from mechdiff.atomic import atomic_write_text, to_jsonable
-from mechdiff.checks import check_against_models, check_out_dir
+from mechdiff.checks import check_against_models, check_option_counts, check_out_dir
 from mechdiff.errors import ConfigError
-from mechdiff.experiments.study_config import (DEFAULT_STAGES, STUDY_ORDER,  # noqa: F401 (re-exported)
-                                               _coerce, _field_names, _registered, _toml_value, _value_text,
-                                               config_toml, read_config, stage_command, stage_options,
-                                               study_stages)
+from mechdiff.experiments.common import open_models, target_prompts
+from mechdiff.experiments.stage import (STAGES, _forget_options, check_common, get_stage, open_study,
+                                        resolve_batch_size, run_stage, study_order)
+from mechdiff.experiments.study_config import (_coerce, _field_names, _registered, _toml_value,  # noqa: F401
+                                               _value_text, config_toml, default_stages, read_config,
+                                               stage_command, stage_options, study_stages)
+from mechdiff.pairs import load_pair
+from mechdiff.report import write_report
+from mechdiff.scale import distributed as dp
 
 CONFIG_NAME = "run_config.toml"
 RUN_MD = "RUN.md"
 
-__all__ = ["run_study", "study_stages", "read_config", "stage_options", "STUDY_ORDER", "DEFAULT_STAGES",
-           "stage_command", "config_toml"]
+__all__ = ["run_study", "study_stages", "read_config", "stage_options", "default_stages", "stage_command",
+           "config_toml"]
 
 
 def _log(msg: str) -> None:
@@ -143,12 +148,8 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
 
     pair: a :class:`~mechdiff.pairs.Pair` or a built-in name / pair TOML path. config: a TOML path or
     ``{stage: {option: value}}``. stages: names or a comma list (default: every registered stage of
-    rq1, mapped-patch, steer, heads). models: already loaded ``(base, tuned)``.
+    rq1, mapped-patch, steer, heads: :func:`default_stages`). models: already loaded ``(base, tuned)``.
     """
-    from mechdiff.experiments.common import open_models, target_prompts
-    from mechdiff.experiments.stage import (_forget_options, check_common, get_stage, open_study, resolve_batch_size,
-                                            run_stage)
-    from mechdiff.pairs import load_pair
     log = log or _log
     names = study_stages(stages)
     cfg = read_config(config)
@@ -160,7 +161,6 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
     for name in names:                                 # everything but layer ranges, before the models load
         check_stage_options(name, options[name])
     rows = target_prompts(pair, str(prompts) if prompts else None)   # a bad prompt file fails here
-    from mechdiff.scale import distributed as dp
     path = Path(out) if out is not None else dp.from_rank0(lambda: new_run_dir("runs", "study"))
     path = dp.private_dir(path)     # under torchrun: ranks other than 0 write a private copy
     _check_resume(path, options, seed, pair)
@@ -199,7 +199,6 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
         seconds[name] = time.perf_counter() - t0
         log(f"[{i + 1}/{len(names)}] {name} done in {seconds[name]:.0f}s")
     atomic_write_text(run.file(RUN_MD), _run_md(run, command, stage_cmds, every, history, seconds))
-    from mechdiff.report import write_report
     write_report(run.path)
     return run
 
@@ -213,8 +212,6 @@ def _recorded_options(path: Path) -> dict:
 def check_stage_options(name: str, opts: Any, n_layers: int = 10 ** 9) -> None:
     """A stage's option checks (counts, then the stage's own; layer ranges when ``n_layers`` is known),
     with the stage named: run config values have no command-line flag of their own."""
-    from mechdiff.checks import check_option_counts
-    from mechdiff.experiments.stage import get_stage
     st = get_stage(name)
     try:
         check_option_counts(opts)
@@ -226,7 +223,6 @@ def check_stage_options(name: str, opts: Any, n_layers: int = 10 ** 9) -> None:
 
 def check_config_tables(cfg: Mapping[str, Mapping]) -> None:
     """Check the option values of every table of a run config (before any model loads)."""
-    from mechdiff.experiments.stage import STAGES
     present = [n if n in STAGES else n.replace("_", "-") for n in cfg]
     for name, opts in stage_options(cfg, present).items():
         check_stage_options(name, opts)
@@ -245,8 +241,7 @@ def _with_recorded(run: RunDir, options: Mapping[str, Any]) -> dict[str, Any]:
         except ConfigError:                          # a stage whose options changed since: left out
             continue
     merged.update(options)
-    order = {s: i for i, s in enumerate(STUDY_ORDER)}
-    return {n: merged[n] for n in sorted(merged, key=lambda s: (order.get(s, len(order)), s))}
+    return {n: merged[n] for n in study_order(merged)}
 
 
 def _record(run: RunDir, names: list[str], options: Mapping, command: list[str], config) -> list[dict]:

@@ -1,7 +1,7 @@
 """A study's run configuration: which stages run, in what order, and with which options.
 
 :func:`study_stages` turns ``--stages`` (names or a comma list) into registered stages in study order
-(:data:`STUDY_ORDER`); :func:`read_config` reads a TOML run config (one table per stage, keys the
+(derived from each stage's ``requires``); :func:`read_config` reads a TOML run config (one table per stage, keys the
 stage's option names as in ``mechdiff STAGE --help``) or a mapping, and :func:`stage_options` checks
 every table and key and builds each stage's options dataclass (defaults with the config on top), so a
 bad config is a ConfigError before any model work. The way back out: :func:`config_toml` writes every
@@ -18,24 +18,24 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from mechdiff.errors import ConfigError
+from mechdiff.experiments.stage import STAGES, study_order
 
-#: Stages in the order a study runs them (registered ones only; "maps" runs only when asked for,
-#: since mapped-patch fits the maps itself).
-STUDY_ORDER = ("rq1", "maps", "mapped-patch", "steer", "heads")
-DEFAULT_STAGES = ("rq1", "mapped-patch", "steer", "heads")
-
-__all__ = ["study_stages", "read_config", "stage_options", "STUDY_ORDER", "DEFAULT_STAGES", "stage_command",
-           "config_toml"]
+__all__ = ["study_stages", "read_config", "stage_options", "default_stages", "stage_command", "config_toml"]
 
 
 # ---------------------------------------------------------------------------------- stages
+def default_stages() -> list[str]:
+    """The stages ``mechdiff run`` runs without ``--stages``: every registered stage marked
+    ``in_default_study`` (``maps`` is not: mapped-patch fits the maps itself), in study order."""
+    return study_order([s for s, st in STAGES.items() if st.in_default_study])
+
+
 def study_stages(stages: "Sequence[str] | str | None" = None) -> list[str]:
-    """The stages to run, in study order. None: every registered stage of :data:`DEFAULT_STAGES`
-    (stages not installed are skipped); named ones must be registered (ConfigError otherwise)."""
-    from mechdiff.experiments.stage import STAGES, get_stage
-    get_stage("rq1")                                   # imports the registry
+    """The stages to run, in study order (:func:`~mechdiff.experiments.stage.study_order`: after the
+    stages they require). None: :func:`default_stages`; named ones must be registered (ConfigError
+    otherwise)."""
     if stages is None:
-        return [s for s in DEFAULT_STAGES if s in STAGES]
+        return default_stages()
     names = [s.strip() for s in (stages.split(",") if isinstance(stages, str) else stages) if s and s.strip()]
     if not names:
         raise ConfigError("--stages is empty; name one or more of " + ", ".join(_registered()))
@@ -43,15 +43,11 @@ def study_stages(stages: "Sequence[str] | str | None" = None) -> list[str]:
     if bad:
         raise ConfigError(f"--stages: unknown stage(s) {', '.join(map(repr, bad))}; registered stages: "
                           f"{', '.join(_registered())}")
-    order = {s: i for i, s in enumerate(STUDY_ORDER)}
-    uniq = list(dict.fromkeys(names))
-    return sorted(uniq, key=lambda s: (order.get(s, len(order)), uniq.index(s)))
+    return study_order(names)
 
 
 def _registered() -> list[str]:
-    from mechdiff.experiments.stage import STAGES
-    order = {s: i for i, s in enumerate(STUDY_ORDER)}
-    return sorted(STAGES, key=lambda s: (order.get(s, len(order)), s))
+    return study_order()
 
 
 # ---------------------------------------------------------------------------------- config
@@ -140,7 +136,6 @@ def stage_options(config: Mapping[str, Mapping], stages: Sequence[str]) -> dict[
     """Options dataclass per stage in ``stages``: the defaults with ``config[stage]`` on top. Every
     table and key of ``config`` is checked (also tables of stages not run now): an unknown stage or
     key, or a value of the wrong type, is a ConfigError before any model work."""
-    from mechdiff.experiments.stage import STAGES
     registered = _registered()
     norm: dict[str, Mapping] = {}
     for name, table in config.items():

@@ -76,9 +76,10 @@ Shapes: ``d`` is the site width: ``d_model`` for resid/attn/mlp sites, ``H * hea
 from __future__ import annotations
 
 from mechdiff.patching.engine import MEASURES, PatchEngine
-from mechdiff.patching.kl import kl_reducer, layer_sweep, patch_kl
+from mechdiff.patching.kl import kl_and_gap, kl_reducer, kl_to_clean, layer_sweep, patch_kl
+from mechdiff.patching.measure import clean_run, patch_measure
 from mechdiff.patching.sources import chunked_clean_states
 from mechdiff.patching.variants import MODES, Patch, Variant
 
-__all__ = ["MODES", "MEASURES", "Patch", "Variant", "PatchEngine", "kl_reducer", "patch_kl", "layer_sweep",
-           "chunked_clean_states"]
+__all__ = ["MODES", "MEASURES", "Patch", "Variant", "PatchEngine", "kl_reducer", "kl_to_clean", "kl_and_gap",
+           "patch_kl", "layer_sweep", "chunked_clean_states", "clean_run", "patch_measure"]

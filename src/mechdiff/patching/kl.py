@@ -1,16 +1,97 @@
-"""KL read-outs of patched runs: ``kl_reducer`` (a ``reduce`` for :meth:`PatchEngine.run` that keeps
-only KL(clean || patched) per prompt of each pass, the clean side being the pass's own reference),
-``patch_kl`` and the cross-model ``layer_sweep`` built on it."""
+"""KL divergence and the gap measures, in one place: between next-token distributions (fair across
+tokenizers) and as read-outs of patched runs.
+
+Plain KL (``kl_from_logits``, ``kl_shared``, ``kl_masked``) reduces over the last (vocabulary) axis
+and returns one value per row: logits ``[..., V]`` give KL ``[...]``; ``P`` is the reference (clean)
+distribution. Math runs in float32 via ``log_softmax``; tokens with ``p = 0`` contribute 0 (so a token
+that is -inf in both P and Q is fine); a token with ``p > 0`` and ``q = 0`` gives ``+inf`` (a true KL).
+
+Read-outs of patched runs: ``kl_reducer`` (a ``reduce`` for :meth:`PatchEngine.run` that keeps only
+KL(clean || patched) per prompt of each pass, the clean side being the pass's own reference), the
+reducer factories of :func:`mechdiff.patching.measure.patch_measure` (``kl_to_clean``, ``kl_and_gap``:
+the share of the base-tuned gap a patch closes), ``patch_kl`` and the cross-model ``layer_sweep``.
+"""
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from mechdiff.errors import NumericsError, SiteError
+from mechdiff.fairness import allowed_mask, mask_logits, shared_logits
 from mechdiff.patching.engine import PatchEngine
 from mechdiff.patching.variants import Patch
 from mechdiff.sites.names import site_str
+
+__all__ = ["kl_from_logits", "kl_shared", "kl_masked", "summarise", "kl_reducer", "kl_to_clean", "kl_and_gap",
+           "patch_kl", "layer_sweep", "Reducer"]
+
+
+def _check_rows(logits: torch.Tensor, name: str) -> None:
+    if logits.shape[-1] == 0:
+        raise NumericsError(f"{name} has an empty vocabulary axis: nothing to compare")
+    if torch.isnan(logits).any():
+        raise NumericsError(f"{name} contains NaN: check the model's forward pass (dtype overflow?)")
+    dead = torch.isneginf(logits).all(dim=-1)
+    if dead.any():
+        raise NumericsError(
+            f"{int(dead.sum())} row(s) of {name} are -inf everywhere (no allowed token): "
+            "the allowed/shared id set is empty for this vocabulary"
+        )
+
+
+def kl_from_logits(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:
+    """KL(P || Q) per row from logits ``[..., V]`` (same vocabulary order) -> ``[...]``."""
+    if p_logits.shape != q_logits.shape:
+        raise NumericsError(
+            f"KL needs logits of the same shape, got {tuple(p_logits.shape)} and {tuple(q_logits.shape)}: "
+            "use kl_shared for models with different vocabularies"
+        )
+    _check_rows(p_logits, "p_logits")
+    _check_rows(q_logits, "q_logits")
+    logp = torch.log_softmax(p_logits.float(), dim=-1)
+    logq = torch.log_softmax(q_logits.float(), dim=-1)
+    p = logp.exp()
+    diff = torch.where(p > 0, logp - logq, torch.zeros_like(logp))
+    terms = torch.where(p > 0, p * diff, torch.zeros_like(p))
+    return terms.sum(dim=-1).clamp_min(0.0)
+
+
+def kl_shared(
+    p_logits: torch.Tensor, q_logits: torch.Tensor, p_ids: torch.Tensor, q_ids: torch.Tensor
+) -> torch.Tensor:
+    """KL(P || Q) over the shared vocabulary, renormalised on it.
+
+    ``p_ids``/``q_ids`` are ``SharedVocab.a_ids``/``b_ids`` (same string at the same position), so
+    tokens only one tokenizer has (e.g. an extension) cannot inflate the divergence.
+    """
+    return kl_from_logits(shared_logits(p_logits, p_ids), shared_logits(q_logits, q_ids))
+
+
+def kl_masked(p_logits: torch.Tensor, q_logits: torch.Tensor, allowed_ids: Any) -> torch.Tensor:
+    """KL(P || Q) for the same vocabulary with both masked to ``allowed_ids`` and renormalised."""
+    return kl_from_logits(mask_logits(p_logits, allowed_ids), mask_logits(q_logits, allowed_ids))
+
+
+def summarise(values: torch.Tensor | Iterable[float]) -> dict:
+    """``{mean, std, median, n}`` (std with Bessel's correction; 0.0 for n = 1; NaN for n = 0).
+
+    Non-finite values are counted in ``n_nonfinite`` and excluded from the statistics.
+    """
+    t = torch.as_tensor(values if isinstance(values, torch.Tensor) else list(values), dtype=torch.float64).flatten()
+    finite = t[torch.isfinite(t)]
+    n = int(finite.numel())
+    if n == 0:
+        return {"mean": math.nan, "std": math.nan, "median": math.nan, "n": 0, "n_nonfinite": int(t.numel())}
+    return {
+        "mean": float(finite.mean()),
+        "std": float(finite.std(correction=1)) if n > 1 else 0.0,
+        "median": float(finite.median()) if n % 2 else float(finite.sort().values[n // 2 - 1 : n // 2 + 1].mean()),
+        "n": n,
+        "n_nonfinite": int(t.numel() - n),
+    }
+
 
 
 def kl_reducer(engine: PatchEngine, allowed_ids=None, with_unmasked: bool = False):
@@ -22,7 +103,6 @@ def kl_reducer(engine: PatchEngine, allowed_ids=None, with_unmasked: bool = Fals
     clean = engine.clean_logits
     keep = None
     if allowed_ids is not None:   # the allowed ids as a vocabulary mask, built once for every pass
-        from mechdiff.fairness import allowed_mask
         keep = allowed_mask(allowed_ids, clean.shape[-1], clean.device)
 
     def reduce(logits: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,10 +118,9 @@ def _kl_shared_ref(p_logits: torch.Tensor, q_logits: torch.Tensor, allowed_ids=N
                    with_unmasked: bool = False) -> torch.Tensor:
     """KL(P || Q_i) ``[n, b]`` (``[n, b, 2]`` ``[masked, unmasked]`` with ``with_unmasked``) for one
     reference ``p_logits`` ``[b, V]`` and ``q_logits`` ``[n, b, V]``, both masked to ``allowed_ids``
-    (ids or a boolean vocabulary mask) when given: :func:`mechdiff.analyses.kl.kl_from_logits` / ``kl_masked`` row by row (float32
+    (ids or a boolean vocabulary mask) when given: :func:`kl_from_logits` / ``kl_masked`` row by row (float32
     log-softmax, tokens with p = 0 contribute 0, exactly 0 where a row of Q is bit for bit P's), with
     P's log-softmax taken once, a few variants at a time, and one device-to-host read for the checks."""
-    from mechdiff.fairness import allowed_mask, mask_logits
     keep = None if allowed_ids is None else allowed_mask(allowed_ids, p_logits.shape[-1], p_logits.device)
     views = []
     for ids in [keep] + ([None] if with_unmasked else []):   # allowed ids as a mask, built once
@@ -84,3 +163,31 @@ def layer_sweep(engine_dst: PatchEngine, states_src: dict, sites: Sequence | Non
         raise SiteError(f"no source states for sites {missing}")
     kl = patch_kl(engine_dst, [Patch(s, src[s]) for s in sites], allowed_ids)
     return {s: kl[i] for i, s in enumerate(sites)}
+
+
+Reducer = Callable[[PatchEngine, int, int], Callable]
+
+
+def kl_to_clean(allowed_ids) -> Reducer:
+    """Reducer factory: KL(clean || patched) per prompt, masked to ``allowed_ids`` and unmasked
+    (last axis ``[masked, unmasked]``)."""
+    return lambda eng, i, j: kl_reducer(eng, allowed_ids, with_unmasked=True)
+
+
+def kl_and_gap(allowed_ids, other_logits: torch.Tensor, other_ids) -> Reducer:
+    """Reducer factory: last axis ``[masked, unmasked, to_other]``: KL(clean || patched) masked to
+    ``allowed_ids`` and unmasked (as :func:`kl_to_clean`), and KL(other || patched) over the shared
+    vocabulary, where ``other_logits`` ``[N, V_other]`` are the other model's clean logits on the same
+    prompts (``other_ids``: the shared vocabulary in its tokenizer, same order as ``allowed_ids``).
+    The share of the gap a patch closes is ``1 - to_other / KL(other || clean)``."""
+
+    def factory(eng: PatchEngine, i: int, j: int):
+        base = kl_reducer(eng, allowed_ids, with_unmasked=True)
+        other = other_logits[i:j]
+
+        def reduce(logits: torch.Tensor, rows: torch.Tensor, ref: torch.Tensor | None = None) -> torch.Tensor:
+            k = base(logits, rows) if ref is None else base(logits, rows, ref)
+            o = other.to(logits.device)[rows.to(logits.device)][None].expand(logits.shape[0], -1, -1)
+            return torch.cat([k, kl_shared(o, logits, other_ids, allowed_ids)[..., None]], -1)
+        return reduce
+    return factory

@@ -3,18 +3,19 @@
 ``write_report(run_dir)`` writes ``report.html`` (self-contained: figures embedded as data URIs, inline
 CSS, no scripts, nothing fetched) and ``report.md`` (relative image links into ``figures/``):
 
-1. executive summary: every headline number with its uncertainty or control beside it
-   (:mod:`mechdiff.report.summary`);
-2. Figures A-D (:mod:`mechdiff.report.figures`, drawn from the JSON files);
-3. the alpha-sweep summary table (RQ2);
+1. executive summary: every headline number with its uncertainty or control beside it, from the
+   stages' ``sentences`` hooks (:mod:`mechdiff.report.summary`);
+2. the stages' figures (``figures`` hooks; the built-in stages give Figures A-D) (:mod:`mechdiff.report.figures`);
+3. the stages' own sections (``section`` hooks: e.g. mapped-patch's alpha-sweep table);
 4. how to reproduce (``RUN.md``, written by ``mechdiff run``);
 5. details per metrics file, other figures, provenance (manifest).
 
 Contract for stages that want to appear in the details
 ------------------------------------------------------
-Write a metrics JSON file at the top level of the run directory (any name except manifest.json and
-steps.json). Known files come first in this order: rq1.json, maps.json, rq2.json, alpha_sweep.json;
-every other ``*.json`` follows in name order. Within a file these keys are rendered, wherever they
+The report knows no stage by name: a stage gives it :class:`mechdiff.report.hooks.ReportHooks`
+(sentences, figures, a section, numbers, its metrics files). Write a metrics JSON file at the top
+level of the run directory (any name except manifest.json and steps.json). The registered stages'
+``metrics`` files come first, in study order; every other ``*.json`` follows in name order. Within a file these keys are rendered, wherever they
 occur (top level or nested up to a few dicts deep; the nesting path becomes the sub-heading):
 ``"title"`` (section heading), ``"summary"`` (a paragraph), ``"headline"`` (dict name -> scalar, a
 two-column table), ``"table"`` (list of row dicts; ``"table_columns"`` fixes the columns),
@@ -29,18 +30,25 @@ from typing import Any, Mapping
 
 from mechdiff.artifacts import MANIFEST_NAME, STEPS_NAME
 from mechdiff.atomic import atomic_write_text
+from mechdiff.errors import ConfigError
+from mechdiff.report.figures import write_figures
+from mechdiff.report.hooks import registered_hooks, stage_order
 from mechdiff.report.render import ID_COLUMNS, MAX_TABLE_ROWS, Section, header, load, page, render_node
+from mechdiff.report.summary import sentences
 
-__all__ = ["write_report", "KNOWN_METRICS", "ID_COLUMNS", "MAX_TABLE_ROWS"]
+__all__ = ["write_report", "known_metrics", "ID_COLUMNS", "MAX_TABLE_ROWS"]
 
-KNOWN_METRICS = ("rq1.json", "maps.json", "rq2.json", "alpha_sweep.json")
 SKIP_JSON = {MANIFEST_NAME, STEPS_NAME}
-SWEEP_COLUMNS = ["layer", "site", "alpha", "alpha_value", "kl_raw", "kl_mapped", "delta", "drop_pct"]
+
+
+def known_metrics() -> list[str]:
+    """The registered stages' metrics files, in study order (listed first in the details)."""
+    return list(dict.fromkeys(m for _, h in registered_hooks() for m in h.metrics))
 
 
 def _metric_files(run_dir: Path) -> list[Path]:
     present = {p.name: p for p in run_dir.glob("*.json") if p.is_file() and p.name not in SKIP_JSON}
-    ordered = [present.pop(n) for n in KNOWN_METRICS if n in present]
+    ordered = [present.pop(n) for n in known_metrics() if n in present]
     return ordered + [present[n] for n in sorted(present)]
 
 
@@ -51,20 +59,13 @@ def _stage_figures(run_dir: Path) -> list[Path]:
     return sorted(p for p in fig_dir.rglob("*.png") if "report" not in p.relative_to(fig_dir).parts[:-1])
 
 
-def _in_order(stages) -> list[str]:
-    from mechdiff.experiments.study import STUDY_ORDER
-    order = {s: i for i, s in enumerate(STUDY_ORDER)}
-    return sorted(stages, key=lambda s: (order.get(s, len(order)), s))
-
-
 def _summary(sec: Section, run_dir: Path, manifest: Mapping[str, Any] | None) -> None:
-    from mechdiff.report.summary import sentences
     pair = (manifest or {}).get("pair") or {}
     if isinstance(pair, Mapping) and pair.get("base"):
         spec = lambda s: (s.get("spec") or s.get("id") or s) if isinstance(s, Mapping) else s  # noqa: E731
         sec.para(f"Pair {pair.get('name')} ({pair.get('domain', 'general')}): base {spec(pair['base'])} vs tuned "
                  f"{spec(pair.get('tuned'))}. Stages run: "
-                 f"{', '.join(_in_order((manifest or {}).get('options') or {})) or 'none yet'}.")
+                 f"{', '.join(stage_order((manifest or {}).get('options') or {})) or 'none yet'}.")
     sec.heading("Executive summary", 2, "summary")
     items = sentences(run_dir)
     if items:
@@ -74,7 +75,6 @@ def _summary(sec: Section, run_dir: Path, manifest: Mapping[str, Any] | None) ->
 
 
 def _figures_ad(sec: Section, run_dir: Path) -> None:
-    from mechdiff.report.figures import write_figures
     for key, path, caption in write_figures(run_dir):
         sec.heading(f"Figure {key}", 2, f"figure-{key.lower()}")
         if path is None:
@@ -83,23 +83,13 @@ def _figures_ad(sec: Section, run_dir: Path) -> None:
             sec.figure(path, caption, path.relative_to(run_dir).as_posix())
 
 
-def _sweep(sec: Section, run_dir: Path) -> None:
-    sweep = load(run_dir / "alpha_sweep.json")
-    if not isinstance(sweep, Mapping) or not isinstance(sweep.get("table"), list):
-        return
-    sec.heading("Alpha-sweep summary (RQ2)", 2, "alpha-sweep")
-    h = sweep.get("headline") or {}
-    sec.para(f"Mapped patching on the val split (n={h.get('n_val')}, solver {h.get('solver')}, read at the "
-             f"{h.get('measure')} token): KL(tuned clean || tuned patched) for the raw base state and the mapped "
-             "one per alpha; drop % = (KL_raw - KL_mapped) / KL_raw.")
-    sec.row_table(sweep["table"], SWEEP_COLUMNS)
-    tables = sweep.get("tables") or {}
-    for name in ("best per (layer, site)", "controls"):
-        if isinstance(tables.get(name), list) and tables[name]:
-            sec.para(name)
-            sec.row_table(tables[name])
-    if (run_dir / "rq2_summary.txt").is_file():
-        sec.pre((run_dir / "rq2_summary.txt").read_text(encoding="utf-8"))
+def _sections(sec: Section, run_dir: Path) -> None:
+    for stage, h in registered_hooks():
+        if h.section is not None:
+            try:
+                h.section(sec, run_dir)
+            except Exception as e:      # a stage's section must never break the report
+                sec.para(f"({stage}: its report section could not be written: {type(e).__name__}: {e})", "note")
 
 
 def _reproduce(sec: Section, run_dir: Path) -> None:
@@ -139,7 +129,6 @@ def write_report(run_dir: str | os.PathLike) -> tuple[Path, Path]:
     """Write report.html (self-contained) and report.md into ``run_dir``; return their paths."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        from mechdiff.errors import ConfigError
         raise ConfigError(f"{run_dir} is not a run directory")
     manifest = load(run_dir / MANIFEST_NAME)
     manifest = manifest if isinstance(manifest, Mapping) else None
@@ -149,7 +138,7 @@ def write_report(run_dir: str | os.PathLike) -> tuple[Path, Path]:
     sec.heading(f"mechdiff report — {name or run_dir.name}", 1)
     _summary(sec, run_dir, manifest)
     _figures_ad(sec, run_dir)
-    _sweep(sec, run_dir)
+    _sections(sec, run_dir)
     _reproduce(sec, run_dir)
     captions = _details(sec, run_dir)
     figs = _stage_figures(run_dir)

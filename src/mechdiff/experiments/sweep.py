@@ -9,7 +9,8 @@ Each task runs :func:`mechdiff.experiments.study.run_study` into ``OUT/<pair nam
 run directory: rerun the same command and finished steps are skipped), with one GPU when the cluster
 has GPUs (Ray sets ``CUDA_VISIBLE_DEVICES``), else one CPU. Without ``--address`` a local Ray starts
 on this machine. When every task is done, ``compare`` writes ``OUT/compare``. Ray is imported only
-here, when a sweep runs (``pip install ray`` or the ``dev`` extra).
+here, when a sweep runs. (It lived in ``mechdiff.scale.sweep`` before: it is stage glue, it runs
+studies.) (``pip install ray`` or the ``dev`` extra).
 """
 from __future__ import annotations
 
@@ -17,14 +18,18 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
+from mechdiff.artifacts import new_run_dir
 from mechdiff.checks import check_count, check_device, check_out_dir
+from mechdiff.compare import compare_runs
 from mechdiff.errors import ConfigError, MechdiffError
+from mechdiff.experiments.study import run_study, study_stages
+from mechdiff.experiments.study_config import read_config, stage_options
 from mechdiff.names import RESERVED, path_component
+from mechdiff.pairs import load_pair
 
 
 def _run_one(pair: str, out: str, stages, config, device, dtype, batch_size, seed, prompts) -> str:
     """One study (runs inside a Ray worker); returns its run directory."""
-    from mechdiff.experiments.study import run_study
     run = run_study(pair, config, stages, out, device=device, dtype=dtype, batch_size=batch_size, seed=seed,
                     prompts=prompts)
     return str(run.path)
@@ -56,10 +61,6 @@ def sweep(pairs: "Sequence[str] | str", stages: "Sequence[str] | str | None" = N
     ``host:6379``; None: a local Ray). gpus_per_task: default 1 when the cluster has GPUs, else 0.
     A pair that fails is reported by name after the others finish (MechdiffError); the compare covers
     the pairs that finished when at least two did."""
-    from mechdiff.artifacts import new_run_dir
-    from mechdiff.experiments.study import study_stages
-    from mechdiff.experiments.study_config import read_config, stage_options
-    from mechdiff.pairs import load_pair
 
     items = _pair_list(pairs)
     names = [path_component(load_pair(p).name, "pair name") for p in items]   # fails before Ray starts
@@ -115,7 +116,6 @@ def sweep(pairs: "Sequence[str] | str", stages: "Sequence[str] | str | None" = N
         if started:
             ray.shutdown()
     if len(done) >= 2:
-        from mechdiff.compare import compare_runs
         compare_runs([done[n] for n in names if n in done], root / "compare", labels=[n for n in names if n in done])
     if failed:
         shown = "; ".join(f"{n}: {m.splitlines()[0] if m else m}" for n, m in failed.items())
