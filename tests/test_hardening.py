@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-RQ1_SMALL = dict(behaviour=False, n_perm=2, layers=[1, 2], device="cpu", batch_size=4, n_prompts=6)
+#: the cheapest RQ1 that still caches every step: one patched layer, one readout, no behaviour table
+RQ1_SMALL = dict(behaviour=False, n_perm=2, layers=[1], readouts=["decision"], device="cpu", batch_size=6,
+                 n_prompts=6)
 
 
 def _prompts(root, n: int = 9):
@@ -20,24 +22,52 @@ def _results(run) -> tuple:
     return run.read_json("cka.json"), run.read_json("patch.json")
 
 
-def test_weights_replaced_in_place_are_recomputed_like_a_fresh_run(tmp_path, tiny_pair, monkeypatch):
-    """Item 1: replacing the tuned model's weights in its directory and rerunning into the same
-    --out recomputes every step (equal to a fresh run), where the steps used to be skipped."""
+def _zero_patch_kl(patch: dict) -> bool:
+    """Every direction's patch KL exactly 0 at every layer: the two models are one."""
+    return all(r["mean"] == 0.0 for d in patch["directions"].values() for r in d["masked"])
+
+
+@pytest.fixture(scope="module")
+def fresh_self_diff(tmp_path_factory):
+    """A fresh RQ1 of the tiny base model (tiny_model seed 0) against itself, shared by the two
+    in-place tests below: after their tuned side is changed in place to equal that base, a rerun
+    into the old directory must give exactly this (and patch KL 0, the known answer)."""
+    from mechdiff.experiments.stage import run_stage
+    from mechdiff.models.tiny import tiny_model
+    root = tmp_path_factory.mktemp("self-diff")
+    m, tok = tiny_model("llama", seed=0, n_layers=4)
+    m.save_pretrained(root / "base")
+    tok.save_pretrained(root / "base")
+    f = root / "self.toml"
+    f.write_text(f'name = "self"\nbase = "{root / "base"}"\ntuned = "{root / "base"}"\ndtype = "float32"\n'
+                 f'[datasets]\nset = "{_prompts(root)}"\n', encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MECHDIFF_CACHE", str(root / "cache"))
+        fresh = _results(run_stage("rq1", str(f), out=root / "run", **RQ1_SMALL))
+    assert _zero_patch_kl(fresh[1])
+    return fresh
+
+
+def test_weights_replaced_in_place_are_recomputed_like_a_fresh_run(tmp_path, tiny_pair, monkeypatch,
+                                                                  fresh_self_diff):
+    """Item 1: replacing the tuned model's weights in its directory (here by the base's, same size)
+    and rerunning into the same --out recomputes every step, equal to a fresh run of the models as
+    they now are (base against itself: patch KL 0), where the steps used to be skipped."""
     from mechdiff.experiments.stage import run_stage
     from mechdiff.models.tiny import tiny_model
     monkeypatch.setenv("MECHDIFF_CACHE", str(tmp_path / "cache"))
     pair, out = str(tiny_pair(tmp_path, "tiny", 1, _prompts(tmp_path))), tmp_path / "run"
     before = _results(run_stage("rq1", pair, out=out, **RQ1_SMALL))
-    m, _ = tiny_model("llama", seed=2, n_layers=4)
+    assert not _zero_patch_kl(before[1])
+    m, _ = tiny_model("llama", seed=0, n_layers=4)
     m.save_pretrained(tmp_path / "tiny-tuned")                 # same path, same size, new weights
     after = _results(run_stage("rq1", pair, out=out, **RQ1_SMALL))
-    fresh = _results(run_stage("rq1", pair, out=tmp_path / "fresh", **RQ1_SMALL))
-    assert after != before and after == fresh
+    assert after != before and after == fresh_self_diff
 
 
-def test_an_adapter_edited_in_place_is_recomputed_like_a_fresh_run(tmp_path, monkeypatch):
+def test_an_adapter_edited_in_place_is_recomputed_like_a_fresh_run(tmp_path, monkeypatch, fresh_self_diff):
     """Item 1 for a PEFT adapter: zeroing its B matrices in place makes the rerun recompute: the
-    tuned model equals the base, so the patch KL is 0 as in a fresh run."""
+    tuned model equals the base, so the rerun equals a fresh run of the base against itself."""
     import torch
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file, save_file
@@ -56,12 +86,12 @@ def test_an_adapter_edited_in_place_is_recomputed_like_a_fresh_run(tmp_path, mon
                  f'dtype = "float32"\n[datasets]\nset = "{_prompts(tmp_path)}"\n', encoding="utf-8")
     out = tmp_path / "run"
     before = _results(run_stage("rq1", str(f), out=out, **RQ1_SMALL))
+    assert not _zero_patch_kl(before[1])
     weights = tmp_path / "lora" / "adapter_model.safetensors"
     state = load_file(weights)
     save_file({k: torch.zeros_like(v) if "lora_B" in k else v for k, v in state.items()}, weights)
     after = _results(run_stage("rq1", str(f), out=out, **RQ1_SMALL))
-    fresh = _results(run_stage("rq1", str(f), out=tmp_path / "fresh", **RQ1_SMALL))
-    assert after != before and after == fresh
+    assert after != before and after == fresh_self_diff
 
 
 def test_finetune_out_never_removes_what_it_did_not_write(tmp_path):
