@@ -239,7 +239,8 @@ def _behaviour_step(study: Study, prompts, opts: RQ1Options) -> None:
     sets = {"target": prompts[:n], "refusal_probe": load_prompt_set("refusal_probe")[:n],
             "mc": load_prompt_set("mc")[:n]}
     tables = {name: behaviour_table(study.side(name).model, study.side(name).tokenizer, sets,
-                                    allowed_ids=study.allowed_ids(name), max_new_tokens=opts.max_new_tokens)
+                                    allowed_ids=study.allowed_ids(name), max_new_tokens=opts.max_new_tokens,
+                                    batch_size=study.batch_size)
               for name in ("base", "tuned")}
     study.run.write_json("behaviour.json", {"base": tables["base"], "tuned": tables["tuned"],
                                             "delta": behaviour_delta(tables["base"], tables["tuned"]),

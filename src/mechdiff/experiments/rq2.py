@@ -301,7 +301,8 @@ def _side_step(study: Study, states, opts: RQ2Options) -> None:
         mc_patches.append((key, value(x_mc[key])))
         rows.append({"solver": solver, "layer": l, "site": site, "alpha": best["alpha"]})
     tuned, ids = study.tuned, study.allowed_ids("tuned")
-    _, ref_rows = refusal_rates(tuned.model, tuned.tokenizer, refusal, ref_patches, ids)
+    _, ref_rows = refusal_rates(tuned.model, tuned.tokenizer, refusal, ref_patches, ids,
+                                batch_size=study.batch_size)
     mc_rows = mc_effects(tuned.model, tuned.tokenizer, mc, mc_patches, ids)
     for row, r, c in zip(rows, ref_rows, mc_rows):
         row.update(r)
