@@ -155,7 +155,7 @@ def _stage_command(stage) -> None:
         run = _run(run_stage, stage.name, pair, opts, out=vals["out"], device=vals["device"],
                    dtype=vals["dtype"], batch_size=vals["batch_size"], seed=vals["seed"], prompts=vals["prompts"],
                    trust_remote_code=vals["trust_remote_code"], device_map=vals["device_map"],
-                   max_memory=vals["max_memory"])
+                   max_memory=vals["max_memory"], max_rows=vals["max_rows"])
         _say(_done_line(stage.done_message, run.path) if stage.done_message else f"{stage.name} done: {run.path}")
 
     command.__signature__ = inspect.Signature([p for p, _ in common + own])
@@ -208,6 +208,8 @@ def run_cmd(pair: Optional[str] = typer.Option(None, "--pair", help="built-in pa
             dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: the pair's)"),
             batch_size: Optional[int] = typer.Option(None, "--batch-size", help="prompts per forward pass "
                                                      "(default: from the free GPU memory and the models' size; 32 on CPU)"),
+            max_rows: Optional[int] = typer.Option(None, "--max-rows", help="most rows in one patching-engine pass "
+                                                   "(default: from the free GPU memory, 2048 on CPU)"),
             seed: int = typer.Option(0, "--seed", help="random seed (splits, permutations, random controls)"),
             prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL prompt file (default: the pair's)"),
             trust_remote_code: bool = typer.Option(False, "--trust-remote-code/--no-trust-remote-code",
@@ -222,7 +224,7 @@ def run_cmd(pair: Optional[str] = typer.Option(None, "--pair", help="built-in pa
     the_pair = _run(the_pair.with_command_line, trust_remote_code=trust_remote_code, device_map=device_map,
                     max_memory=max_memory)
     run = _run(run_study, the_pair, config, stages, out, device=device, dtype=dtype, batch_size=batch_size,
-               seed=seed, prompts=prompts)
+               seed=seed, prompts=prompts, max_rows=max_rows)
     console.print(terminal_summary(run.path), markup=False, highlight=False)
 
 

@@ -95,7 +95,7 @@ MANIFEST_MATCH_KEYS = ("pair", "models", "seeds", "options")
 #: Options that may change between a run and its resume without changing results.
 RESUME_SAFE_OPTIONS = frozenset(
     {"batch_size", "device", "device_map", "num_workers", "out", "resume", "verbose", "quiet",
-     "progress", "max_memory"}
+     "progress", "max_memory", "max_rows"}
 )
 
 

@@ -154,7 +154,7 @@ def _readout(study: Study, prompts, layers: list[int], opts: RQ1Options, measure
     clean, own = {}, {}
     for side in SIDES:   # patch sources along the destination engines' own path (exact no-ops)
         clean[side], own[side] = clean_run(study.side(side), prompts, sites, batch_size=study.batch_size,
-                                           measure=measure)
+                                           max_rows=study.max_rows, measure=measure)
     src_values = {side: torch.stack([own[side][str(s)] for s in sites]).float() for side in SIDES}
     std_info = None
     if opts.standardise:
@@ -182,7 +182,7 @@ def _readout(study: Study, prompts, layers: list[int], opts: RQ1Options, measure
         variants = [Patch(s, src_values[src][j]) for j, s in enumerate(sites)] + \
                    [Patch(sites[layers.index(l)], own[dst][str(sites[layers.index(l)])]) for l in floor_at]
         k = patch_measure(study.side(dst), prompts, variants, batch_size=study.batch_size, measure=measure,
-                          reducer=kl_and_gap(ids[dst], clean[src], ids[src]))   # [L + F, N, 3]
+                          max_rows=study.max_rows, reducer=kl_and_gap(ids[dst], clean[src], ids[src]))   # [L + F, N, 3]
         gap = kl_shared(clean[src], clean[dst], ids[src], ids[dst])            # [N] KL(src || dst clean)
         km, ku, ko, floor = k[:len(layers), :, 0], k[:len(layers), :, 1], k[:len(layers), :, 2], k[len(layers):, :, 0]
         g = float(gap.mean())
@@ -228,7 +228,7 @@ def _all_positions(study: Study, prompts, layers, opts) -> dict:
     sites = sites_at(opts.site, layers)
     with torch.no_grad(), record(base.model, sites) as rec:
         base.model(**bb.to(base.device).model_inputs())
-    eng = PatchEngine(tuned.model, bt, measure=opts.measure)
+    eng = PatchEngine(tuned.model, bt, measure=opts.measure, max_rows=study.max_rows)
     kl = patch_kl(eng, [Patch(s, rec[s]) for s in sites], study.allowed_ids("tuned"), positions="all")
     return {"direction": "base->tuned", "masked": [{"layer": l, **summarise(kl[j])}
                                                    for j, l in enumerate(layers)]}

@@ -34,7 +34,8 @@ def _targets_step(study: Study, prompts, opts: RQ4Options) -> None:
     """Readout token ids per prompt and side (``[N]``, ``[N, 2]`` for refusal), all in the shared
     vocabulary; ``top``: the base model's clean top shared token at the measured position."""
     if opts.target == "top":          # the clean run of the engines that measure the ablations
-        logits, _ = clean_run(study.base, prompts, batch_size=study.batch_size, measure=opts.measure)
+        logits, _ = clean_run(study.base, prompts, batch_size=study.batch_size,
+                              max_rows=study.max_rows, measure=opts.measure)
         a = mask_logits(logits, study.allowed_ids("base")).argmax(-1)
         ids = {"base": a, "tuned": torch.tensor([study.vocab.a_to_b[int(x)] for x in a])}
     else:
@@ -118,7 +119,7 @@ def _measure(study: Study, side: str, prompts, variants, tgt: Target, measure: s
     """``(clean [N], scores [n_variants, N])`` of ``tgt`` on ``side``."""
     clean = []
     scores = patch_measure(study.side(side), prompts, variants, batch_size=study.batch_size, measure=measure,
-                           reducer=tgt.reducer(), on_chunk=lambda eng, i, j: clean.append(
+                           max_rows=study.max_rows, reducer=tgt.reducer(), on_chunk=lambda eng, i, j: clean.append(
                                tgt.score(eng.clean_logits, torch.arange(i, j)).cpu()))
     return torch.cat(clean), scores
 

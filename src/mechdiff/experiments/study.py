@@ -68,8 +68,10 @@ def _pair_args(pair) -> list[str]:
     return ["--base", str(pair.base), "--tuned", str(pair.tuned)]
 
 
-def _common_args(out: Path, *, device, dtype, batch_size, seed, prompts) -> list[str]:
+def _common_args(out: Path, *, device, dtype, batch_size, seed, prompts, max_rows=None) -> list[str]:
     args = ["--out", str(out.resolve()), "--seed", str(seed), "--batch-size", str(batch_size)]
+    if max_rows is not None:
+        args += ["--max-rows", str(max_rows)]
     if prompts:
         args += ["--prompts", str(Path(prompts).resolve())]
     if device:
@@ -143,7 +145,7 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
               stages: "Sequence[str] | str | None" = None, out: "str | os.PathLike | None" = None, *,
               device: str | None = None, dtype: str | None = None, batch_size: int | None = None, seed: int = 0,
               prompts: "str | os.PathLike | None" = None, models=None,
-              log: Callable[[str], None] | None = None) -> RunDir:
+              log: Callable[[str], None] | None = None, max_rows: int | None = None) -> RunDir:
     """Run the study's stages in order in one run directory and return it (see the module doc).
 
     pair: a :class:`~mechdiff.pairs.Pair` or a built-in name / pair TOML path. config: a TOML path or
@@ -154,7 +156,7 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
     names = study_stages(stages)
     cfg = read_config(config)
     options = stage_options(cfg, names)
-    check_common(device=device, batch_size=batch_size)
+    check_common(device=device, batch_size=batch_size, max_rows=max_rows)
     check_out_dir(out)
     pair = load_pair(pair) if isinstance(pair, (str, os.PathLike)) else pair
     check_config_tables(cfg)                           # every table, also of stages not run now
@@ -174,10 +176,11 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
     first = get_stage(names[0])
     recorded = _recorded_options(path)
     study = open_study(pair, first, options[names[0]], out=path, device=device, dtype=dtype, batch_size=batch_size,
-                       seed=seed, prompts=prompts_s, models=(base, tuned))
+                       seed=seed, prompts=prompts_s, models=(base, tuned), max_rows=max_rows)
     run = study.run
     pair_args = _pair_args(pair)
-    common = _common_args(run.path, device=device, dtype=dtype, batch_size=batch_size, seed=seed, prompts=prompts_s)
+    common = _common_args(run.path, device=device, dtype=dtype, batch_size=batch_size, seed=seed, prompts=prompts_s,
+                          max_rows=max_rows)
     every = _with_recorded(run, options)            # stages run here before (e.g. --stages subsets) and now
     command = ["mechdiff", "run", *pair_args, "--config", str(run.file(CONFIG_NAME).resolve()),
                "--stages", ",".join(every), *common]
