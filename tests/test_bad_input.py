@@ -28,7 +28,16 @@ FILES = {   # the files the table's inputs name (described in the README paragra
     "empty.jsonl": "",
     "dup.jsonl": '{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n',
     "badcfg.toml": "[rq1]\nn_promts = 8\n",
+    "afile": "a plain file\n",
+    "steer0.toml": "[steer]\nks = [0]\n",
+    "heads0.toml": "[heads]\nn_prompts = 0\n",
+    "ksstr.toml": '[steer]\nks = "1,2"\n',
+    "badstage.toml": "[nostage]\nx = 1\n",
+    "r1/manifest.json": "{}\n",
+    "r2/manifest.json": "{}\n",
+    "listrun/manifest.json": "[]\n",
 }
+BYTES = {"latin1.jsonl": '{"id": "a", "text": "caf\u00e9"}\n'.encode("latin-1")}
 
 
 def table_rows() -> list[dict]:
@@ -68,14 +77,18 @@ def test_bad_input_row(row, tmp_path, monkeypatch):
     if "--device cuda" in row["command"] and torch.cuda.is_available():
         pytest.skip("a GPU is present")
     for name, content in FILES.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(content, encoding="utf-8")
+    for name, content in BYTES.items():
+        (tmp_path / name).write_bytes(content)
     (tmp_path / "emptydir").mkdir()
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
     monkeypatch.chdir(tmp_path)
     args = shlex.split(row["command"])
     assert args[0] == "mechdiff", row["line"]
     args = args[1:]
     out = tmp_path / "run"
-    if args[0] in STAGE_COMMANDS:
+    if args[0] in STAGE_COMMANDS and "--out" not in args:
         args += ["--out", str(out)]
     res = CliRunner().invoke(app, args, env={"COLUMNS": "400", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
     err = " ".join(res.stderr.split())
@@ -84,6 +97,8 @@ def test_bad_input_row(row, tmp_path, monkeypatch):
     assert "error:" in err and "error:" not in res.stdout
     assert "Traceback" not in res.output
     assert not out.exists(), row["line"]                             # nothing written, the --out stays free
+    after = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    assert after == before, (row["line"], set(after) ^ set(before))  # nothing created or removed anywhere
 
 
 def test_sigint_says_how_to_resume(monkeypatch, tmp_path):

@@ -188,3 +188,36 @@ def test_rq2_raw_patch_at_a_shared_layer_is_exactly_zero_in_bf16(tmp_path):
         raw = {v["layer"]: v for v in run.read_json("variants.json")["variants"] if v["kind"] == "raw"}
         assert raw[1]["kl_mean"] == 0.0 and raw[1]["kl_unmasked_mean"] == 0.0, raw[1]
         assert raw[2]["kl_mean"] > 0, raw[2]
+
+
+def test_max_rows_is_a_common_option_that_reaches_every_patch_engine(tmp_path, tiny_pair, monkeypatch):
+    """Issue 21 item 4: --max-rows (rows per PatchEngine pass) is checked before the models load,
+    reaches every engine of the stage, and is resume-safe like --batch-size (the values it gives
+    are the ones of the default pass size, up to float rounding)."""
+    import torch
+
+    import mechdiff.patching.engine as E
+    from mechdiff.experiments.stage import run_stage
+    pair = str(tiny_pair(tmp_path, "tiny", 1, _prompts(tmp_path, 6)))
+    opts = dict(behaviour=False, n_perm=2, layers=[1, 2], readouts=["decision"], device="cpu", batch_size=6,
+                n_prompts=6)
+    with pytest.raises(ConfigError, match="--max-rows must be >= 1, got 0"):
+        run_stage("rq1", pair, out=tmp_path / "bad", max_rows=0, **opts)
+    assert not (tmp_path / "bad").exists()
+    seen, init = [], E.PatchEngine.__init__
+
+    def spy(self, *a, **k):
+        init(self, *a, **k)
+        seen.append(self.max_rows)
+    monkeypatch.setattr(E.PatchEngine, "__init__", spy)
+    small = run_stage("rq1", pair, out=tmp_path / "small", max_rows=3, **opts)
+    assert seen and set(seen) == {3}
+    seen.clear()
+    default = run_stage("rq1", pair, out=tmp_path / "default", **opts)
+    assert seen and 3 not in seen
+    a, b = small.read_json("patch.json")["directions"], default.read_json("patch.json")["directions"]
+    for d in a:
+        assert torch.allclose(torch.tensor([r["mean"] for r in a[d]["masked"]]),
+                              torch.tensor([r["mean"] for r in b[d]["masked"]]), rtol=1e-4, atol=1e-6)
+    assert small.read_manifest()["options"]["rq1"]["max_rows"] == 3
+    run_stage("rq1", pair, out=tmp_path / "small", max_rows=5, **opts)       # resume-safe: not refused

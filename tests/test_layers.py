@@ -24,12 +24,16 @@ def _imports(path: Path, name: str, modules: dict[str, Path]) -> list[tuple[str,
     ``a.b`` when that is a module, else ``a``; relative imports resolved)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     top = {id(n) for n in tree.body}
+    typing_only = {id(x) for n in tree.body if isinstance(n, ast.If) and isinstance(n.test, ast.Name)
+                   and n.test.id == "TYPE_CHECKING" for x in ast.walk(n)}   # never imported at run time
     for n in tree.body:        # module-level try / if blocks count as module level
-        if isinstance(n, (ast.If, ast.Try)):
+        if isinstance(n, (ast.If, ast.Try)) and id(n) not in typing_only:
             top |= {id(x) for x in ast.walk(n) if not isinstance(x, (ast.FunctionDef, ast.AsyncFunctionDef))}
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = []
     for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):

@@ -179,7 +179,8 @@ def test_study_report_summary_figures_and_escaping(tmp_path):
     h, md = html_path.read_text(), md_path.read_text()
     text = " ".join(s for _, s in sentences(run.path))
     # every interpretive sentence carries its uncertainty or control
-    assert "Divergence enters at layer 20: patch KL 0.1 +- 0.02" in text and "self-patch floor 0" in text
+    assert ("Divergence enters at layer 20 or earlier (after layer 18; layer 19 was not patched): patch KL 0.1 "
+            "+- 0.02") in text and "self-patch floor 0" in text
     assert "95% CI" in text and "row-shuffled independence null" in text
     assert "vs control layer 8" in text
     assert "identity map's R2 0.5" in text and "shuffled targets R2 -0.05" in text

@@ -104,7 +104,8 @@ def _every_number(lm) -> dict:
     from mechdiff.data.prompts import encode
     from mechdiff.experiments.steps import kl_to_clean, patch_measure
     from mechdiff.patching import Patch, PatchEngine
-    from mechdiff.sites.capture import capture, capture_logits
+    from mechdiff.sites.capture import capture
+    from mechdiff.sites.logits import capture_logits
 
     prompts = [{"id": f"p{i}", "text": "word " * (1 + 3 * i) + "end"} for i in range(5)]
     sites = ["resid_post.1", "attn_out.2", "head_out.1", "head_z.2", "mlp_out.1"]

@@ -68,3 +68,29 @@ def test_mc_side_effect_of_a_write_back_is_exactly_zero(smollm2_loaded):
             assert rows[0][f"d_mc_dlogp_{m}"] == 0.0 and rows[0][f"d_mc_acc_pp_{m}"] == 0.0, (detect, m)
             assert rows[0][f"mc_dlogp_clean_{m}"] == rows[0][f"mc_dlogp_patched_{m}"], (detect, m)
             assert rows[1][f"d_mc_dlogp_{m}"] != 0.0 and rows[2][f"d_mc_dlogp_{m}"] != 0.0, (detect, m)
+
+
+def test_refusal_rates_follow_batch_size_with_the_same_texts(monkeypatch):
+    """Issue 21 item 4: --batch-size reaches the side-effect generations (RQ2): prompts run in passes
+    of batch_size rows, padded once, so every prompt's generated text (clean and patched) is the same
+    as in one pass of all prompts."""
+    import mechdiff.analyses.behaviour.side_effects as se
+    from mechdiff.analyses.behaviour.side_effects import refusal_rates
+    model, tok = tiny_model("llama", seed=1)
+    prompts = PROMPTS + [{"id": "c", "text": "a longer prompt about the steppe"}, {"id": "d", "text": "hi"},
+                         {"id": "e", "text": "tell me about dombra music"}]
+    h = capture(model, tok, prompts, ["resid_post.1"])["resid_post.1"]
+    patches = [("resid_post.1", h * 0 + 50.0), ("resid_post.1", h)]
+    seen, rows_per_pass = [], []
+    monkeypatch.setattr(se, "is_refusal", lambda t: seen.append(t) or len(t) % 2 == 0)
+    real = se.generate_ids
+    monkeypatch.setattr(se, "generate_ids", lambda m, ids, *a: rows_per_pass.append(ids.shape[0]) or real(m, ids, *a))
+    runs = {}
+    for bs in (None, 2):
+        seen.clear(), rows_per_pass.clear()
+        runs[bs] = refusal_rates(model, tok, prompts, patches, None, max_new_tokens=5, batch_size=bs), list(seen)
+        assert max(rows_per_pass) == (bs or len(prompts))
+    assert runs[None] == runs[2]
+    texts = runs[None][1]
+    n = len(prompts)     # clean (unmasked, masked), then per patch (unmasked, masked): the big patch
+    assert texts[2 * n:3 * n] != texts[:n] and texts[4 * n:5 * n] == texts[:n]   # changes the texts, h does not

@@ -62,7 +62,7 @@ import torch
 
 from mechdiff.atomic import _atomic_target, atomic_write_text, dumps_json, sha256_file, to_jsonable
 from mechdiff.errors import ConfigError, DataError, NumericsError
-from mechdiff.manifest import utc_now
+from mechdiff.manifest import MANIFEST_MATCH_KEYS, RESUME_SAFE_OPTIONS, manifest_differences, utc_now
 
 try:  # POSIX only; on other platforms steps.json updates are unlocked (single writer assumed).
     import fcntl as _fcntl
@@ -80,14 +80,6 @@ MANIFEST_NAME = "manifest.json"
 STEPS_NAME = "steps.json"
 FIGURES_DIR = "figures"
 STEPS_SCHEMA = 1
-
-#: Manifest keys that must be equal for a run directory to be resumed.
-MANIFEST_MATCH_KEYS = ("pair", "models", "seeds", "options")
-#: Options that may change between a run and its resume without changing results.
-RESUME_SAFE_OPTIONS = frozenset(
-    {"batch_size", "device", "device_map", "num_workers", "out", "resume", "verbose", "quiet",
-     "progress", "max_memory"}
-)
 
 
 # --------------------------------------------------------------------------- run directories
@@ -114,6 +106,9 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike, create: bool = True):
         self.path = Path(path)
+        #: Content hashes of what the steps read (the models' files); when set, a step recorded
+        #: with other inputs is not done (a model changed in place is recomputed).
+        self.inputs: dict | None = None
         if create:
             self.path.mkdir(parents=True, exist_ok=True)
         elif not self.path.is_dir():
@@ -261,6 +256,8 @@ class RunDir:
         rec = steps.get(name)
         if rec is None or name in _stack:
             return False
+        if self.inputs is not None and rec.get("inputs") != to_jsonable(self.inputs):
+            return False
         outputs = rec.get("outputs")
         if not isinstance(outputs, dict):
             return False
@@ -304,7 +301,8 @@ class RunDir:
                                     f"(run it first)")
                 deps[dep] = self._fingerprint(steps[dep])
             record = {"outputs": hashes, "deps": deps, "finished": utc_now(),
-                      "info": to_jsonable(dict(info or {}))}
+                      "info": to_jsonable(dict(info or {})),
+                      **({"inputs": to_jsonable(self.inputs)} if self.inputs is not None else {})}
             steps[name] = record
             self._write_steps(steps)
         return record
@@ -349,15 +347,7 @@ class RunDir:
         old = self.read_manifest()
         if old is None:
             return
-        new = to_jsonable(dict(manifest))
-        ignore = set(ignore_options)
-        diffs: list[str] = []
-        for key in MANIFEST_MATCH_KEYS:
-            a, b = old.get(key), new.get(key)
-            if key == "options":
-                a = {k: v for k, v in (a or {}).items() if k not in ignore}
-                b = {k: v for k, v in (b or {}).items() if k not in ignore}
-            _diff(key, a, b, diffs)
+        diffs = manifest_differences(old, manifest, ignore_options)
         if diffs:
             shown = "\n  ".join(diffs[:12]) + ("\n  ..." if len(diffs) > 12 else "")
             raise ConfigError(
@@ -378,26 +368,3 @@ class RunDir:
         old["resumes"] = resumes
         return self.write_manifest(old)
 
-
-def _short(v: Any, n: int = 80) -> str:
-    s = json.dumps(v, sort_keys=True)
-    return s if len(s) <= n else s[: n - 3] + "..."
-
-
-def _diff(prefix: str, a: Any, b: Any, out: list[str]) -> None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            _diff(f"{prefix}.{k}", a.get(k, _MISSING), b.get(k, _MISSING), out)
-        return
-    if a != b:
-        fa = "<missing>" if a is _MISSING else _short(a)
-        fb = "<missing>" if b is _MISSING else _short(b)
-        out.append(f"{prefix}: {fa} (run dir) != {fb} (now)")
-
-
-class _Missing:
-    def __repr__(self) -> str:  # pragma: no cover
-        return "<missing>"
-
-
-_MISSING = _Missing()

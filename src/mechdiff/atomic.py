@@ -42,6 +42,13 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def _atomic_target(path: Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; on success fsync it and `os.replace` it over `path`.
@@ -53,6 +60,7 @@ def _atomic_target(path: Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    os.chmod(tmp, 0o666 & ~_umask())     # mkstemp makes 0600; an artifact gets the mode open() would give
     try:
         yield tmp
         with open(tmp, "rb+") as fh:

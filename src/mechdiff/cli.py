@@ -10,14 +10,17 @@ from typing import Any, Callable, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mechdiff.errors import ConfigError, MechdiffError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fair, causal diffing of a base language model against its fine-tunes.")
-console = Console()
-err_console = Console(stderr=True)
+# Every message may hold user text (paths, option values, names): printed without markup, never
+# hard-wrapped (a pipe gets whole lines), see _say / _error.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 OutOpt = typer.Option(None, "--out", help="run directory (default: a new one under runs/); rerun to resume")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 DeviceMapOpt = typer.Option(None, "--device-map", help="spread each model over this host's GPUs: auto | balanced | "
@@ -50,22 +53,36 @@ def _floats(text: Optional[str], flag: str) -> Optional[list[float]]:
         raise ConfigError(f"{flag} takes a comma list of numbers (e.g. 0.5,1,2), got {text!r}") from None
 
 
+def _say(text: str) -> None:
+    """One line on stdout, user text shown as written (no rich markup, no highlighting)."""
+    console.print(str(text), markup=False, highlight=False)
+
+
+def _error(text: str) -> None:
+    """``error: TEXT`` on stderr; TEXT is escaped, so square brackets in it are shown as written."""
+    err_console.print(f"[bold red]error:[/] {escape(str(text))}", highlight=False)
+
+
 def _run(fn, *args, **kwargs):
     """Call a runner; turn mechdiff errors into a one-line message on stderr and exit code 2."""
     try:
         return fn(*args, **kwargs)
     except MechdiffError as e:
-        err_console.print(f"[bold red]error:[/] {e}")
+        _error(str(e))
         raise typer.Exit(2)
     except KeyboardInterrupt:
-        err_console.print("interrupted; rerun the same command to resume")
+        err_console.print("interrupted; rerun the same command to resume", markup=False, highlight=False)
         raise typer.Exit(130)
+    except OSError as e:       # a file that cannot be written or read (read-only --out, full disk, ...)
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        _error(f"{e.strerror or e}{where}; check the path and its permissions (finished steps are kept: rerun "
+               "the same command to resume)")
+        raise typer.Exit(2)
     except (MemoryError, RuntimeError) as e:     # torch.OutOfMemoryError is a RuntimeError
         if not _out_of_memory(e):
             raise
-        err_console.print(f"[bold red]error:[/] out of memory ({str(e).splitlines()[0][:160]}); rerun the same "
-                          "command with a smaller --batch-size (finished steps are kept and skipped), or fewer "
-                          "prompts / layers", markup=True, highlight=False)
+        _error(f"out of memory ({str(e).splitlines()[0][:160]}); rerun the same command with a smaller "
+               "--batch-size (finished steps are kept and skipped), or fewer prompts / layers")
         raise typer.Exit(2)
 
 
@@ -111,6 +128,17 @@ def _fields(cls) -> list[tuple[dataclasses.Field, Any]]:
     return [(f, hints[f.name]) for f in dataclasses.fields(cls) if not f.name.startswith("_")]
 
 
+def _done_line(message: str, path: Path) -> str:
+    """A stage's done message with its "(file, file, ...)" list cut to the files this run holds."""
+    text = message.format(path=path)
+    head, sep, listed = text.rpartition("(")
+    if not sep or not listed.endswith(")"):
+        return text
+    names = [n.strip() for n in listed[:-1].split(",") if n.strip()]
+    there = [n for n in names if (Path(path) / n).exists()]
+    return f"{head}({', '.join(there)})" if there else head.rstrip()
+
+
 def _stage_command(stage) -> None:
     from mechdiff.experiments.stage import Common
     common = [_cli_param(f, h) for f, h in _fields(Common)]
@@ -127,8 +155,8 @@ def _stage_command(stage) -> None:
         run = _run(run_stage, stage.name, pair, opts, out=vals["out"], device=vals["device"],
                    dtype=vals["dtype"], batch_size=vals["batch_size"], seed=vals["seed"], prompts=vals["prompts"],
                    trust_remote_code=vals["trust_remote_code"], device_map=vals["device_map"],
-                   max_memory=vals["max_memory"])
-        console.print(stage.done_message.format(path=run.path) if stage.done_message else f"{stage.name} done: {run.path}")
+                   max_memory=vals["max_memory"], max_rows=vals["max_rows"])
+        _say(_done_line(stage.done_message, run.path) if stage.done_message else f"{stage.name} done: {run.path}")
 
     command.__signature__ = inspect.Signature([p for p, _ in common + own])
     command.__doc__ = stage.help
@@ -154,16 +182,18 @@ def pairs(as_json: bool = typer.Option(False, "--json", help="one JSON list of t
         for col in ("name", "domain", "base", "tuned", "tokenizer policy"):
             table.add_column(col, overflow="fold")
         for r in rows:
-            table.add_row(*r.values())
+            table.add_row(*(escape(v) for v in r.values()))
         console.print(table)
 
 
 @app.command()
 def report(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
     """(Re)write report.html and report.md for a run directory."""
+    from mechdiff.checks import check_run_dir
     from mechdiff.report import write_report
+    _run(check_run_dir, run_dir)
     html, md = _run(write_report, run_dir)
-    console.print(f"report: {html}  {md}")
+    _say(f"report: {html}  {md}")
 
 
 @app.command("run")
@@ -178,6 +208,8 @@ def run_cmd(pair: Optional[str] = typer.Option(None, "--pair", help="built-in pa
             dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: the pair's)"),
             batch_size: Optional[int] = typer.Option(None, "--batch-size", help="prompts per forward pass "
                                                      "(default: from the free GPU memory and the models' size; 32 on CPU)"),
+            max_rows: Optional[int] = typer.Option(None, "--max-rows", help="most rows in one patching-engine pass "
+                                                   "(default: from the free GPU memory, 2048 on CPU)"),
             seed: int = typer.Option(0, "--seed", help="random seed (splits, permutations, random controls)"),
             prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL prompt file (default: the pair's)"),
             trust_remote_code: bool = typer.Option(False, "--trust-remote-code/--no-trust-remote-code",
@@ -192,7 +224,7 @@ def run_cmd(pair: Optional[str] = typer.Option(None, "--pair", help="built-in pa
     the_pair = _run(the_pair.with_command_line, trust_remote_code=trust_remote_code, device_map=device_map,
                     max_memory=max_memory)
     run = _run(run_study, the_pair, config, stages, out, device=device, dtype=dtype, batch_size=batch_size,
-               seed=seed, prompts=prompts)
+               seed=seed, prompts=prompts, max_rows=max_rows)
     console.print(terminal_summary(run.path), markup=False, highlight=False)
 
 
@@ -253,7 +285,7 @@ def finetune(task: str = typer.Argument(..., help="math | culture | a ladder nam
     from mechdiff.finetune import finetune as run_finetune
     card = _run(run_finetune, task, out, base=base, seed=seed, smoke=smoke, device=device,
                 evaluate=evaluate, max_steps=max_steps)
-    console.print(f"finetune done: {card.get('headline') or ', '.join(card)}", markup=False, highlight=False)
+    _say(f"finetune done: {card.get('headline') or ', '.join(card)}")
 
 
 @app.command()
@@ -261,7 +293,7 @@ def testbed(force: bool = typer.Option(False, "--force", help="rebuild even if c
     """De-quantise the offline models and build the planted pairs into the cache."""
     from mechdiff.experiments.common import prepare_testbed
     for line in _run(prepare_testbed, force=force):
-        console.print(line)
+        _say(line)
 
 
 @app.command()
@@ -280,7 +312,18 @@ def _register_stages() -> None:
         _stage_command(STAGES[name])
 
 
-_register_stages()
+def _start() -> None:
+    """Register the stage commands (imports torch and the stages: the slow part of start-up); Ctrl-C
+    meanwhile is one line and exit 130, not a traceback."""
+    import sys
+    try:
+        _register_stages()
+    except KeyboardInterrupt:
+        print("interrupted during start-up; nothing was run", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+_start()
 
 if __name__ == "__main__":  # pragma: no cover
     app()

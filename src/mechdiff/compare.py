@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from mechdiff import experiments  # noqa: F401  (registers the stages and their report hooks)
 from mechdiff.artifacts import RunDir, new_run_dir
 from mechdiff.atomic import atomic_write_text
+from mechdiff.checks import check_distinct_runs, check_out_dir, check_run_dir
 from mechdiff.errors import ConfigError
 from mechdiff.report.figures import draw, figure_data
 from mechdiff.report.hooks import figures as report_figures
@@ -109,8 +110,9 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
     if len(dirs) < 2:
         raise ConfigError("compare needs two or more run directories")
     for d in dirs:
-        if not d.is_dir() or not (d / "manifest.json").is_file():
-            raise ConfigError(f"{d} is not a run directory (no manifest.json)")
+        check_run_dir(d)
+    check_distinct_runs(dirs)
+    check_out_dir(out)
     if labels is not None and len(labels) != len(dirs):
         raise ConfigError(f"{len(labels)} labels for {len(dirs)} runs")
     out_dir = Path(out) if out is not None else new_run_dir("runs", "compare")

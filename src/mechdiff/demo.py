@@ -27,9 +27,9 @@ def demo_config(pair: str, quick: bool = False) -> dict[str, dict]:
     """Per-stage options of the demo for ``pair`` (``quick``: fewer prompts, for CI smoke runs).
     planted-cognitive's own math set has 16 prompts, so its splits are cut to fit."""
     cognitive = pair == "planted-cognitive"
-    # RQ1 patches ten layers, dense where the planted cultural change starts (the entry rule needs
+    # RQ1 patches eleven layers, dense where the planted cultural change starts (the entry rule needs
     # layers on both sides of it); quick leaves out the behaviour table, RQ2's side effects and RQ3's MC
-    layers = [2, 6, 10, 14, 18, 20, 22, 24, 26, 28]
+    layers = [2, 6, 10, 14, 18, 19, 20, 22, 24, 26, 28]
     cfg = {
         # cognitive: RQ1 selects layers on half of the 16 math prompts; the later stages evaluate on the rest
         "rq1": dict(n_prompts=8 if cognitive else 16, layers=layers, n_perm=8, behaviour=not quick, behaviour_n=4,

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import shlex
 import sys
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -87,3 +88,53 @@ def build_manifest(pair: Mapping[str, Any], models: Mapping[str, Mapping[str, An
             "device": _device_info(),
         },
     })
+
+
+#: Manifest keys that must be equal for a run directory to be resumed.
+MANIFEST_MATCH_KEYS = ("pair", "models", "seeds", "options")
+#: Options that may change between a run and its resume without changing results.
+RESUME_SAFE_OPTIONS = frozenset(
+    {"batch_size", "device", "device_map", "num_workers", "out", "resume", "verbose", "quiet",
+     "progress", "max_memory", "max_rows"}
+)
+
+
+def manifest_differences(old: Mapping[str, Any], new: Mapping[str, Any],
+                         ignore_options: Iterable[str] = RESUME_SAFE_OPTIONS) -> list[str]:
+    """The resume rule: ``"key.path: old (run dir) != new (now)"`` for every difference between two
+    manifests in the parts that determine results (:data:`MANIFEST_MATCH_KEYS`; options except
+    ``ignore_options``). Empty: a run directory with manifest ``old`` may be resumed with ``new``."""
+    new = to_jsonable(dict(new))
+    ignore = set(ignore_options)
+    diffs: list[str] = []
+    for key in MANIFEST_MATCH_KEYS:
+        a, b = old.get(key), new.get(key)
+        if key == "options":
+            a = {k: v for k, v in (a or {}).items() if k not in ignore}
+            b = {k: v for k, v in (b or {}).items() if k not in ignore}
+        _diff(key, a, b, diffs)
+    return diffs
+
+
+def _short(v: Any, n: int = 80) -> str:
+    s = json.dumps(v, sort_keys=True)
+    return s if len(s) <= n else s[: n - 3] + "..."
+
+
+def _diff(prefix: str, a: Any, b: Any, out: list[str]) -> None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b)):
+            _diff(f"{prefix}.{k}", a.get(k, _MISSING), b.get(k, _MISSING), out)
+        return
+    if a != b:
+        fa = "<missing>" if a is _MISSING else _short(a)
+        fb = "<missing>" if b is _MISSING else _short(b)
+        out.append(f"{prefix}: {fa} (run dir) != {fb} (now)")
+
+
+class _Missing:
+    def __repr__(self) -> str:  # pragma: no cover
+        return "<missing>"
+
+
+_MISSING = _Missing()

@@ -76,8 +76,8 @@ def mc_summary(letters: torch.Tensor, items: Sequence[dict]) -> dict:
 
 
 def side_effects(side: LoadedModel, neutral: Sequence, mc_items: Sequence[dict], variants: list, allowed_ids, *,
-                 batch_size: int, measure: str = "last", also: str | None = None, positions: str = "decision"
-                 ) -> list[dict]:
+                 batch_size: int, measure: str = "last", also: str | None = None, positions: str = "decision",
+                 max_rows: int | None = None) -> list[dict]:
     """Side effects of each variant on ``side``: one dict per variant with ``ppl_change_pct_{masked,
     unmasked}`` on the ``neutral`` prompts read at ``measure`` ("last": the first token of the response,
     what the patched model would answer; "decision": the patched token itself), with ``also`` the same
@@ -85,11 +85,11 @@ def side_effects(side: LoadedModel, neutral: Sequence, mc_items: Sequence[dict],
     ``mc_acc_clean_{m}``, ``mc_drop_pp_{m}`` (clean - patched accuracy, points) and ``mc_dlogp_drop_{m}``.
 
     variants: engine variants whose tensors do not depend on the prompt (bases, ``[d]`` values).
-    positions: "decision" or "all" (patch every position)."""
+    positions: "decision" or "all" (patch every position). max_rows: rows per engine pass (``--max-rows``)."""
     pos = {"positions": "all"} if positions == "all" else {}
     rows: list[dict] = [{} for _ in variants]
     for where in ([measure] + ([also] if also and also != measure else [])) if neutral else []:
-        kl = patch_measure(side, list(neutral), variants, batch_size=batch_size, measure=where,
+        kl = patch_measure(side, list(neutral), variants, batch_size=batch_size, max_rows=max_rows, measure=where,
                            reducer=kl_to_clean(allowed_ids), **pos)                # [n, N, 2]
         tail = "" if where == measure else f"_at_{where}"
         for v, row in enumerate(rows):
@@ -97,7 +97,7 @@ def side_effects(side: LoadedModel, neutral: Sequence, mc_items: Sequence[dict],
     if mc_items:
         items = check_items(mc_items)
         prompts = [mc_prompt(it) for it in items]
-        let = patch_measure(side, prompts, list(variants), batch_size=batch_size, measure="last",
+        let = patch_measure(side, prompts, list(variants), batch_size=batch_size, max_rows=max_rows, measure="last",
                             reducer=mc_letters(side.tokenizer, items, allowed_ids), **pos)  # [n, N, 2, 2, C]
         for v, row in enumerate(rows):
             p, clean = mc_summary(let[v, :, 0], items), mc_summary(let[v, :, 1], items)

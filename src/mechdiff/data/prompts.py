@@ -28,6 +28,7 @@ from typing import Iterator, Sequence
 import torch
 
 from mechdiff.errors import DataError
+from mechdiff.progress import warn
 
 
 @dataclass
@@ -79,37 +80,59 @@ def load_jsonl(path, check=None) -> list[dict]:
     (``lang``, ``category``, ...) are kept. Raises DataError naming the line on malformed input or
     duplicate ids. ``check(obj, where) -> dict`` replaces the per-row validation (e.g. MC items).
     """
+    prompts = check is None
     check = check or _check_prompt
     path = Path(path)
     if not path.exists():
         raise DataError(f"prompt file {path} does not exist")
+    if not path.is_file():
+        raise DataError(f"prompt file {path} is a directory, not a file; give a JSONL file")
     out: list[dict] = []
     seen: dict[str, int] = {}
+    texts: dict[str, int] = {}
+    dropped: list[tuple[int, int]] = []
     for lineno, obj in iter_jsonl(path):
         where = f"{path}:{lineno}"
-        out.append(check(obj, where))
-        pid = out[-1]["id"]
+        row = check(obj, where)
+        pid = row["id"]
         if pid in seen:
             raise DataError(f"{where}: duplicate id {pid!r} (first seen on line {seen[pid]}); "
                             "prompt ids must be unique")
         seen[pid] = lineno
+        text = row.get("text") if prompts else None
+        if isinstance(text, str) and text in texts and "messages" not in row:
+            dropped.append((lineno, texts[text]))      # the same text twice would count one prompt twice
+            continue
+        if isinstance(text, str):
+            texts.setdefault(text, lineno)
+        out.append(row)
     if not out:
         raise DataError(f"prompt file {path} holds no prompts")
+    if dropped:
+        warn(f"prompt file {path}: {len(dropped)} prompt(s) repeat an earlier prompt's text and were dropped "
+             f"(e.g. line {dropped[0][0]} repeats line {dropped[0][1]}); {len(out)} distinct prompts remain")
     return out
 
 
 def iter_jsonl(path) -> Iterator[tuple[int, object]]:
     """``(line number, object)`` for each non-blank line of a JSONL file; DataError naming the line
     when one is not valid JSON."""
-    with Path(path).open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each "
-                                "line must be one JSON object") from None
+    try:
+        lines = Path(path).read_bytes().decode("utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 JSONL") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a directory, not a file; give a JSONL file") from None
+    except OSError as e:
+        raise DataError(f"{path} cannot be read ({e.strerror or e})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); each "
+                            "line must be one JSON object") from None
 
 
 def _check_prompt(obj, where: str) -> dict:

@@ -14,7 +14,8 @@ from mechdiff.pairs import DatasetRef, Pair, load_pair, pair_from_specs
 
 
 # Model info that may change between a run and its resume without changing results.
-VOLATILE_INFO = {"load_seconds", "device", "device_map"}
+# The content hash keys the cached steps instead (RunDir.inputs): a changed model recomputes, not refuses.
+VOLATILE_INFO = {"load_seconds", "device", "device_map", "content_hash"}
 
 
 def resolve_pair(pair: str | None, base: str | None, tuned: str | None) -> Pair:
@@ -68,6 +69,7 @@ def open_run(out: str | Path | None, stage: str, pair: Pair, sides: dict[str, Lo
     path = dp.private_dir(path)      # under torchrun: ranks other than 0 write a private copy
     path.mkdir(parents=True, exist_ok=True)
     run = RunDir(path)
+    run.inputs = {side: m.info.get("content_hash") for side, m in sides.items()}
     opts = to_jsonable(dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options))
     old = run.read_manifest()
     stage_opts = dict((old or {}).get("options", {}))
@@ -108,7 +110,7 @@ def load_dataset_ref(ref: DatasetRef) -> list[dict]:
         else:
             rows = ds.load_prompt_set(ref.builtin)
     elif ref.path:
-        rows = load_jsonl(ref.path)
+        rows = load_jsonl(ref.local_path())
     else:
         loaders = {"kk": ds.load_kk_socio_cultural_mc, "gsm8k": ds.load_gsm8k, "math": ds.load_math}
         key = next((k for k in loaders if k in ref.name.lower() or k in (ref.hub or "").lower()), None)

@@ -30,7 +30,7 @@ from mechdiff.experiments.steps import (capture_sides, check_layers, clean_run, 
 from mechdiff.patching import Patch, PatchEngine, patch_kl
 from mechdiff.progress import warn
 from mechdiff.report.hooks import ReportHooks
-from mechdiff.sites.names import Site, sites_at
+from mechdiff.sites.names import sites_at
 from mechdiff.sites.names import SITE_NAMES
 from mechdiff.sites.hooks import record
 from mechdiff.analyses.behaviour import behaviour_delta, behaviour_table
@@ -154,7 +154,7 @@ def _readout(study: Study, prompts, layers: list[int], opts: RQ1Options, measure
     clean, own = {}, {}
     for side in SIDES:   # patch sources along the destination engines' own path (exact no-ops)
         clean[side], own[side] = clean_run(study.side(side), prompts, sites, batch_size=study.batch_size,
-                                           measure=measure)
+                                           max_rows=study.max_rows, measure=measure)
     src_values = {side: torch.stack([own[side][str(s)] for s in sites]).float() for side in SIDES}
     std_info = None
     if opts.standardise:
@@ -182,7 +182,7 @@ def _readout(study: Study, prompts, layers: list[int], opts: RQ1Options, measure
         variants = [Patch(s, src_values[src][j]) for j, s in enumerate(sites)] + \
                    [Patch(sites[layers.index(l)], own[dst][str(sites[layers.index(l)])]) for l in floor_at]
         k = patch_measure(study.side(dst), prompts, variants, batch_size=study.batch_size, measure=measure,
-                          reducer=kl_and_gap(ids[dst], clean[src], ids[src]))   # [L + F, N, 3]
+                          max_rows=study.max_rows, reducer=kl_and_gap(ids[dst], clean[src], ids[src]))   # [L + F, N, 3]
         gap = kl_shared(clean[src], clean[dst], ids[src], ids[dst])            # [N] KL(src || dst clean)
         km, ku, ko, floor = k[:len(layers), :, 0], k[:len(layers), :, 1], k[:len(layers), :, 2], k[len(layers):, :, 0]
         g = float(gap.mean())
@@ -228,7 +228,7 @@ def _all_positions(study: Study, prompts, layers, opts) -> dict:
     sites = sites_at(opts.site, layers)
     with torch.no_grad(), record(base.model, sites) as rec:
         base.model(**bb.to(base.device).model_inputs())
-    eng = PatchEngine(tuned.model, bt, measure=opts.measure)
+    eng = PatchEngine(tuned.model, bt, measure=opts.measure, max_rows=study.max_rows)
     kl = patch_kl(eng, [Patch(s, rec[s]) for s in sites], study.allowed_ids("tuned"), positions="all")
     return {"direction": "base->tuned", "masked": [{"layer": l, **summarise(kl[j])}
                                                    for j, l in enumerate(layers)]}
@@ -239,7 +239,8 @@ def _behaviour_step(study: Study, prompts, opts: RQ1Options) -> None:
     sets = {"target": prompts[:n], "refusal_probe": load_prompt_set("refusal_probe")[:n],
             "mc": load_prompt_set("mc")[:n]}
     tables = {name: behaviour_table(study.side(name).model, study.side(name).tokenizer, sets,
-                                    allowed_ids=study.allowed_ids(name), max_new_tokens=opts.max_new_tokens)
+                                    allowed_ids=study.allowed_ids(name), max_new_tokens=opts.max_new_tokens,
+                                    batch_size=study.batch_size)
               for name in ("base", "tuned")}
     study.run.write_json("behaviour.json", {"base": tables["base"], "tuned": tables["tuned"],
                                             "delta": behaviour_delta(tables["base"], tables["tuned"]),

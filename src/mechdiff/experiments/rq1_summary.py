@@ -8,6 +8,7 @@ from mechdiff.experiments.results import ChosenLayer, Rq1Result
 from mechdiff.models.load import LoadedModel
 from mechdiff.pairs import Pair
 from mechdiff.plots import plot_cka_curve, plot_cka_matrix, plot_patch_kl
+from mechdiff.experiments.summaries import entry_phrase
 from mechdiff.models.planted import ground_truth
 from mechdiff.analyses.resample import delete_group_jackknife
 
@@ -134,7 +135,7 @@ def summarise_rq1(run: RunDir, pair: Pair, base: LoadedModel, tuned: LoadedModel
         "vocab increase %": fair["vocab"]["pct_increase"],
         "shared tokens": fair["vocab"]["shared"],
         "chosen layers": choice["chosen"], "control layer": choice["control"],
-        "divergence enters at": (f"layer {choice['entry']}" if choice["entry"] is not None else
+        "divergence enters at": (entry_phrase(choice["entry"], patch["layers"]) if choice["entry"] is not None else
                                  "no divergence found" if patch else "n/a (no patching)"),
     }
     if choice["entry"] is not None:

@@ -231,7 +231,7 @@ def _sweep_step(study: Study, val, n_dev: int, states, layers, control, opts: RQ
     # plain forward's states differ from it in the last bits in bf16).
     keys = sorted({str(Site(site, l)) for site in opts.sites for l in layers + [control]})
     src = {k: v.float() for k, v in clean_run(study.base, val, keys, batch_size=study.batch_size,
-                                              measure=opts.measure)[1].items()}
+                                              max_rows=study.max_rows, measure=opts.measure)[1].items()}
 
     def mapped(solver, map_layer, at_layer, site, alpha_key, kind):
         if (solver, map_layer, site) not in fitted:   # each map is loaded once, each val set mapped once
@@ -267,7 +267,7 @@ def _sweep_step(study: Study, val, n_dev: int, states, layers, control, opts: RQ
                                "kind": "shuffle", "map_layer": lc})
                 variants.append(Patch(Site(site, lc), sm.transform(src[str(Site(site, lc))]).float()))
     k = patch_measure(study.tuned, val, variants, batch_size=study.batch_size, measure=opts.measure,
-                      reducer=kl_to_clean(study.allowed_ids("tuned")))
+                      max_rows=study.max_rows, reducer=kl_to_clean(study.allowed_ids("tuned")))
     km, ku = k[..., 0], k[..., 1]
     dev, test = km[:, :n_dev], km[:, n_dev:]
     for j, lab in enumerate(labels):
@@ -290,7 +290,8 @@ def _side_step(study: Study, states, opts: RQ2Options) -> None:
     x_ref = capture_sides(study, refusal, keys, sides=["base"])["base"]   # one pass per set
     # MC sources along mc_effects' engine path (one batch, "last" readout): see _sweep_step
     x_mc = {Site.parse(k): v.float() for k, v in clean_run(study.base, [mc_prompt(it) for it in mc], keys,
-                                                           batch_size=max(1, len(mc)), measure="last")[1].items()}
+                                                           batch_size=max(1, len(mc)), measure="last",
+                                                           max_rows=study.max_rows)[1].items()}
     for best in table["best"]:
         site, l, solver = best["site"], best["layer"], best["solver"]
         key = Site(site, l)
@@ -301,8 +302,9 @@ def _side_step(study: Study, states, opts: RQ2Options) -> None:
         mc_patches.append((key, value(x_mc[key])))
         rows.append({"solver": solver, "layer": l, "site": site, "alpha": best["alpha"]})
     tuned, ids = study.tuned, study.allowed_ids("tuned")
-    _, ref_rows = refusal_rates(tuned.model, tuned.tokenizer, refusal, ref_patches, ids)
-    mc_rows = mc_effects(tuned.model, tuned.tokenizer, mc, mc_patches, ids)
+    _, ref_rows = refusal_rates(tuned.model, tuned.tokenizer, refusal, ref_patches, ids,
+                                batch_size=study.batch_size)
+    mc_rows = mc_effects(tuned.model, tuned.tokenizer, mc, mc_patches, ids, max_rows=study.max_rows)
     for row, r, c in zip(rows, ref_rows, mc_rows):
         row.update(r)
         row.update(c)

@@ -131,8 +131,9 @@ def stop_conditions(t: dict, side: list[dict] | None) -> dict:
     if w is None:
         reasons["large_drop"] = "no mapped variant was measured"
     elif drop is None:
-        reasons["large_drop"] = (f"undefined: the raw patch changes nothing on test (KL_raw "
-                                 f"{'n/a' if w['kl_raw'] is None else format(w['kl_raw'], '.2g')} < {MIN_RAW_KL:g})")
+        reasons["large_drop"] = ("undefined: raw KL n/a: the widths differ, so the raw state cannot be patched across"
+                                 if w["kl_raw"] is None else f"undefined: the raw patch changes nothing on test "
+                                 f"(KL_raw {format(w['kl_raw'], '.2g')} < {MIN_RAW_KL:g})")
     big = drop is not None and drop >= THRESHOLDS["drop_pct"]
     if drop is not None and not big:
         reasons["large_drop"] = f"test drop {drop:.1f}% < {THRESHOLDS['drop_pct']:.0f}%"
@@ -161,7 +162,8 @@ def stop_conditions(t: dict, side: list[dict] | None) -> dict:
         ctrl_ok = False
     elif undefined:
         reasons["controls_not_comparable"] = "not comparable: " + "; ".join(
-            f"{c['control']} control at L{c['layer']} has no defined drop (raw KL 0): evidence of nothing"
+            f"{c['control']} control at L{c['layer']} has no defined drop "
+            f"({'raw KL n/a: widths differ' if c.get('kl_raw') is None else 'raw KL ~0'}): evidence of nothing"
             for c in undefined)
         ctrl_ok = False
     elif drop is None:

@@ -113,6 +113,9 @@ def check(opts: RQ3Options, n_layers: int) -> None:
         ("--max-ppl-pct-patched", opts.max_ppl_pct_patched, opts.max_ppl_pct_patched >= 0),
         ("--min-gap-kl", opts.min_gap_kl, opts.min_gap_kl >= 0),
         ("--min-shared-ratio", opts.min_shared_ratio, 0 <= opts.min_shared_ratio <= 1)) if not ok]
+    if opts.ks and all(isinstance(k, int) for k in opts.ks) and opts.n_fit <= max(opts.ks):
+        raise ConfigError(f"--k {max(opts.ks)} needs more fit prompts: --n-fit ({opts.n_fit}) must exceed the largest "
+                          "k; lower --k or raise --n-fit")
     if bad:
         f, v, _ = bad[0]
         raise ConfigError(f"{f}: invalid value {v!r} (see `mechdiff steer --help`; --n-fit must exceed the "
@@ -299,11 +302,12 @@ def _sweep(study: Study, plan: dict, opts: RQ3Options, bases: dict, states: dict
     handles = any(c["kind"] not in ("random", "full") for c in cells)   # none: no difference to build a handle from
     mine = {s: [c for c in cells if c["side"] == s] if handles else [] for s in ("base", "tuned")}
     run = lambda side, clean: clean_run(study.side(side), ev, batch_size=study.batch_size,  # noqa: E731
-                                        measure=opts.measure)[0] if clean else None
+                                        max_rows=study.max_rows, measure=opts.measure)[0] if clean else None
     ref, res = {"tuned": run("tuned", True)}, {}
     if mine["base"]:
         chunks: list = []
         res["base"] = patch_measure(study.base, ev, _variants(mine["base"], bases, opts, states), batch_size=study.batch_size,
+                                    max_rows=study.max_rows,
                                     measure=opts.measure, reducer=kl_and_gap(ids["base"], ref["tuned"], ids["tuned"]),
                                     on_chunk=lambda eng, i, j: chunks.append(eng.clean_logits.cpu()), **pos)
         ref["base"] = torch.cat(chunks)
@@ -318,7 +322,7 @@ def _sweep(study: Study, plan: dict, opts: RQ3Options, bases: dict, states: dict
     if not meta["nothing_to_steer"]:
         if mine["tuned"]:
             res["tuned"] = patch_measure(study.tuned, ev, _variants(mine["tuned"], bases, opts, states),
-                                         batch_size=study.batch_size, measure=opts.measure,
+                                         batch_size=study.batch_size, max_rows=study.max_rows, measure=opts.measure,
                                          reducer=kl_and_gap(ids["tuned"], ref["base"], ids["base"]), **pos)
         for s, v in res.items():                          # [n, N, (masked, unmasked, to_other)]
             out.update({f"{s}/kl": v[..., 2], f"{s}/self_kl": v[..., 0]})
@@ -341,6 +345,7 @@ def _side(study: Study, plan: dict, opts: RQ3Options, bases: dict) -> None:
         if idx:
             res = R.side_effects(study.side(side), plan["neutral"], plan["mc"], _variants([cells[i] for i in idx],
                                  bases, opts), study.allowed_ids(side), batch_size=study.batch_size,
+                                 max_rows=study.max_rows,
                                  measure=opts.side_measure, also=opts.measure, positions=opts.positions)
             for j, i in enumerate(idx):
                 rows[i] = res[j]

@@ -28,11 +28,11 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 
 from mechdiff.artifacts import RunDir
 from mechdiff.batching import default_batch_size
-from mechdiff.errors import ConfigError, DataError, MechdiffError
+from mechdiff.checks import check_against_models, check_device, check_option_counts, check_out_dir
+from mechdiff.errors import ConfigError, DataError
 from mechdiff.experiments.common import open_models, open_run, target_prompts
 from mechdiff.experiments.results import save_result
 from mechdiff.fairness import filter_prompts, shared_vocab
@@ -66,6 +66,8 @@ class Common:
     dtype: str | None = opt(None, "float32 | bfloat16 | float16 (default: the pair's, auto)")
     batch_size: int | None = opt(None, "prompts per forward pass (default: from the free GPU memory and the "
                                  "models' size; 32 on CPU)")
+    max_rows: int | None = opt(None, "most rows in one patching-engine pass (reference + patched rows; default: "
+                                     "from the free GPU memory, 2048 on CPU)")
     seed: int = opt(0, "random seed (splits, permutations, random controls)")
     prompts: str | None = opt(None, "JSONL prompt file (default: the pair's prompt set)")
     device_map: str | None = opt(None, "spread each model over this host's GPUs: auto | balanced | sequential, "
@@ -87,6 +89,8 @@ class Study:
     seed: int = 0
     batch_size: int = 32
     prompts_path: str | None = None
+    #: rows per PatchEngine pass (None: :func:`mechdiff.batching.default_max_rows`)
+    max_rows: int | None = None
     _fair: dict = field(default_factory=dict, repr=False)
 
     def side(self, name: str) -> LoadedModel:
@@ -214,14 +218,17 @@ def get_stage(name: str) -> Stage:
 
 def open_study(pair: Pair, stage: Stage, opts: Any, *, out=None, device: str | None = None,
                dtype: str | None = None, batch_size: int | None = None, seed: int = 0,
-               prompts: str | None = None, models: tuple[LoadedModel, LoadedModel] | None = None) -> Study:
+               prompts: str | None = None, models: tuple[LoadedModel, LoadedModel] | None = None,
+               max_rows: int | None = None) -> Study:
     """Load the models (unless given), check ``opts`` against them, then open the run directory.
 
     The manifest records ``opts`` per stage together with the common ``seed``/``prompts``/
     ``batch_size`` (batch size is resume-safe), so a run directory resumes only with the same options.
     ``batch_size`` None: :func:`resolve_batch_size` once the models are loaded.
     """
-    check_common(device=device, batch_size=batch_size)
+    check_common(device=device, batch_size=batch_size, max_rows=max_rows)
+    check_out_dir(out)
+    check_option_counts(opts)
     if stage.check is not None:
         stage.check(opts, 10 ** 9)          # everything but layer ranges, before the models load
     ratio = getattr(opts, "min_shared_ratio", None)
@@ -230,13 +237,15 @@ def open_study(pair: Pair, stage: Stage, opts: Any, *, out=None, device: str | N
                           f"vocabulary), got {ratio}")
     rows = target_prompts(pair, prompts)    # a bad prompt file fails here, before any model work
     base, tuned = models or open_models(pair, device, dtype)
+    check_against_models(opts, pair, base, tuned)
     if stage.check is not None:
         stage.check(opts, min(base.n_layers, tuned.n_layers))   # layer ranges, before any write
     batch_size = resolve_batch_size(batch_size, (base, tuned), rows)
-    recorded = {**dataclasses.asdict(opts), "batch_size": batch_size, "seed": seed, "prompts": prompts}
+    recorded = {**dataclasses.asdict(opts), "batch_size": batch_size, "max_rows": max_rows, "seed": seed,
+                "prompts": prompts}
     run = open_run(out, stage.name, pair, {"base": base, "tuned": tuned}, {"seed": seed}, recorded)
     study = Study(pair=pair, base=base, tuned=tuned, run=run, seed=seed, batch_size=batch_size,
-                  prompts_path=prompts)
+                  prompts_path=prompts, max_rows=max_rows)
     study.__dict__["target_prompts"] = rows    # the cached_property, already read
     return study
 
@@ -251,18 +260,14 @@ def resolve_batch_size(batch_size: int | None, models: Sequence[LoadedModel], pr
     return default_batch_size([m.model for m in models], n)
 
 
-def check_common(device: str | None, batch_size: int | None) -> None:
-    """The common options: a CUDA device needs a GPU, a batch holds at least one prompt."""
+def check_common(device: str | None, batch_size: int | None, max_rows: int | None = None) -> None:
+    """The common options: a CUDA device needs a GPU, a batch holds at least one prompt, an engine
+    pass at least one row."""
     if batch_size is not None and batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, got {batch_size}")
-    if device:
-        try:
-            torch.device(device)
-        except (RuntimeError, ValueError):
-            raise ConfigError(f"--device {device}: not a torch device; use cpu, cuda, cuda:N or mps") from None
-    if device and device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA GPU is visible to torch here; use --device cpu "
-                          "(or install a CUDA build of torch on a machine with a GPU)")
+    if max_rows is not None and max_rows < 1:
+        raise ConfigError(f"--max-rows must be >= 1, got {max_rows}")
+    check_device(device)
 
 
 def _forget_options(run: RunDir, stage: str, before: dict | None) -> None:
@@ -284,7 +289,7 @@ def run_stage(name: str, pair: "Pair | str", opts: Any = None, *, out=None, devi
               dtype: str | None = None, batch_size: int | None = None, seed: int = 0,
               prompts: str | Path | None = None, models: tuple[LoadedModel, LoadedModel] | None = None, study: Study | None = None,
               trust_remote_code: bool = False, device_map: Any = None, max_memory: Any = None,
-              **option_values) -> RunDir:
+              max_rows: int | None = None, **option_values) -> RunDir:
     """Run the stage ``name`` end to end (finished steps are skipped) and return its run directory:
     check its options, ``run``, ``summarise`` (its typed result saved as ``results/<name>.json``),
     then write the report, once.
@@ -308,18 +313,19 @@ def run_stage(name: str, pair: "Pair | str", opts: Any = None, *, out=None, devi
         if out is not None and (Path(out) / "manifest.json").is_file():
             before = ((RunDir(out).read_manifest() or {}).get("options") or {}).get(stage.name)
         study = open_study(pair, stage, opts, out=out, device=device, dtype=dtype, batch_size=batch_size,
-                           seed=seed, prompts=str(prompts) if prompts else None, models=models)
+                           seed=seed, prompts=str(prompts) if prompts else None, models=models, max_rows=max_rows)
     else:
         before = ((study.run.read_manifest() or {}).get("options") or {}).get(stage.name)
         if stage.check is not None:
             stage.check(opts, study.n_layers)
         open_run(study.run.path, stage.name, study.pair, {"base": study.base, "tuned": study.tuned},
                  {"seed": study.seed}, {**dataclasses.asdict(opts), "batch_size": study.batch_size,
-                                        "seed": study.seed, "prompts": study.prompts_path})
+                                        "max_rows": study.max_rows, "seed": study.seed,
+                                        "prompts": study.prompts_path})
     try:
         stage.run(study, opts)
         result = stage.summarise(study, opts)
-    except MechdiffError:
+    except BaseException:        # any failure (a bug, Ctrl-C): the corrected rerun is not refused
         _forget_options(study.run, stage.name, before)
         raise
     if stage.result is not None:

@@ -115,7 +115,9 @@ def cluster_split(prompts: Sequence[dict], sizes: Sequence[int], seed: int, hold
                 raise DataError(f"not enough prompts to split into parts of {list(sizes)}: {len(rows)} distinct "
                                 f"prompts in {len(groups)} topic/translation clusters"
                                 + (f" ({len(held)} held out of evaluation)" if held else "")
-                                + "; lower the sizes (--n-train/--n-val, --n-fit/--n-dev/--n-test) or add prompts")
+                                + "; lower the sizes (--n-train/--n-val, --n-fit/--n-dev/--n-test), lower --min-shared-ratio "
+                                "(the shared-vocabulary filter drops prompts with tokens only one tokenizer has), "
+                                "or add prompts")
             members = sorted(groups[key], key=lambda p: str(p.get("id")))
             part += [p for p in members if j == 0 or str(p.get("id")) not in held][: n - len(part)]
         parts.append(part)

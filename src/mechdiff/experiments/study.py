@@ -35,10 +35,11 @@ from typing import Any, Callable, Mapping, Sequence
 
 from mechdiff.artifacts import RESUME_SAFE_OPTIONS, RunDir, new_run_dir
 from mechdiff.atomic import atomic_write_text, to_jsonable
+from mechdiff.checks import check_against_models, check_option_counts, check_out_dir
 from mechdiff.errors import ConfigError
 from mechdiff.experiments.common import open_models, target_prompts
-from mechdiff.experiments.stage import (check_common, get_stage, open_study, resolve_batch_size, run_stage,
-                                        study_order)
+from mechdiff.experiments.stage import (STAGES, _forget_options, check_common, get_stage, open_study,
+                                        resolve_batch_size, run_stage, study_order)
 from mechdiff.experiments.study_config import (_coerce, _field_names, _registered, _toml_value,  # noqa: F401
                                                _value_text, config_toml, default_stages, read_config,
                                                stage_command, stage_options, study_stages)
@@ -67,8 +68,10 @@ def _pair_args(pair) -> list[str]:
     return ["--base", str(pair.base), "--tuned", str(pair.tuned)]
 
 
-def _common_args(out: Path, *, device, dtype, batch_size, seed, prompts) -> list[str]:
+def _common_args(out: Path, *, device, dtype, batch_size, seed, prompts, max_rows=None) -> list[str]:
     args = ["--out", str(out.resolve()), "--seed", str(seed), "--batch-size", str(batch_size)]
+    if max_rows is not None:
+        args += ["--max-rows", str(max_rows)]
     if prompts:
         args += ["--prompts", str(Path(prompts).resolve())]
     if device:
@@ -142,7 +145,7 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
               stages: "Sequence[str] | str | None" = None, out: "str | os.PathLike | None" = None, *,
               device: str | None = None, dtype: str | None = None, batch_size: int | None = None, seed: int = 0,
               prompts: "str | os.PathLike | None" = None, models=None,
-              log: Callable[[str], None] | None = None) -> RunDir:
+              log: Callable[[str], None] | None = None, max_rows: int | None = None) -> RunDir:
     """Run the study's stages in order in one run directory and return it (see the module doc).
 
     pair: a :class:`~mechdiff.pairs.Pair` or a built-in name / pair TOML path. config: a TOML path or
@@ -151,13 +154,14 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
     """
     log = log or _log
     names = study_stages(stages)
-    options = stage_options(read_config(config), names)
-    check_common(device=device, batch_size=batch_size)
+    cfg = read_config(config)
+    options = stage_options(cfg, names)
+    check_common(device=device, batch_size=batch_size, max_rows=max_rows)
+    check_out_dir(out)
     pair = load_pair(pair) if isinstance(pair, (str, os.PathLike)) else pair
+    check_config_tables(cfg)                           # every table, also of stages not run now
     for name in names:                                 # everything but layer ranges, before the models load
-        st = get_stage(name)
-        if st.check is not None:
-            st.check(options[name], 10 ** 9)
+        check_stage_options(name, options[name])
     rows = target_prompts(pair, str(prompts) if prompts else None)   # a bad prompt file fails here
     path = Path(out) if out is not None else dp.from_rank0(lambda: new_run_dir("runs", "study"))
     path = dp.private_dir(path)     # under torchrun: ranks other than 0 write a private copy
@@ -165,17 +169,18 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
     base, tuned = models or open_models(pair, device, dtype)        # prints a line per model
     n_layers = min(base.n_layers, tuned.n_layers)
     for name in names:                                 # layer ranges, before anything is written
-        st = get_stage(name)
-        if st.check is not None:
-            st.check(options[name], n_layers)
+        check_stage_options(name, options[name], n_layers)
+        check_against_models(options[name], pair, base, tuned)
     prompts_s = str(prompts) if prompts else None
     batch_size = resolve_batch_size(batch_size, (base, tuned), rows)
     first = get_stage(names[0])
+    recorded = _recorded_options(path)
     study = open_study(pair, first, options[names[0]], out=path, device=device, dtype=dtype, batch_size=batch_size,
-                       seed=seed, prompts=prompts_s, models=(base, tuned))
+                       seed=seed, prompts=prompts_s, models=(base, tuned), max_rows=max_rows)
     run = study.run
     pair_args = _pair_args(pair)
-    common = _common_args(run.path, device=device, dtype=dtype, batch_size=batch_size, seed=seed, prompts=prompts_s)
+    common = _common_args(run.path, device=device, dtype=dtype, batch_size=batch_size, seed=seed, prompts=prompts_s,
+                          max_rows=max_rows)
     every = _with_recorded(run, options)            # stages run here before (e.g. --stages subsets) and now
     command = ["mechdiff", "run", *pair_args, "--config", str(run.file(CONFIG_NAME).resolve()),
                "--stages", ",".join(every), *common]
@@ -189,12 +194,41 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
     for i, name in enumerate(names):
         t0 = time.perf_counter()
         log(f"[{i + 1}/{len(names)}] {name}: {get_stage(name).help}")
-        run_stage(name, pair, options[name], study=study)
+        try:
+            run_stage(name, pair, options[name], study=study)
+        except BaseException:    # the failed stage's options must not block the corrected rerun
+            _forget_options(run, name, recorded.get(name))
+            raise
         seconds[name] = time.perf_counter() - t0
         log(f"[{i + 1}/{len(names)}] {name} done in {seconds[name]:.0f}s")
     atomic_write_text(run.file(RUN_MD), _run_md(run, command, stage_cmds, every, history, seconds))
     write_report(run.path)
     return run
+
+
+def _recorded_options(path: Path) -> dict:
+    """The per-stage options recorded in ``path``'s manifest before this invocation ({} if none)."""
+    m = RunDir(path, create=False).read_manifest() if (path / "manifest.json").is_file() else None
+    return dict((m or {}).get("options") or {})
+
+
+def check_stage_options(name: str, opts: Any, n_layers: int = 10 ** 9) -> None:
+    """A stage's option checks (counts, then the stage's own; layer ranges when ``n_layers`` is known),
+    with the stage named: run config values have no command-line flag of their own."""
+    st = get_stage(name)
+    try:
+        check_option_counts(opts)
+        if st.check is not None:
+            st.check(opts, n_layers)
+    except ConfigError as e:
+        raise ConfigError(f"[{name}] {e}") from None
+
+
+def check_config_tables(cfg: Mapping[str, Mapping]) -> None:
+    """Check the option values of every table of a run config (before any model loads)."""
+    present = [n if n in STAGES else n.replace("_", "-") for n in cfg]
+    for name, opts in stage_options(cfg, present).items():
+        check_stage_options(name, opts)
 
 
 def _with_recorded(run: RunDir, options: Mapping[str, Any]) -> dict[str, Any]:

@@ -104,6 +104,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         raise ConfigError(f"{where}: a value is required")
     if typing.get_origin(base) is list:
         item = typing.get_args(base)[0]
+        if isinstance(value, str) and item in (int, float):
+            raise ConfigError(f"{where}: expected a TOML list such as [1, 2] (in brackets), got the string {value!r}")
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             value = [x for x in str(value).replace(" ", "").split(",") if x] if isinstance(value, str) else [value]
         if not isinstance(value, list):

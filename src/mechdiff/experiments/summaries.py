@@ -52,6 +52,19 @@ def behaviour_sentences(beh: dict | None) -> list[str]:
     return out
 
 
+def entry_phrase(entry: int, patched: "list[int] | None") -> str:
+    """Where divergence enters, no stronger than measured: "layer 20" only when the layer below it
+    was patched too (or it is layer 0), else "layer 20 or earlier" with the unpatched gap named."""
+    below = [l for l in (patched or []) if l < entry]
+    if entry == 0 or (entry - 1) in below:
+        return f"layer {entry}"
+    if not below:
+        return f"layer {entry} or earlier (layers below {entry} were not patched)"
+    prev = max(below)
+    gap = f"layer {prev + 1} was" if prev + 1 == entry - 1 else f"layers {prev + 1}-{entry - 1} were"
+    return f"layer {entry} or earlier (after layer {prev}; {gap} not patched)"
+
+
 def _per_layer(rq1: dict) -> dict[int, dict]:
     ev = ((rq1.get("layers") or {}).get("evidence") or {})
     return {int(r["layer"]): r for r in ev.get("per_layer") or []}
@@ -78,7 +91,7 @@ def rq1_text(rq1: dict | None, cka: dict | None) -> list[str]:
         floor = ev.get("floor")
         if entry is not None:
             e = per[int(entry)]
-            out.append(f"Divergence enters at layer {entry}: patch KL {_f(e['mean'])} +- {_f(e['se'], '.2g')} "
+            out.append(f"Divergence enters at {entry_phrase(int(entry), sorted(per))}: patch KL {_f(e['mean'])} +- {_f(e['se'], '.2g')} "
                        f"(SE over topic groups) vs the self-patch floor {_f(floor)}; the first layer whose KL "
                        f"exceeds the floor by {_f(ev.get('z'), 'g')} SE.")
         else:
@@ -141,15 +154,17 @@ def rq2_text(maps: dict | None, sweep: dict | None, variants: dict | None) -> li
         map_se = _variant_se(variants, w["layer"], w["site"], w["alpha"], "mapped")
         ctrls = "; ".join(f"{c['control']} map {'n/a' if c.get('drop_pct') is None else format(c['drop_pct'], '.0f') + '%'}"
                           for c in winner_controls(sweep.get("controls") or [], w))
-        drop = ("no drop is defined (the raw patch changes nothing)" if w.get("drop_pct") is None
-                else f"a {w['drop_pct']:.0f}% drop")
+        drop = (f"a {w['drop_pct']:.0f}% drop" if w.get("drop_pct") is not None else
+                "no drop is defined (raw KL n/a: the widths differ, so the raw state cannot be patched across)"
+                if w.get("kl_raw") is None else "no drop is defined (the raw patch changes nothing)")
+        raw = ("raw KL n/a (widths differ)" if w.get("kl_raw") is None else
+               f"{_f(w.get('kl_raw'))} +- {_f(raw_se, '.2g')} for the raw base state")
         stop = (sweep.get("stop_conditions") or {}).get("met")
         why = "; ".join(f"{k}: {v}" for k, v in ((sweep.get("stop_conditions") or {}).get("reasons") or {}).items())
         out.append(f"Mapped patching (test n={(variants or {}).get('n_test', (variants or {}).get('n_val'))}; solver, "
                    f"layer and alpha chosen on {(variants or {}).get('n_dev', 'the same')} dev prompts): "
                    f"{w.get('solver', '')} at layer {w['layer']} {w['site']}, alpha {w['alpha']}, the mapped base state gives patch KL "
-                   f"{_f(w['kl_mapped'])} +- {_f(map_se, '.2g')} vs {_f(w.get('kl_raw'))} +- {_f(raw_se, '.2g')} for "
-                   f"the raw base state: {drop} (controls: {ctrls or 'none'}); stop conditions met: "
+                   f"{_f(w['kl_mapped'])} +- {_f(map_se, '.2g')} vs {raw}: {drop} (controls: {ctrls or 'none'}); stop conditions met: "
                    f"{'yes' if stop else 'no'}" + (f" ({why})" if why and not stop else "") + ".")
     return out
 

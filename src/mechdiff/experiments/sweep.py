@@ -19,9 +19,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mechdiff.artifacts import new_run_dir
+from mechdiff.checks import check_count, check_device, check_out_dir
 from mechdiff.compare import compare_runs
 from mechdiff.errors import ConfigError, MechdiffError
 from mechdiff.experiments.study import run_study, study_stages
+from mechdiff.experiments.study_config import read_config, stage_options
+from mechdiff.names import RESERVED, path_component
 from mechdiff.pairs import load_pair
 
 
@@ -30,6 +33,14 @@ def _run_one(pair: str, out: str, stages, config, device, dtype, batch_size, see
     run = run_study(pair, config, stages, out, device=device, dtype=dtype, batch_size=batch_size, seed=seed,
                     prompts=prompts)
     return str(run.path)
+
+
+def _inside(root: Path, name: str) -> Path:
+    """``root/name``, checked to stay inside ``root`` (``name`` is already one safe component)."""
+    path = (root / name).resolve()
+    if path.parent != root.resolve():
+        raise ConfigError(f"pair name {name!r} does not name a directory inside {root}")
+    return path
 
 
 def _pair_list(pairs: "Sequence[str] | str") -> list[str]:
@@ -52,11 +63,19 @@ def sweep(pairs: "Sequence[str] | str", stages: "Sequence[str] | str | None" = N
     the pairs that finished when at least two did."""
 
     items = _pair_list(pairs)
-    names = [load_pair(p).name for p in items]       # a bad name or TOML fails before Ray starts
+    names = [path_component(load_pair(p).name, "pair name") for p in items]   # fails before Ray starts
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"--pairs names pair(s) {dup} more than once; each pair gets one run directory")
-    study_stages(stages)                               # unknown stage names fail here too
+    clash = sorted(set(names) & RESERVED)
+    if clash:
+        raise ConfigError(f"pair name(s) {clash} would clash with the sweep's own {clash[0]}/ directory; "
+                          "rename the pair (its `name` key)")
+    chosen = study_stages(stages)                      # unknown stage names fail here too
+    stage_options(read_config(config), chosen)         # a missing or bad --config too
+    check_device(device)
+    check_count(batch_size, "--batch-size")
+    check_out_dir(out)
     if prompts and not Path(prompts).is_file():
         raise ConfigError(f"--prompts {prompts}: no such file")
     try:
@@ -83,7 +102,7 @@ def sweep(pairs: "Sequence[str] | str", stages: "Sequence[str] | str | None" = N
             gpus_per_task = 1 if ray.cluster_resources().get("GPU", 0) >= 1 else 0
         task = ray.remote(num_gpus=gpus_per_task, num_cpus=1, max_retries=0)(_run_one)
         cfg = str(config) if isinstance(config, (str, os.PathLike)) else config
-        refs = {name: task.remote(p, str((root / name).resolve()), stages, cfg, device, dtype, batch_size, seed,
+        refs = {name: task.remote(p, str(_inside(root, name)), stages, cfg, device, dtype, batch_size, seed,
                                   str(prompts) if prompts else None)
                 for p, name in zip(items, names)}
         done, failed = {}, {}

@@ -12,6 +12,7 @@ import torch
 import transformers
 
 from mechdiff.atomic import atomic_write_text, dumps_json, sha256_file
+from mechdiff.errors import ConfigError
 
 CARD = "card.json"
 CARD_VERSION = 1
@@ -34,6 +35,33 @@ def write_card(adapter_dir: str | Path, card: dict[str, Any]) -> Path:
     d = Path(adapter_dir)
     card = {"card_version": CARD_VERSION, **card, "files": file_hashes(d)}
     return atomic_write_text(d / CARD, dumps_json(card))
+
+
+def check_adapter_out(out: str | Path) -> None:
+    """ConfigError unless ``out`` is absent, an empty directory, or an earlier fine-tune's output
+    (a card.json that lists the files it holds): a fine-tune never writes over other files."""
+    d = Path(out)
+    if not d.is_dir() or not any(d.iterdir()):
+        return
+    try:
+        card = read_card(d) if (d / CARD).is_file() else None
+    except ValueError:
+        card = None
+    if not isinstance(card, dict) or not isinstance(card.get("files"), dict):
+        raise ConfigError(f"--out {d}: is not empty and not a fine-tune output (no {CARD}); give a new or "
+                          "empty directory (nothing in it was changed)")
+
+
+def remove_adapter_files(out: str | Path) -> None:
+    """Remove what an earlier fine-tune wrote into ``out`` (the files its card lists, and the card);
+    anything else in the directory stays."""
+    d = Path(out)
+    if not (d / CARD).is_file():
+        return
+    for name in read_card(d).get("files", {}):
+        if "/" not in name and "\\" not in name and name not in (".", ".."):
+            (d / name).unlink(missing_ok=True)
+    (d / CARD).unlink(missing_ok=True)
 
 
 def read_card(adapter_dir: str | Path) -> dict[str, Any]:

@@ -27,7 +27,8 @@ from peft import get_peft_model
 
 from mechdiff.data.datasets import load_prompt_set
 from mechdiff.errors import ConfigError
-from mechdiff.finetune.card import versions, write_card
+from mechdiff.checks import check_out_dir
+from mechdiff.finetune.card import check_adapter_out, versions, write_card
 from mechdiff.finetune.recipes import LADDER, Recipe
 from mechdiff.finetune.train import (_lr_lambda, data_hash, encode_examples, examples_for, lora_config,
                                      save_adapter, weights_fingerprint)
@@ -231,6 +232,10 @@ def train_ladder(names: Sequence[str] = tuple(LADDER), out_root: str | Path = AD
     of a single one); return their cards."""
     if out is not None and len(names) != 1:
         raise ConfigError("out names one adapter directory: give a single ladder name")
+    for key in names:                   # never over another directory's files (before any training)
+        d = Path(out) if out is not None else Path(out_root) / LADDER[key].name
+        check_out_dir(d)
+        check_adapter_out(d)
     lm = load_model(BASE, dtype="float32", device="cpu")
     model, tok = lm.model.eval(), lm.tokenizer
     model.requires_grad_(False)

@@ -15,8 +15,9 @@ from typing import Any, Callable
 
 import torch
 
+from mechdiff.checks import check_count, check_device, check_out_dir
 from mechdiff.errors import ConfigError
-from mechdiff.finetune.card import versions, write_card
+from mechdiff.finetune.card import check_adapter_out, versions, write_card
 from mechdiff.finetune.ladder import train_ladder
 from mechdiff.finetune.recipes import LADDER, Recipe, get_recipe
 from mechdiff.finetune.train import (data_hash, examples_for, extend_tokenizer, save_adapter, train_lora,
@@ -118,7 +119,8 @@ def finetune(task: str, out: "str | os.PathLike | None" = None, *, base: str | N
 
     base:  a model spec (default ``smollm2-135m``); ``"tiny"`` is a random 4-layer Llama (CPU smoke).
     smoke: the recipe shrunk to a few steps on 8 examples (base defaults to ``"tiny"``).
-    out:   the adapter directory (replaced): adapter_model.safetensors, adapter_config.json, the
+    out:   the adapter directory (a new or empty one, or an earlier fine-tune's, whose files are
+           replaced; any other directory is refused): adapter_model.safetensors, adapter_config.json, the
            tokenizer files for culture, card.json. Default ``runs/finetune/<recipe name>``.
     evaluate: score base and tuned (the written adapter, loaded as BASE+ADAPTER) into the card.
     Returns the card (also written as ``out/card.json``).
@@ -128,16 +130,20 @@ def finetune(task: str, out: "str | os.PathLike | None" = None, *, base: str | N
     ``task="ladder"`` trains all five into ``out`` (default: the shipped adapters directory) and
     returns ``{name: card}``.
     """
+    check_count(max_steps, "--max-steps")
+    check_device(device)
     if task == "ladder" or task in LADDER:
-        if smoke or base or max_steps:
+        if smoke or base or max_steps is not None:
             raise ConfigError("the ladder recipes are fixed (SmolLM2-135M, their own steps): drop --smoke / --base / --max-steps")
         if task == "ladder":
             return train_ladder(tuple(LADDER), out, log=log) if out else train_ladder(tuple(LADDER), log=log)
         return train_ladder((task,), out=out, log=log)[task]
-    recipe = get_recipe(task, smoke=smoke, seed=seed, **({"max_steps": max_steps} if max_steps else {}))
+    recipe = get_recipe(task, smoke=smoke, seed=seed, **({"max_steps": max_steps} if max_steps is not None else {}))
     base = base or (TINY if smoke else "smollm2-135m")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out) if out is not None else Path("runs") / "finetune" / recipe.name
+    check_out_dir(out)
+    check_adapter_out(out)
     t_all = time.perf_counter()
     train_rows, eval_rows = examples_for(recipe)
     model, tok, info = _load(base, device, seed)

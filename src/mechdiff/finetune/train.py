@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -19,6 +18,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from mechdiff.errors import ConfigError, DataError
+from mechdiff.finetune.card import check_adapter_out, remove_adapter_files
 from mechdiff.finetune.recipes import Recipe
 
 Log = Callable[[str], None]
@@ -234,13 +234,14 @@ def train_lora(model: Any, tok: Any, train: Sequence[dict], recipe: Recipe, *, n
 def save_adapter(peft_model: Any, out: Path, recipe: Recipe, *, tokenizer: Any = None,
                  base_name: str = "HuggingFaceTB/SmolLM2-135M-Instruct") -> Path:
     """Write the adapter (safetensors; LoRA matrices in ``recipe.save_dtype``), its config and, when
-    given, the tokenizer files into ``out`` (replaced)."""
+    given, the tokenizer files into ``out`` (an earlier fine-tune's files there are replaced; nothing
+    else in it is removed)."""
     from safetensors.torch import load_file, save_file
 
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    check_adapter_out(out)
+    remove_adapter_files(out)
+    out.mkdir(parents=True, exist_ok=True)
     peft_model.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
     f = out / "adapter_model.safetensors"
     state = load_file(str(f))

@@ -36,6 +36,7 @@ from mechdiff.models.hub import (  # noqa: F401  (re-exported: importable from h
     _not_cached_error,
     hub_offline,
 )
+from mechdiff.models.content import content_hash
 from mechdiff.models.kinds import offline_kind, resolve_offline
 from mechdiff.pairs.spec import ModelSpec
 
@@ -155,11 +156,18 @@ def _from_pretrained(src: str, *, revision: str | None, local_only: bool, gguf_f
                           "trust_remote_code": bool(trust_remote_code)}
     if gguf_file:
         kw["gguf_file"] = gguf_file
-    tok = AutoTokenizer.from_pretrained(src, **kw)
     mkw = dict(kw, dtype=torch_dtype)
     if device_map is not None:   # a scale.devices.Placement (device_map, max_memory, offload folder)
         mkw.update(device_map.kwargs() if hasattr(device_map, "kwargs") else {"device_map": device_map})
-    model = AutoModelForCausalLM.from_pretrained(src, **mkw)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, **kw)
+        model = AutoModelForCausalLM.from_pretrained(src, **mkw)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e) or trust_remote_code:
+            raise
+        raise ModelLoadError(f"{src} ships its own model code, which mechdiff does not run unless asked: pass "
+                             "--trust-remote-code (or trust_remote_code = true in the pair TOML) if you trust "
+                             "that code") from None
     return model, tok
 
 
@@ -175,6 +183,8 @@ def _load_hub(spec: ModelSpec, torch_dtype: torch.dtype, device_map: Any, trust_
         model, tok = _from_pretrained(repo, revision=rev, local_only=offline, gguf_file=spec.gguf_file,
                                       torch_dtype=torch_dtype, device_map=device_map,
                                       trust_remote_code=trust_remote_code)
+    except ModelLoadError:
+        raise
     except Exception as first:  # noqa: BLE001
         if offline:
             raise ModelLoadError(f"could not load {what} {repo} from the local cache: {first}") from first
@@ -272,6 +282,17 @@ def _apply_adapter(model: Any, tok: Any, adapter: str, trust_remote_code: bool =
     return merged, tok, {"adapter": str(a.resolve()) if local else adapter, "adapter_merged": True}
 
 
+def _read_paths(spec: ModelSpec, info: dict) -> list[str | None]:
+    """The files and directories a load read: the GGUF file or the model directory, then the adapter."""
+    root = info.get("resolved_path")
+    weights = str(Path(root) / spec.gguf_file) if spec.gguf_file and root else root
+    adapter = info.get("adapter")
+    if adapter and not Path(adapter).exists():      # a hub adapter: its cached snapshot
+        cached = _cached_file(adapter, "adapter_config.json", None)
+        adapter = str(Path(cached).parent) if cached else None
+    return [weights, adapter]
+
+
 def load_model(spec: "ModelSpec | str", *, dtype: "str | torch.dtype" = "auto", device_map: Any = None,
                device: "str | torch.device | None" = None, trust_remote_code: bool = False,
                max_memory: Any = None) -> LoadedModel:
@@ -312,6 +333,7 @@ def load_model(spec: "ModelSpec | str", *, dtype: "str | torch.dtype" = "auto", 
     if spec.adapter:
         model, tok, ainfo = _apply_adapter(model, tok, spec.adapter, trust_remote_code=trc)
         info.update(ainfo)
+    info["content_hash"] = content_hash(_read_paths(spec, info))
     if device_map is None:
         model = model.to(device=device, dtype=torch_dtype)
     model.eval()

@@ -60,6 +60,23 @@ class DatasetRef:
     config: str | None = None
     split: str | None = None
     n: int | None = None
+    #: the folder of the pair TOML that names this dataset (a relative ``path`` is looked up there first)
+    root: str | None = field(default=None, compare=False)
+
+    def local_path(self) -> Path:
+        """``path`` resolved: against the pair TOML's folder, else the working directory; DataError
+        naming every place looked at when it is in neither."""
+        from mechdiff.errors import DataError
+        p = Path(os.path.expanduser(str(self.path)))
+        if p.is_absolute():
+            return p
+        places = ([Path(self.root) / p] if self.root else []) + [Path.cwd() / p]
+        for c in places:
+            if c.exists():
+                return c
+        raise DataError(f"dataset {self.name!r}: file {self.path} not found; looked in "
+                        + " and ".join(str(c) for c in places)
+                        + (" (a relative path is taken from the pair TOML's folder first)" if self.root else ""))
 
     @classmethod
     def from_toml(cls, name: str, value: "str | Mapping[str, Any]") -> "DatasetRef":
@@ -88,7 +105,7 @@ class DatasetRef:
         return self.hub or self.path or self.builtin  # type: ignore[return-value]
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None and k != "name"}
+        return {k: v for k, v in asdict(self).items() if v is not None and k not in ("name", "root")}
 
 
 @dataclass(frozen=True)
@@ -218,7 +235,10 @@ def load_pair(name_or_path: "str | os.PathLike") -> Pair:
             raise ConfigError(f"pair file {s} does not exist; built-in pairs: {', '.join(list_pairs())}")
         d = _read_toml(p.read_text(encoding="utf-8"), str(p))
         d.setdefault("name", p.stem)
-        return Pair.from_dict(d, source=str(p))
+        pair = Pair.from_dict(d, source=str(p))
+        root = str(p.resolve().parent)
+        return dataclasses.replace(pair, datasets={k: dataclasses.replace(v, root=root)
+                                                   for k, v in pair.datasets.items()})
     res = _builtin_dir().joinpath(f"{s}.toml")
     if not res.is_file():
         raise ConfigError(

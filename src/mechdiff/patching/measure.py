@@ -26,7 +26,7 @@ __all__ = ["clean_run", "patch_measure", "capture_split"]
 
 
 def clean_run(side: LoadedModel, prompts: Sequence, sites: Sequence = (), *, batch_size: int,
-              measure: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              measure: str, max_rows: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clean run of :func:`patch_measure`'s engines, chunk by chunk: ``[N, V]`` float32 logits at
     the measured position and ``{site: [N, d]}`` states at the decision token (model dtype), on CPU.
 
@@ -37,7 +37,7 @@ def clean_run(side: LoadedModel, prompts: Sequence, sites: Sequence = (), *, bat
 
     def one(i):      # one chunk: ([b, V] logits, {site: [b, d]}) on CPU
         eng = PatchEngine(side.model, encode(side.tokenizer, prompts[i:i + batch_size]), measure=measure,
-                          record_sites=keys)
+                          record_sites=keys, max_rows=max_rows)
         return eng.clean_logits.cpu(), {k: v.cpu() for k, v in eng.clean_states(keys).items()}
 
     starts = list(range(0, len(prompts), batch_size))
@@ -63,7 +63,8 @@ def _variant_slice(var, i: int, j: int):
 
 def patch_measure(side: LoadedModel, prompts: Sequence, variants: list, *, batch_size: int,
                   measure: str = "decision", reducer: Reducer, record_sites: Sequence[Site | str] = (),
-                  positions: str = "decision", on_chunk: Callable[[PatchEngine, int, int], None] | None = None) -> torch.Tensor:
+                  positions: str = "decision", on_chunk: Callable[[PatchEngine, int, int], None] | None = None,
+                  max_rows: int | None = None) -> torch.Tensor:
     """The chunked patch-and-measure loop: ``variants`` (Patch or list of Patch whose per-prompt
     tensors are ``[N, ...]`` over all ``prompts``) run through one :class:`PatchEngine` per chunk of
     ``batch_size`` prompts; ``reducer(engine, i, j)`` gives the ``reduce`` for prompts ``i:j``.
@@ -71,6 +72,7 @@ def patch_measure(side: LoadedModel, prompts: Sequence, variants: list, *, batch
     Returns ``[n_variants, N, ...]`` (on CPU). ``on_chunk(engine, i, j)`` sees each chunk's engine
     (e.g. to read its clean logits or recorded states) before the variants run. positions:
     "decision" (patch the decision token) or "all" (every position; the engine's full-recompute path).
+    max_rows: rows per engine pass (``--max-rows``; None: the engine's default).
     """
     out = []
     starts = range(0, len(prompts), batch_size)
@@ -80,7 +82,7 @@ def patch_measure(side: LoadedModel, prompts: Sequence, variants: list, *, batch
         chunk = prompts[i:i + batch_size]
         j = i + len(chunk)
         eng = PatchEngine(side.model, encode(side.tokenizer, chunk), measure=measure,
-                          record_sites=record_sites)
+                          record_sites=record_sites, max_rows=max_rows)
         if on_chunk is not None and not split:
             on_chunk(eng, i, j)
         res = eng.run([_variant_slice(v, i, j) for v in variants], positions=positions,

@@ -29,6 +29,7 @@ from mechdiff.data.positions import k_positions
 from mechdiff.data.prompts import Batch, collate, encode, pad_id_of, tokenize
 from mechdiff.errors import DataError, NumericsError, SiteError
 from mechdiff.sites.hooks import record, validate_sites
+from mechdiff.sites.logits import model_device as _model_device
 from mechdiff.sites.names import Site, resolve, site_str
 
 Positions = Union[str, tuple, Callable[[Batch], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]]
@@ -113,12 +114,6 @@ def validated(model: nn.Module, tokenizer_or_batch=None) -> nn.Module:
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-def _model_device(model: nn.Module) -> torch.device:
-    """Where inputs go (a model spread over devices: where its input embeddings run)."""
-    from mechdiff.scale.devices import input_device
-    return input_device(model)
-
 
 def _slice(batch: Batch, i: int, j: int) -> Batch:
     """Rows i:j of a left-padded batch, with all-padding leading columns dropped."""
@@ -373,37 +368,3 @@ def capture(model: nn.Module, tokenizer, prompts_or_batch, sites: Iterable, *,
                             "(float16 overflows: use bfloat16/float32) and its weights")
     out = {k: sink.out[k] for k in keys}
     return Captured(out, ids, pos_out, valid_out)
-
-
-@torch.no_grad()
-def capture_logits(model: nn.Module, batch: Batch, positions="last") -> torch.Tensor:
-    """float32 logits at one position per prompt (``"last"`` = decision, or idx ``[B]``) -> ``[B, V]``;
-    idx ``[B, P]`` -> ``[B, P, V]``.
-
-    The LM head runs only on the kept positions: a pre-hook on the output embeddings gathers them
-    from the final hidden states, so the model's own post-processing (e.g. Gemma's logit
-    soft-capping) still applies. Equal to ``model(**batch.model_inputs()).logits[rows, idx]``.
-    """
-    dev = _model_device(model)
-    b = batch.to(dev)
-    idx = b.decision if isinstance(positions, str) and positions == "last" else positions
-    if isinstance(idx, str):
-        raise DataError(f"positions={positions!r}: use 'last' or an index tensor")
-    idx = idx.to(dev)
-    idx2 = idx[:, None] if idx.dim() == 1 else idx
-    head = model.get_output_embeddings()
-    if head is None:
-        raise SiteError(f"{type(model).__name__} has no output embeddings (LM head)")
-    rows = torch.arange(idx2.shape[0], device=dev)[:, None]
-
-    def pre(mod, args):
-        h = args[0]      # on the head's device (another GPU than the inputs when the model is sharded)
-        return (h[rows.to(h.device), idx2.to(h.device)],) + tuple(args[1:])
-
-    handle = head.register_forward_pre_hook(pre)
-    try:
-        logits = model(**b.model_inputs(), use_cache=False).logits
-    finally:
-        handle.remove()
-    logits = logits.to(dev).float()
-    return logits[:, 0] if idx.dim() == 1 else logits

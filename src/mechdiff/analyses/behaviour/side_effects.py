@@ -36,23 +36,31 @@ def _first_pass(edit: Callable, T: int) -> Callable:
 
 
 def refusal_rates(model, tok, prompts, patches: Sequence[tuple], allowed_ids,
-                  max_new_tokens: int = 16) -> tuple[dict, list[dict]]:
+                  max_new_tokens: int = 16, batch_size: int | None = None) -> tuple[dict, list[dict]]:
     """Refusal rate of the clean model (once) and with each patch ``(site, value [B, d])`` at the
-    decision token, masked and unmasked. Returns (clean rates, one dict of rates + deltas per patch)."""
+    decision token, masked and unmasked. Returns (clean rates, one dict of rates + deltas per patch).
+    batch_size: prompts per generation pass (None: all at once); the prompts are padded once, so every
+    row sees the same padding whatever the batch size."""
     batch = encode(tok, prompts).to(model_device(model))
-    T = batch.input_ids.shape[1]
+    T, B = batch.input_ids.shape[1], batch.input_ids.shape[0]
+    step = max(1, batch_size or B)
 
-    def rate(edit, masked):
-        with intervene(model, edit or {}):
-            toks = generate_ids(model, batch.input_ids, batch.attention_mask, max_new_tokens,
-                                pad_id_of(tok), allowed_ids if masked else None)
-        texts = tok.batch_decode(toks, skip_special_tokens=True)
+    def rate(value, masked):
+        texts = []
+        for i in range(0, B, step):
+            j = min(i + step, B)
+            edit = {} if value is None else {site_str(value[0]): _first_pass(
+                replace_at(value[1][i:j], batch.decision[i:j]), T)}
+            with intervene(model, edit):
+                toks = generate_ids(model, batch.input_ids[i:j], batch.attention_mask[i:j], max_new_tokens,
+                                    pad_id_of(tok), allowed_ids if masked else None)
+            texts += tok.batch_decode(toks, skip_special_tokens=True)
         return sum(is_refusal(t) for t in texts) / max(1, len(texts))
 
     clean = {m: rate(None, masked) for m, masked in MODES}
     rows = []
     for site, value in patches:
-        edit = {site_str(site): _first_pass(replace_at(value, batch.decision), T)}
+        edit = (site, value)
         row = {}
         for m, masked in MODES:
             row[f"refusal_clean_{m}"] = clean[m]
