@@ -189,3 +189,22 @@ def test_ladder_pairs_are_built_in():
     assert set(LADDER_ADAPTERS) <= names
     for n in LADDER_ADAPTERS:
         assert str(adapter_dir(n)) in str(load_pair(n).tuned)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", CULTURE)
+def test_culture_ladder_rank_estimate_recovers_the_cards_effective_rank(culture_runs, name):
+    """The rank estimate at layer 20's output (rows: every prompt's tokens, a prompt's rows one bootstrap
+    group) equals the card's effective rank with an interval covering it, and its top-r basis lies within
+    10 degrees of the card's column space."""
+    from mechdiff.analyses.rank import estimate_rank, principal_angles
+
+    truth, runs = load_truth(name), culture_runs
+    mask = runs.enc["attention_mask"].bool()
+    groups = torch.arange(mask.shape[0])[:, None].expand_as(mask)[mask].tolist()
+    diff, state = runs[name]["diff"].double(), runs[name]["state"].double()
+    est = estimate_rank(diff, groups, scale=float(state.pow(2).mean().sqrt()), n_boot=50)
+    k = truth.effective_rank
+    assert est["estimate"] == k and est["ci_low"] <= k <= est["ci_high"], est
+    top = torch.linalg.svd(diff, full_matrices=False).Vh[:k].T                 # [d, k]
+    assert float(principal_angles(top, truth.basis(k).double()).max()) < 10.0
