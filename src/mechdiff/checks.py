@@ -52,7 +52,7 @@ def check_out_dir(out: str | os.PathLike | None, flag: str = "--out") -> None:
 
 
 #: Integer options that may be 0 (everything else that counts must be >= 1).
-ZERO_OK = {"exclude_last", "n_neutral", "n_mc", "seed"}
+ZERO_OK = {"exclude_last", "n_neutral", "n_mc", "seed", "lens_tokens", "response_k"}   # 0: that part is off
 #: Integer options that are layer indices (checked against the models by the stages).
 LAYER_FIELDS = {"control_layer", "layers"}
 
