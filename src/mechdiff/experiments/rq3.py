@@ -37,6 +37,7 @@ import torch
 from mechdiff.analyses import rank as RK
 from mechdiff.analyses import readouts as R
 from mechdiff.analyses import steering as S
+from mechdiff.models.planted import ground_truth, ground_truth_tensors
 from mechdiff.patching.kl import kl_shared
 from mechdiff.errors import ConfigError, NumericsError
 from mechdiff.experiments.figure_data import FIG_C
@@ -208,17 +209,13 @@ def _bases(study: Study, plan: dict, opts: RQ3Options, states: dict) -> None:
                 info[key] = {"lens": S.logit_lens(study.tuned.model, study.tuned.tokenizer, U[:, :min(kmax, 4)]),
                              **({"exact_rank": U.shape[1]} if U.shape[1] < kmax else {})}
                 for at in ([l] + ([plan["control"]] if plan["control"] not in plan["layers"] else [])) \
-                        if not lang and "map" in opts.modes and same_width(study) else []:
+                        if not lang and "map" in opts.modes and study.same_width else []:
                     sa = f"{opts.site}.{at}"
                     for k in (k for k in opts.ks if k <= U.shape[1]):
                         out[f"mapA.{key}@{at}.k{k}"], out[f"mapc.{key}@{at}.k{k}"] = S.fit_map(
                             U[:, :k], states[f"tuned/fit/{sa}"], states[f"base/fit/{sa}"])
     study.run.write_tensors(BASES, out)
     study.run.write_json("rq3_bases.json", info)
-
-
-def same_width(study: Study) -> bool:
-    return study.base.d_model == study.tuned.d_model
 
 
 def rank_info(study: Study, T: torch.Tensor, Bs: torch.Tensor, groups: torch.Tensor, layer: int) -> dict:
@@ -239,7 +236,6 @@ def planted_subspace(study: Study, layer: int) -> torch.Tensor | None:
     planted = getattr(study.pair.base, "planted", None)
     if not planted:
         return None
-    from mechdiff.models.planted import ground_truth, ground_truth_tensors
     gt = ground_truth(planted[0])
     t = ground_truth_tensors(planted[0])
     return t["u"] if "u" in t and layer in (gt.get("layers") or []) else None
@@ -298,7 +294,7 @@ def _sweep(study: Study, plan: dict, opts: RQ3Options, bases: dict, states: dict
     without a gap). Per cell and prompt: KL(clean || patched) masked / unmasked and KL(other || patched)."""
     ev, pos = plan["dev"] + plan["test"], {"positions": "all"} if opts.positions == "all" else {}
     ids = {s: study.allowed_ids(s) for s in ("base", "tuned")}
-    cells = _cells(plan, opts, bases, same_width(study))
+    cells = _cells(plan, opts, bases, study.same_width)
     handles = any(c["kind"] not in ("random", "full") for c in cells)   # none: no difference to build a handle from
     mine = {s: [c for c in cells if c["side"] == s] if handles else [] for s in ("base", "tuned")}
     run = lambda side, clean: clean_run(study.side(side), ev, batch_size=study.batch_size,  # noqa: E731

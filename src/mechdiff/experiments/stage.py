@@ -103,9 +103,14 @@ class Study:
         return min(self.base.n_layers, self.tuned.n_layers)
 
     @property
+    def same_width(self) -> bool:
+        """Same d_model: a state (or a basis) of one model can be written into the other."""
+        return self.base.d_model == self.tuned.d_model
+
+    @property
     def same_shape(self) -> bool:
         """Same width and depth: states can be patched across without a map."""
-        return self.base.d_model == self.tuned.d_model and self.base.n_layers == self.tuned.n_layers
+        return self.same_width and self.base.n_layers == self.tuned.n_layers
 
     @cached_property
     def vocab(self):

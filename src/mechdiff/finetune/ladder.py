@@ -30,8 +30,8 @@ from mechdiff.errors import ConfigError
 from mechdiff.checks import check_out_dir
 from mechdiff.finetune.card import check_adapter_out, versions, write_card
 from mechdiff.finetune.recipes import LADDER, Recipe
-from mechdiff.finetune.train import (_lr_lambda, data_hash, encode_examples, examples_for, lora_config,
-                                     save_adapter, weights_fingerprint)
+from mechdiff.finetune.train import (_lr_lambda, batch_order, data_hash, encode_examples, examples_for,
+                                     lora_config, save_adapter, weights_fingerprint)
 from mechdiff.finetune.truth import ADAPTERS_DIR, head_truth, lora_deltas, mlp_truth
 from mechdiff.models.load import load_model
 
@@ -180,15 +180,10 @@ def train_one(model: Any, recipe: Recipe, data: _Data, log: Log = print) -> tupl
     total = recipe.max_steps or math.ceil(recipe.epochs * len(data.train) / recipe.batch_size)
     warm = int(recipe.warmup_frac * total)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, warm, recipe.min_lr_frac))
-    gen = torch.Generator().manual_seed(recipe.seed)
-    order: list[int] = []
     curve, window = [], []
     peft_model.train()
     t0 = time.perf_counter()
-    for step in range(total):
-        if not order:
-            order = torch.randperm(len(data.train), generator=gen).tolist()
-        idx, order = order[: recipe.batch_size], order[recipe.batch_size:]
+    for step, idx in enumerate(batch_order(len(data.train), recipe.batch_size, total, recipe.seed)):
         s, n = tail_loss(model, [data.train[i] for i in idx], layer)
         loss = s / n
         opt.zero_grad(set_to_none=True)

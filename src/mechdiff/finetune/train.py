@@ -13,7 +13,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -118,6 +118,18 @@ def lora_config(recipe: Recipe, new_ids: Sequence[int] | None = None):
     return LoraConfig(**kw)
 
 
+def batch_order(n: int, batch_size: int, steps: int, seed: int) -> Iterator[list[int]]:
+    """Row indices of each of ``steps`` batches: a fresh seeded permutation of ``range(n)`` per epoch,
+    cut into ``batch_size`` pieces (an epoch's last piece may be short)."""
+    gen = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    for _ in range(steps):
+        if not order:
+            order = torch.randperm(n, generator=gen).tolist()
+        idx, order = order[:batch_size], order[batch_size:]
+        yield idx
+
+
 def _lr_lambda(total: int, warmup: int, min_frac: float) -> Callable[[int], float]:
     def f(step: int) -> float:
         if warmup and step < warmup:
@@ -193,15 +205,10 @@ def train_lora(model: Any, tok: Any, train: Sequence[dict], recipe: Recipe, *, n
     log(f"[finetune] {recipe.name}: {len(enc)} examples, {total} steps (batch {recipe.batch_size}, "
         f"lr {recipe.lr}), trainable params {n_train_params:,}; loss before: train "
         f"{stats['loss_before']['train']:.4f}" + (f", eval {stats['loss_before']['eval']:.4f}" if enc_ev else ""))
-    gen = torch.Generator().manual_seed(recipe.seed)
-    order: list[int] = []
     curve, window = [], []
     peft_model.train()
     t0 = time.perf_counter()
-    for step in range(total):
-        if not order:
-            order = torch.randperm(len(enc), generator=gen).tolist()
-        idx, order = order[: recipe.batch_size], order[recipe.batch_size:]
+    for step, idx in enumerate(batch_order(len(enc), recipe.batch_size, total, recipe.seed)):
         b = _collate([enc[i] for i in idx], pad, dev)
         with _autocast(dev):
             loss = peft_model(**b, use_cache=False).loss
