@@ -176,6 +176,8 @@ def ensure_testbed(name: str, force: bool = False) -> Path:
             model = AutoModelForCausalLM.from_pretrained(str(src.parent), gguf_file=src.name, dtype=torch.float32)
         except ImportError as e:
             raise ModelLoadError(f"loading GGUF needs the `gguf` package: pip install gguf ({e})") from e
+        if tok.pad_token is None and tok.eos_token is not None:
+            tok.pad_token = tok.eos_token  # some transformers versions leave SmolLM2's GGUF without one
         meta = {
             "format_version": FORMAT_VERSION,
             "name": name,
