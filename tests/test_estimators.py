@@ -172,3 +172,17 @@ def test_rq2_winner_drop_carries_an_interval():
     iv = sweep_table(v)["winner"]["drop_interval"]
     assert iv["estimate"] == pytest.approx(60.0) and iv["ci_low"] == pytest.approx(60.0) == iv["ci_high"]
     assert iv["n_groups"] == 5 and not iv["undefined"]        # the five test topic groups
+
+
+def test_rank_interval_covers_a_graded_spectrum_estimate():
+    """A spectrum that decays into the noise (many components near the edge): replicates of ~63%
+    distinct groups resolve fewer components, so the raw percentile interval lay wholly below the
+    estimate (a GPU run: 35 [22, 33]); the bias-shifted interval covers it."""
+    g = torch.Generator().manual_seed(5)
+    n, d, r = 96, 64, 40
+    B = torch.linalg.qr(torch.randn(d, r, generator=g, dtype=torch.float64))[0]
+    coef = torch.randn(n, r, generator=g, dtype=torch.float64) * torch.logspace(0.3, -1.3, r, dtype=torch.float64)
+    D = coef @ B.T + 0.02 * torch.randn(n, d, generator=g, dtype=torch.float64)
+    est = RK.estimate_rank(D, torch.arange(n) // 2, n_boot=40)
+    assert est["bias_shift"] > 0                       # the replicates do count fewer components
+    assert est["ci_low"] <= est["estimate"] <= est["ci_high"]
