@@ -332,3 +332,17 @@ def test_procrustes_full_rank_reports_nothing_underdetermined_and_saves_the_coun
     few = ProcrustesMap().fit(X[:10], X[:10])
     assert few.n_underdetermined_ == 16 - 9
     assert json.loads((tmp_path / "p.json").read_text())["fitted"]["n_underdetermined_"] == 0
+
+
+def test_r2_interval_matches_r2_vw_and_covers_it():
+    """The test R2 with its topic-group interval is map_metrics' r2_vw (SST about the training mean)."""
+    from mechdiff.analyses.map_metrics import map_metrics, r2_interval
+    g = torch.Generator().manual_seed(0)
+    Y = torch.randn(40, 8, generator=g, dtype=torch.float64)
+    Yh = Y + 0.5 * torch.randn(40, 8, generator=g, dtype=torch.float64)
+    mu = torch.randn(8, generator=g, dtype=torch.float64) * 0.1
+    iv = r2_interval(Yh, Y, mu, torch.arange(40) // 4, n_boot=200)
+    assert iv["estimate"] == pytest.approx(map_metrics(Yh, Y, Y_train_mean=mu)["r2_vw"], abs=1e-12)
+    assert iv["ci_low"] < iv["estimate"] < iv["ci_high"]
+    one = r2_interval(Yh, Y, mu, torch.zeros(40, dtype=torch.long))
+    assert math.isnan(one["ci_low"]) and "one topic group" in one["note"]

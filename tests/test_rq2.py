@@ -115,6 +115,9 @@ def test_train_and_val_prompts_are_disjoint(rq2_run):
     assert pr["val"] == pr["dev"] + pr["test"] and len(pr["dev"]) == len(pr["test"]) == N_VAL // 2
     parts = [{topic[i] for i in pr[k]} for k in ("train", "dev", "test")]
     assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2]), parts
+    for r in rq2_run["maps"]["table"]:      # every map's test R2 with its interval over topic groups
+        iv = r["test_r2_interval"]
+        assert iv["estimate"] == pytest.approx(r["test_r2_vw"], abs=1e-9) and iv["ci_low"] <= iv["ci_high"]
 
 
 @pytest.mark.real

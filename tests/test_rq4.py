@@ -166,3 +166,14 @@ def test_head_variants_known_answers():
     states["tuned.additive.1"] = torch.tensor(False)
     assert torch.allclose(run(patches(states, "tuned", 1, list(range(H)), "swap")),
                           run(Patch("head_z.1", ca["head_z.1"])), atol=1e-4)
+
+
+def test_same_tokens_ignores_pad_ids_but_not_tokens_or_lengths():
+    from types import SimpleNamespace as B
+
+    from mechdiff.experiments.steps import same_tokens
+    m = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    a = B(input_ids=torch.tensor([[2, 5, 6], [7, 8, 9]]), attention_mask=m)
+    assert same_tokens(a, B(input_ids=torch.tensor([[0, 5, 6], [7, 8, 9]]), attention_mask=m))   # another pad id
+    assert not same_tokens(a, B(input_ids=torch.tensor([[2, 5, 4], [7, 8, 9]]), attention_mask=m))
+    assert not same_tokens(a, B(input_ids=torch.tensor([[5, 6], [8, 9]]), attention_mask=m[:, 1:]))

@@ -89,3 +89,18 @@ def test_extension_tokenizer_spans_are_tokens_and_equal_the_token_rows(smollm2_l
         for k in t:
             assert torch.equal(t[k], s[k]) or (torch.isnan(t[k]).all() and torch.isnan(s[k]).all()), k
         assert (t["kl_bt"] > 0).any()                               # the fine-tune is no no-op
+
+
+def test_final_hidden_in_row_slices_equals_one_forward(smollm2_loaded):
+    """A batch larger than ``max_tokens`` runs in row slices (bounded forward memory): same states."""
+    from mechdiff.data.prompts import Encoded, collate
+    from mechdiff.texts.divergence import final_hidden
+    m = smollm2_loaded
+    enc = [Encoded(str(i), t, m.tokenizer(t)["input_ids"], [True] * len(m.tokenizer(t)["input_ids"]))
+           for i, t in enumerate(TEXTS)]
+    b = collate(enc, m.tokenizer.pad_token_id)
+    whole = final_hidden(m.model, b, max_tokens=1 << 20)
+    sliced = final_hidden(m.model, b, max_tokens=b.input_ids.shape[1])       # one text per forward
+    assert sliced.shape == whole.shape
+    mask = b.attention_mask.bool()
+    torch.testing.assert_close(sliced[mask], whole[mask], atol=1e-4, rtol=1e-4)

@@ -84,3 +84,38 @@ def test_compare_writes_the_verdict_of_a_constructed_knob_and_rewiring_pair(tmp_
     v2 = json.loads((compare_runs([knob, rew], out=tmp_path / "cmp2") / "compare.json").read_text())["verdict"]
     assert {r["key"]: r["verdict"] for r in v2["rows"]}["rank"] == CONTRADICTS
     assert "against the hypothesis" in v2["summary"]
+
+
+def test_a_handle_row_needs_a_meaningful_cultural_share():
+    """Both handles below 10% (the GPU study: culture -0.0002 [-0.004, 0.003], math -0.33 [-0.40, -0.27]):
+    a less negative share is no knob, so the row contradicts, though the difference is positive."""
+    rows = {r.criterion.key: r.verdict for r in verdict_rows(
+        {"handle_steer": Estimate(-0.0002, -0.0044, 0.0035), "handle_ablate": Estimate(0.3, 0.2, 0.4),
+         "transfer": Estimate(0.12, 0.02, 0.3)},
+        {"handle_steer": Estimate(-0.33, -0.40, -0.27), "handle_ablate": Estimate(0.02, -0.05, 0.08),
+         "transfer": Estimate(0.0, -0.1, 0.1)})}
+    assert rows == {"handle_steer": CONTRADICTS, "handle_ablate": SUPPORTS, "transfer": NOT_RESOLVED}
+
+
+def test_an_exact_zero_difference_contradicts_a_predicted_difference():
+    """Every head changed in both pairs (LoRA on every layer): 0.967 [0.967, 0.967] each; the predicted
+    cultural < cognitive fails, and no sample size changes that."""
+    rows = verdict_rows({"head_churn": Estimate(0.967, 0.967, 0.967)}, {"head_churn": Estimate(0.967, 0.967, 0.967)})
+    assert rows[0].diff.lo == rows[0].diff.hi == 0 and rows[0].verdict == CONTRADICTS
+
+
+def test_the_map_row_reads_the_map_at_rq1s_peak_layer_with_its_interval():
+    from mechdiff.verdict import run_estimates
+    iv = lambda v, lo, hi: {"estimate": v, "ci_low": lo, "ci_high": hi}  # noqa: E731
+    maps = {"table": [
+        {"layer": 0, "solver": "ridge", "control_layer": False, "dev_r2_vw": 0.99, "test_r2_vw": 0.99,
+         "test_r2_interval": iv(0.99, 0.98, 1.0)},
+        {"layer": 28, "solver": "ridge", "control_layer": False, "dev_r2_vw": 0.5, "test_r2_vw": 0.45,
+         "test_r2_interval": iv(0.45, 0.3, 0.55)},
+        {"layer": 28, "solver": "procrustes_scaled", "control_layer": False, "dev_r2_vw": 0.4, "test_r2_vw": 0.6,
+         "test_r2_interval": iv(0.6, 0.5, 0.7)},
+        {"layer": 1, "solver": "ridge", "control_layer": True, "dev_r2_vw": 0.9, "test_r2_vw": 0.9}]}
+    rq1 = {"layers": {"chosen": [0, 14, 28], "evidence": {"peak": 28}}}
+    e = run_estimates({}, {}, {"best map R2": 0.99}, maps, rq1)["map_r2"]
+    assert (e.value, e.lo, e.hi) == (0.45, 0.3, 0.55)      # the peak layer, solver chosen on dev (not test)
+    assert run_estimates({}, {}, {"best map R2": 0.99})["map_r2"].value == 0.99   # without maps: the best map

@@ -126,7 +126,8 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
         runs.append({"label": label, "path": str(d.resolve()), "pair": pair.get("name"), "domain": pair.get("domain"),
                      "numbers": numbers(d), "sentences": sentences(d), "figures": figure_data(d, label),
                      "intervals": intervals(d)})
-        runs[-1]["estimates"] = run_estimates(runs[-1]["intervals"], load(d / "rq3.json") or {}, runs[-1]["numbers"])
+        runs[-1]["estimates"] = run_estimates(runs[-1]["intervals"], load(d / "rq3.json") or {}, runs[-1]["numbers"],
+                                             load(d / "maps.json"), load(d / "rq1.json"))
     figures, notes = {}, []
     for key, title in ((f.key, f.title or f.key) for f in report_figures()):
         data = [r["figures"][key] for r in runs if r["figures"].get(key) is not None]

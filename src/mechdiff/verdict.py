@@ -6,7 +6,12 @@ interval) and the sign the hypothesis predicts for ``cultural - cognitive``. A r
 
 - *supports*: the difference's interval lies wholly on the predicted side;
 - *contradicts*: it lies wholly on the other side;
-- *not resolved at this sample size*: it covers 0, or a side has no estimate or no interval.
+- *not resolved at this sample size*: it covers 0, or a side has no estimate or no interval; an
+  interval of zero width at 0 (the two are equal and no resample moves them) *contradicts*.
+
+The handle rows (does a rank-k<=3 handle close a meaningful share, >= 10%, of the gap?) are judged on
+each side's interval against that share first (:func:`judge_handle`): a cultural handle that closes
+less than 10% contradicts the knob however the other pair fares.
 
 Intervals of two runs are independent (different models, their own prompts), so the difference's
 interval combines each side's half-widths in quadrature, per side (lower: sqrt(dl_a^2 + du_b^2),
@@ -47,6 +52,10 @@ class Criterion:
     predicted_sign: int
     why: str
 
+
+#: a handle closes a *meaningful* share of the gap at this share (RQ3's minimal-k target)
+MEANINGFUL_SHARE = 0.10
+HANDLE_KEYS = ("handle_steer", "handle_ablate", "transfer")
 
 #: the seeds' criteria; ``key`` is what :func:`mechdiff.compare` extracts from each run
 CRITERIA = (
@@ -98,8 +107,32 @@ def judge(diff: Estimate, predicted_sign: int) -> str:
     """supports / contradicts / not resolved, from the difference's interval alone."""
     if not diff.has_interval:
         return NOT_RESOLVED
+    if diff.lo == diff.hi == 0:     # no difference, and no resampling moves it: the prediction fails
+        return CONTRADICTS
     if diff.lo > 0 or diff.hi < 0:
         return SUPPORTS if (diff.lo > 0) == (predicted_sign > 0) else CONTRADICTS
+    return NOT_RESOLVED
+
+
+def _meaningful(e: Estimate, floor: float) -> bool | None:
+    """True: the interval lies at or above ``floor``; False: wholly below; None: it straddles (or none)."""
+    if not e.has_interval:
+        return None
+    return True if e.lo >= floor else False if e.hi < floor else None
+
+
+def judge_handle(cultural: Estimate, cognitive: Estimate, diff: Estimate, floor: float) -> str:
+    """A handle row asks whether a rank-k<=3 handle closes a *meaningful* share (>= ``floor``) of the
+    gap: the hypothesis predicts it does for the cultural pair and not for the cognitive one. A
+    cultural handle whose interval lies wholly below ``floor`` contradicts it (whatever the other
+    pair does: a less negative share is no knob); one at or above ``floor`` supports it where the
+    cognitive one lies wholly below, else the difference decides (:func:`judge`); a cultural
+    interval that straddles ``floor`` is not resolved."""
+    c, m = _meaningful(cultural, floor), _meaningful(cognitive, floor)
+    if c is False:
+        return CONTRADICTS
+    if c is True:
+        return SUPPORTS if m is False else judge(diff, +1)
     return NOT_RESOLVED
 
 
@@ -112,7 +145,8 @@ def verdict_rows(cultural: dict[str, Estimate], cognitive: dict[str, Estimate]) 
             continue
         a, b = a or Estimate(None, note="not measured"), b or Estimate(None, note="not measured")
         d = difference(a, b)
-        rows.append(Row(c, a, b, d, judge(d, c.predicted_sign)))
+        v = judge_handle(a, b, d, MEANINGFUL_SHARE) if c.key in HANDLE_KEYS else judge(d, c.predicted_sign)
+        rows.append(Row(c, a, b, d, v))
     return rows
 
 
@@ -141,7 +175,26 @@ def summary_sentence(rows: list[Row]) -> str:
 STEER_MODES, ABLATE_MODE, MAX_K = ("steer", "add", "map"), "ablate", 3
 
 
-def run_estimates(intervals: dict[str, Estimate], rq3: dict, numbers: dict) -> dict[str, Estimate]:
+def _map_at_peak(maps: dict, rq1: dict) -> Estimate | None:
+    """The transport map at RQ1's peak layer (where the patch KL is largest: the layer carrying the
+    most change), its solver chosen on dev R2: test R2 with its interval over topic groups."""
+    lay = (rq1 or {}).get("layers") or {}
+    peak = (lay.get("evidence") or {}).get("peak")
+    peak = peak if peak is not None else max(lay.get("chosen") or [], default=None)
+    rows = [r for r in (maps or {}).get("table") or [] if r.get("layer") == peak and not r.get("control_layer")
+            and r.get("dev_r2_vw") is not None and r.get("test_r2_vw") is not None]
+    if not rows:
+        return None
+    r = max(rows, key=lambda r: r["dev_r2_vw"])
+    iv, what = r.get("test_r2_interval") or {}, f"{r['solver']} at L{peak} (RQ1's peak)"
+    lo, hi = iv.get("ci_low"), iv.get("ci_high")
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return Estimate(float(r["test_r2_vw"]), note=f"{what}: no interval")
+    return Estimate(float(r["test_r2_vw"]), float(lo), float(hi), f"{what}: 95% cluster bootstrap over topic groups")
+
+
+def run_estimates(intervals: dict[str, Estimate], rq3: dict, numbers: dict, maps: dict | None = None,
+                  rq1: dict | None = None) -> dict[str, Estimate]:
     """One run's estimate per criterion, from its interval-carrying headlines (``compare.intervals``),
     its ``rq3.json`` and its compare numbers. Rules (chosen before looking at any result):
 
@@ -151,7 +204,8 @@ def run_estimates(intervals: dict[str, Estimate], rq3: dict, numbers: dict) -> d
     - handle_ablate: the ablation handle's test share where its k <= 3;
     - side_effects: that steering handle's neutral perplexity change (%), no interval (not resolved);
     - head_churn: the changed-head share of the ``own`` measure (else ``swap``);
-    - map_r2: the best transport map's held-out R2 (no interval: a row without a verdict).
+    - map_r2: the test R2 of the map at RQ1's peak layer (``maps``, ``rq1``: those runs' maps.json
+      and rq1.json), its solver chosen on dev; without them the best map's (no interval).
     """
     out: dict[str, Estimate] = {}
     ranks = [e for k, e in intervals.items() if k.startswith("RQ3 rank of the difference at L")]
@@ -177,7 +231,10 @@ def run_estimates(intervals: dict[str, Estimate], rq3: dict, numbers: dict) -> d
     churn = intervals.get("RQ4 changed heads (own)") or intervals.get("RQ4 changed heads (swap)")
     if churn:
         out["head_churn"] = churn
-    if numbers.get("best map R2") is not None:
+    peak_map = _map_at_peak(maps, rq1)
+    if peak_map is not None:
+        out["map_r2"] = peak_map
+    elif numbers.get("best map R2") is not None:
         out["map_r2"] = Estimate(float(numbers["best map R2"]), note="held-out R2 of one split: no interval")
     return out
 

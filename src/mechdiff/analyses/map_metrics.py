@@ -15,6 +15,7 @@ import torch
 from mechdiff.errors import ConfigError, DataError, NumericsError
 from mechdiff.analyses.cka import linear_cka
 from mechdiff.analyses.maps import Whitener, _f64
+from mechdiff.analyses.intervals import share_closed
 
 __all__ = ["map_metrics", "rotation_drift", "shuffle_control"]
 
@@ -106,3 +107,16 @@ def shuffle_control(map_factory: Callable, X_tr, Y_tr, X_val, Y_val, seed: int =
     out = map_metrics(mp.transform(X_val), Y_val, Y_train_mean=Yt.mean(0))
     out["control"] = "row-shuffled training targets"
     return out
+
+
+def r2_interval(Y_hat, Y, Y_train_mean, groups=None, **kw) -> dict:
+    """Variance-weighted R2 (``1 - sum SSE / sum SST`` about the training mean, as :func:`map_metrics`'
+    ``r2_vw``) of rows ``Y_hat``, ``Y`` ``[n, d]`` with a cluster-bootstrap interval over ``groups``
+    (``[n]``: each row's topic group; see :func:`mechdiff.analyses.intervals.share_closed`)."""
+    Yh, Yt = _f64(Y_hat, "Y_hat"), _f64(Y, "Y")
+    m = torch.as_tensor(Y_train_mean).to(Yt.device, F64).reshape(-1)
+    sse, sst = (Yt - Yh).pow(2).sum(1), (Yt - m).pow(2).sum(1)
+    if len(set(torch.as_tensor(groups if groups is not None else range(len(sse))).tolist())) < 2:
+        return {"estimate": 1 - float(sse.sum() / sst.sum()), "ci_low": math.nan, "ci_high": math.nan,
+                "note": "one topic group: no interval"}
+    return share_closed(sse.cpu(), sst.cpu(), groups, **kw)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from mechdiff.analyses import maps as M
-from mechdiff.analyses.map_metrics import map_metrics, rotation_drift, shuffle_control
+from mechdiff.analyses.map_metrics import map_metrics, r2_interval, rotation_drift, shuffle_control
 from mechdiff.artifacts import RunDir
 from mechdiff.errors import ConfigError
 from mechdiff.experiments.figure_data import FIG_B
@@ -134,9 +134,10 @@ def _capture_step(study: Study, train, val, sites, opts: MapsOptions) -> None:
     study.run.write_tensors(STATES, out)
 
 
-def _maps_step(study: Study, states, layers, control, opts: MapsOptions, solver: str, n_dev: int) -> None:
+def _maps_step(study: Study, states, layers, control, opts: MapsOptions, solver: str, n_dev: int, groups) -> None:
     """Fit ``solver`` at every (layer, site) on train, score on val, dev (first ``n_dev`` val rows) and
-    test (the rest), with its shuffle control -> maps/L<l>_<site>_<solver>.* and maps_<solver>.json."""
+    test (the rest, its R2 with an interval over ``groups`` [n_val]), with its shuffle control ->
+    maps/L<l>_<site>_<solver>.* and maps_<solver>.json."""
     rows = []
     for l in sorted(set(layers + [control])):
         for site in opts.sites:
@@ -153,7 +154,8 @@ def _maps_step(study: Study, states, layers, control, opts: MapsOptions, solver:
             sh = shuffle_control(lambda: _make(solver, opts, study), X, Y, Xv, Yv, seed=study.seed)
             row = {"layer": l, "site": site, "solver": solver, "control_layer": l == control,
                    "train_r2_vw": tr["r2_vw"], "val_r2_vw": va["r2_vw"], "dev_r2_vw": part["dev"],
-                   "test_r2_vw": part["test"], "val_r2_uniform": va["r2_uniform"],
+                   "test_r2_vw": part["test"], "val_r2_uniform": va["r2_uniform"], "test_r2_interval":
+                   r2_interval(m.transform(Xv[n_dev:]), Yv[n_dev:], Y.mean(0), groups[n_dev:]) if len(Xv) - n_dev >= 2 else None,
                    "val_r2_whitened": va["r2_whitened"], "val_cka": va["cka_debiased"],
                    "val_cka_biased": va["cka_biased"], "val_cos_mean": va["cos_mean"],
                    "val_cos_median": va["cos_median"], "shuffle_val_r2_vw": sh.get("r2_vw"),
@@ -335,7 +337,7 @@ def _prepare(study: Study, opts: MapsOptions):
     study.run.cached("rq2.capture", lambda: _capture_step(study, train, val, sites, opts), [STATES], info=sig)
     states = study.run.read_tensors(STATES)
     for solver in opts.solvers:   # a solver fitted by an earlier run (same capture, same options) is reused
-        study.run.cached(f"rq2.maps.{solver}", lambda s=solver: _maps_step(study, states, layers, control, opts, s, n_dev),
+        study.run.cached(f"rq2.maps.{solver}", lambda s=solver: _maps_step(study, states, layers, control, opts, s, n_dev, group_ids(val)),
                          _maps_files(layers, control, opts.sites, solver), depends_on=["rq2.capture"],
                          info={"solver": solver, "shrink": opts.shrink})
     _gather_maps(study, states, layers, control, n_dev)

@@ -146,7 +146,8 @@ def _path_step(study: Study, prompts, opts: RQ4Options) -> None:
 def run(study: Study, opts: RQ4Options) -> None:
     """The RQ4 steps (finished ones are skipped on resume)."""
     layers = default_layers(study, opts)
-    prompts = select_prompts(study, opts.n_prompts, opts.min_shared_ratio, seed=study.seed)
+    own = "own" in (opts.swaps or []) and study.same_shape
+    prompts = select_prompts(study, opts.n_prompts, opts.min_shared_ratio, seed=study.seed, alike=own)
     study.run.write_json("rq4_prompts.json", {"ids": [p["id"] for p in prompts], "groups": group_ids(prompts).tolist()})
     if len(prompts) < 2:
         raise DataError(f"only {len(prompts)} prompt(s) pass the shared-vocabulary filter at "

@@ -15,7 +15,7 @@ from mechdiff.analyses.heads import change_score, patches, rank
 from mechdiff.data.prompts import encode
 from mechdiff.errors import DataError
 from mechdiff.experiments.stage import SIDES, Study
-from mechdiff.experiments.steps import clean_run, patch_measure
+from mechdiff.experiments.steps import clean_run, patch_measure, same_tokens
 from mechdiff.fairness import mask_logits
 from mechdiff.sites.hooks import intervene, record, replace_at
 
@@ -88,7 +88,7 @@ def _states_step(study: Study, prompts, layers, swaps) -> None:
         acc.setdefault(key, []).append(v.float().cpu())
     for i in range(0, len(prompts), study.batch_size):
         batches = {s: encode(study.side(s).tokenizer, prompts[i:i + study.batch_size]) for s in SIDES}
-        own = own and torch.equal(batches["base"].input_ids, batches["tuned"].input_ids)
+        own = own and same_tokens(batches["base"], batches["tuned"])
         for side in SIDES:
             m, src = study.side(side), study.side(_other(side))
             b = batches[side].to(m.device)

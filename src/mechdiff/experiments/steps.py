@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from mechdiff.data.prompts import _prompt_text, normalise_text
+from mechdiff.data.prompts import _prompt_text, encode, normalise_text
 from mechdiff.errors import ConfigError, DataError
 from mechdiff.experiments.results import Rq1Result, load_result
 from mechdiff.patching.kl import kl_and_gap, kl_to_clean  # noqa: F401  (re-exported for stage modules)
@@ -161,10 +161,27 @@ def prompt_digest(prompts: Sequence[dict]) -> str:
     return hashlib.sha256(json.dumps(rows, ensure_ascii=False, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def select_prompts(study, n: int, min_shared_ratio: float, seed: int = 0) -> list[dict]:
+def same_tokens(a, b) -> bool:
+    """Two encoded batches (:class:`~mechdiff.data.prompts.Batch`) hold the same tokens: one
+    attention mask and one id wherever it is 1 (pad ids may differ)."""
+    if a.input_ids.shape != b.input_ids.shape or not torch.equal(a.attention_mask, b.attention_mask):
+        return False
+    m = a.attention_mask.bool()
+    return torch.equal(a.input_ids[m], b.input_ids[m])
+
+
+def select_prompts(study, n: int, min_shared_ratio: float, seed: int = 0, alike: bool = False) -> list[dict]:
     """``n`` prompts that pass the shared-vocabulary filter, stratified by cluster and language
-    (:func:`stratified`). Fewer than ``n`` pass: all of them, with a printed warning."""
+    (:func:`stratified`); ``alike``: only prompts both tokenizers split into the same tokens (a
+    counted warning names how many others were left out). Fewer than ``n`` pass: all of them, with
+    a printed warning."""
     kept, _ = study.fair_prompts(min_shared_ratio)
+    if alike:
+        both = [p for p in kept if same_tokens(encode(study.base.tokenizer, [p]), encode(study.tuned.tokenizer, [p]))]
+        if len(both) < len(kept):
+            warn(f"{len(kept) - len(both)} of {len(kept)} prompts are split into different tokens by the two "
+                 "tokenizers; left out (the measure 'own' runs one model's heads on the other's inputs)")
+        kept = both
     if len(kept) < n:
         warn(f"only {len(kept)} prompts pass the shared-vocabulary filter (min_shared_ratio="
              f"{min_shared_ratio}); using {len(kept)} of the {n} asked for")

@@ -176,7 +176,8 @@ class RunSet:
         for r, lab, n in zip(self.runs, labels, nums):
             iv = intervals(r.root)
             runs.append({"label": lab, "numbers": n, "domain": (r.manifest.get("pair") or {}).get("domain"),
-                         "estimates": run_estimates(iv, load(r.root / "rq3.json") or {}, n)})
+                         "estimates": run_estimates(iv, load(r.root / "rq3.json") or {}, n, load(r.root / "maps.json"),
+                                                  load(r.root / "rq1.json"))})
         return clean({"labels": labels, "table": table,
                       "headlines": [{"stage": s, "key": k, "values": v} for (s, k), v in stages.items()],
                       "contrasts": _contrasts(runs) if len(runs) > 1 else [], "verdicts": verdict_rows(runs),

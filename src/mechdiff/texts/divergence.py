@@ -56,10 +56,16 @@ def _device(model: Any) -> torch.device:
     return input_device(model)
 
 
+#: tokens (rows x length) per forward pass of :func:`final_hidden`: a larger batch runs in slices of
+#: rows, so the forward's own transient memory (MLP activations, attention) stays bounded
+FORWARD_TOKENS = 8192
+
+
 @torch.no_grad()
-def final_hidden(model: Any, batch) -> torch.Tensor:
+def final_hidden(model: Any, batch, max_tokens: int = FORWARD_TOKENS) -> torch.Tensor:
     """Teacher-forced forward of a left-padded :class:`~mechdiff.data.prompts.Batch`: the hidden
-    states the output layer reads, ``[B, T, d]``. The output layer itself runs on one position only."""
+    states the output layer reads, ``[B, T, d]`` (rows in slices of at most ``max_tokens`` tokens,
+    each its own forward). The output layer itself runs on one position only."""
     head = model.get_output_embeddings()
     if head is None:
         raise DataError(f"{type(model).__name__} has no output layer (LM head) to read next-token "
@@ -70,12 +76,16 @@ def final_hidden(model: Any, batch) -> torch.Tensor:
         kept.append(args[0])
         return (args[0][:, -1:].contiguous(),) + tuple(args[1:])
 
+    inputs = batch.to(_device(model)).model_inputs()
+    B, T = inputs["input_ids"].shape
+    step = max(1, max_tokens // max(T, 1))
     h = head.register_forward_pre_hook(pre)
     try:
-        model(**batch.to(_device(model)).model_inputs(), use_cache=False)
+        for i in range(0, B, step):
+            model(**{k: None if v is None else v[i:i + step] for k, v in inputs.items()}, use_cache=False)
     finally:
         h.remove()
-    return kept[0]
+    return kept[0] if len(kept) == 1 else torch.cat(kept)
 
 
 def head_logits(model: Any, h: torch.Tensor) -> torch.Tensor:
