@@ -7,7 +7,8 @@
 set -euo pipefail
 OUT=${1:?usage: gpu_study.sh OUT [PAIR ...]}; shift
 PAIRS=("$@")
-[ ${#PAIRS[@]} -gt 0 ] || PAIRS=(smollm2-culture-lora smollm2-math-lora)
+[ ${#PAIRS[@]} -gt 0 ] || PAIRS=(smollm2-culture-lora smollm2-math-lora smollm2-culture-l20-r1 smollm2-culture-l20-r2
+                                 smollm2-culture-l20-r4 smollm2-culture-l20-r8 smollm2-math-attn-4)
 CONFIG=${CONFIG:-docs/lora_study/gpu.toml}
 PY=${PY:-python3}
 mkdir -p "$OUT"
