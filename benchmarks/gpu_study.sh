@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU study of docs/RESULTS_LORA.md in one command: every pair named (default: the two trained
 # LoRA pairs and the known-answer ladder) through `mechdiff run` with docs/lora_study/gpu.toml on one
-# GPU in bfloat16, then `mechdiff compare` over all of them. Prints one line per pair: wall time and
-# peak GPU memory, and a time stamp on every stage's log line.
+# GPU in bfloat16, then `mechdiff compare` over all of them. Prints one line per pair (wall time and
+# peak GPU memory), a time stamp on every stage's log line and each stage's own peak GPU memory.
 #   benchmarks/gpu_study.sh OUT [PAIR ...]
 set -euo pipefail
 OUT=${1:?usage: gpu_study.sh OUT [PAIR ...]}; shift
@@ -19,10 +19,18 @@ from mechdiff.experiments.study import run_study
 pair, out, cfg = sys.argv[1:4]
 torch.cuda.reset_peak_memory_stats()
 t0 = time.perf_counter()
-run_study(pair, cfg, out=out, device="cuda", dtype="bfloat16",
-          log=lambda m: print(f"[{pair} {time.perf_counter() - t0:7.1f} s] {m}", flush=True))
-print(f"study {pair}: {time.perf_counter() - t0:.1f} s wall, peak GPU memory "
-      f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
+peak = 0.0
+def log(m):
+    global peak
+    if " done in " in m:            # a stage finished: its own peak, then reset for the next one
+        p = torch.cuda.max_memory_allocated() / 2**30
+        peak = max(peak, p)
+        m += f" (peak GPU memory {p:.2f} GiB)"
+        torch.cuda.reset_peak_memory_stats()
+    print(f"[{pair} {time.perf_counter() - t0:7.1f} s] {m}", flush=True)
+run_study(pair, cfg, out=out, device="cuda", dtype="bfloat16", log=log)
+peak = max(peak, torch.cuda.max_memory_allocated() / 2**30)
+print(f"study {pair}: {time.perf_counter() - t0:.1f} s wall, peak GPU memory {peak:.2f} GiB", flush=True)
 PYEOF
   then echo "study $p failed (see above); the other pairs go on"; fi
 done
