@@ -149,6 +149,9 @@ def rq2_text(maps: dict | None, sweep: dict | None, variants: dict | None) -> li
                    f"R2 {_f(b.get('identity_val_r2_vw'))} and a map fitted on shuffled targets R2 "
                    f"{_f(b.get('shuffle_val_r2_vw'))}{c}.")
     w = (sweep or {}).get("winner")
+    if not w and (sweep or {}).get("answer"):
+        out.append(f"Mapped patching (solver, layer and alpha chosen on {(variants or {}).get('n_dev', 'the same')} "
+                   f"dev prompts): {sweep['answer']}.")
     if w:
         raw_se = _variant_se(variants, w["layer"], w["site"], None, "raw")
         map_se = _variant_se(variants, w["layer"], w["site"], w["alpha"], "mapped")
