@@ -172,3 +172,19 @@ def test_rq2_winner_drop_carries_an_interval():
     iv = sweep_table(v)["winner"]["drop_interval"]
     assert iv["estimate"] == pytest.approx(60.0) and iv["ci_low"] == pytest.approx(60.0) == iv["ci_high"]
     assert iv["n_groups"] == 5 and not iv["undefined"]        # the five test topic groups
+
+
+def test_a_model_against_itself_rq2_drop_has_no_interval_and_covers_zero():
+    """A model against itself: the raw patch KL is exactly 0 on every prompt, so a drop % has no denominator:
+    the winner's drop and its interval are undefined (the interval covers 0: evidence of nothing)."""
+    from mechdiff.experiments.rq2_summary import sweep_table
+    zero = [0.0] * 10
+    v = {"n_dev": 4, "val_groups": [0, 0, 1, 1, 2, 3, 4, 5, 5, 6], "per_prompt_masked": [zero, zero],
+         "variants": [{"kind": "raw", "layer": 3, "site": "resid_post", "kl_mean": 0, "kl_dev_mean": 0,
+                       "kl_unmasked_mean": 0, "alpha": None},
+                      {"kind": "mapped", "solver": "ridge", "layer": 3, "site": "resid_post", "alpha": "1.0",
+                       "alpha_value": 1.0, "kl_mean": 0, "kl_dev_mean": 0, "kl_unmasked_mean": 0}]}
+    w = sweep_table(v)["winner"]
+    assert w["drop_pct"] is None and w["dev_drop_pct"] is None
+    iv = w["drop_interval"]
+    assert iv["undefined"] and math.isnan(iv["ci_low"]) and I.covers(iv, 0.0) and iv["den_ci"] == [0.0, 0.0]
