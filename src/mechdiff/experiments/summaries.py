@@ -248,8 +248,8 @@ def rq4_text(rq4: dict | None) -> list[str]:
                    f"{_f(c.get('topk_jaccard'))} and Spearman {_f(c.get('spearman'))} (1 = identical).")
     for m, r in (rq4.get("planted") or {}).items():
         if m == structural:
-            out.append(f"Ground truth (planted heads), by '{m}' change: {r.get('observed')} of the top-{r.get('k')} "
-                       f"heads are planted (chance {_f(r.get('expected'), '.2f')}, p = {_f(r.get('p_value'), '.2g')}"
+            out.append(f"Ground truth (heads known to have changed: planted, or trained per the adapter's card), by "
+                       f"'{m}' change: {r.get('observed')} of the top-{r.get('k')} heads are such heads (chance {_f(r.get('expected'), '.2f')}, p = {_f(r.get('p_value'), '.2g')}"
                        + (f"; AUROC {_f(r['auroc'], '.3f')}, estimated share {_pct(r.get('estimated_share'))} vs true "
                           f"{_pct(r.get('true_share'))}" if "auroc" in r else "") + ").")
     return out
