@@ -14,7 +14,11 @@ synchronised; peak: GiB allocated at the peak over what was allocated before the
 3. the ablation sweep of all heads at 2 layers (zero + mean: 2 x 32 x 2 variants) over 300 prompts,
    one model, through ``steps.patch_measure`` (issue 14: < 60 s, < 40 GiB);
 4. the whole ``mechdiff heads`` stage at those 2 layers, both models (targets, states incl. "own"
-   heads, zero / mean / swap / own sweep, grad x act, cumulative top-10 curves, summary and figures).
+   heads, zero / mean / swap / own sweep, grad x act, cumulative top-10 curves, summary and figures);
+5. (``all``) the whole ``mechdiff heads`` stage over every layer (32 x 32 = 1,024 heads of the 8B shape),
+   both models: grad x act for all heads in one backward pass per batch plus the batched per-head sweep
+   (``--all-ablations``, default zero,mean; ``--all-swaps``, default swap,own: the stage's defaults), the
+   changed-head count (BH, Storey, intervals) and the rest of the stage (issue 24: < 120 s, < 16 GiB).
 
 Output: a markdown table on stdout; with ``$OUT`` (or --out) set also ``$OUT/rq4_results.md`` / ``.json``
 and ``$OUT/bench.log``.
@@ -36,7 +40,9 @@ def main(argv=None):
     ap.add_argument("--n-prompts", type=int, default=None, help="default 300 (tiny: 24)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--ig-steps", type=int, default=8)
-    ap.add_argument("--rows", default="gxa,ig,ablate,stage")
+    ap.add_argument("--rows", default="gxa,ig,ablate,stage,all")
+    ap.add_argument("--all-ablations", default="zero,mean", help="row 5's head ablations (comma list; '' for none)")
+    ap.add_argument("--all-swaps", default="swap,own", help="row 5's cross-model head patches (comma list)")
     args = ap.parse_args(argv)
     C.setup(args, "rq4_results")
     from mechdiff.analyses.attribution import Target, grad_x_act, integrated_gradients, logits_at, measured_positions
@@ -103,10 +109,20 @@ def main(argv=None):
         row(f"`mechdiff heads`, {len(abl_layers)} layers, {n} prompts, both models (all measurements)",
             lambda: run_stage("heads", pair, out=out, models=models, prompts=prompts_path, batch_size=bs,
                               layers=abl_layers, n_prompts=n), f"run directory {out}")
+    if "all" in todo:
+        out_all = Path(tempfile.mkdtemp(prefix="mechdiff_bench_rq4_all_"))
+        abl = [k for k in args.all_ablations.split(",") if k]
+        swaps = [k for k in args.all_swaps.split(",") if k]
+        row(f"`mechdiff heads`, every layer ({L} x {H} = {L * H} heads), {n} prompts, both models: grad x act + "
+            f"batched {'/'.join(abl + swaps)}",
+            lambda: run_stage("heads", pair, out=out_all, models=models, prompts=prompts_path, batch_size=bs,
+                              layers=list(range(L)), n_prompts=n, ablations=abl, swaps=swaps),
+            f"run directory {out_all}")
     header = ["what", "wall s", "peak GiB over models", "note"]
     table(f"RQ4 on the {'tiny' if args.tiny else '8B-shaped'} pair ({C.DEV}, {dtype}, ~{mean_len:.0f} "
           f"tokens/prompt, batch size {bs})", header, rows,
-          "targets (issue 14): < 60 s and < 40 GiB for rows 1 and 3")
+          "targets: < 60 s and < 40 GiB for rows 1 and 3 (issue 14); < 120 s and < 16 GiB for the every-layer "
+          "stage (issue 24)")
     C.RESULTS["rows"] = results
     C.flush_results()
 

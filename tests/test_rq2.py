@@ -326,3 +326,31 @@ def test_stop_conditions_met_only_on_defined_evidence():
     v["variants"][0].update(kl_mean=0.0, kl_dev_mean=0.0)
     s = stop_conditions(sweep_table(v), SIDE_OK)
     assert s["met"] is False and s["large_drop"] is False and "undefined" in s["reasons"]["large_drop"]
+
+
+def test_no_dev_drop_above_zero_means_no_map_transfers_the_change():
+    """Issue 24: where no layer's mapped patch reduces the gap on dev (every dev drop <= 0; the GPU study
+    of smollm2-math-lora named "winner L19, dev -40%, test -378%"), the answer is "no map transfers the
+    change", not a winner: no winner, the stop conditions unmet for that reason, the summary says so."""
+    from mechdiff.experiments.rq2_summary import NO_TRANSFER, mapped_patch_result, stop_conditions, summary_text, \
+        sweep_table
+    from mechdiff.experiments.summaries import rq2_text
+    v = _variants()
+    for r in v["variants"]:
+        if r["kind"] == "mapped":                 # raw dev KL 1.0: mapped 1.4 / 1.1 are dev drops of -40% / -10%
+            r["kl_dev_mean"], r["kl_mean"] = (1.4, 4.78) if r["alpha"] == "0.5" else (1.1, 0.9)
+    t = sweep_table(v)
+    assert t["winner"] is None and t["answer"].startswith(NO_TRANSFER) and "-10.0%" in t["answer"]
+    assert max(r["dev_drop_pct"] for r in t["best"]) == pytest.approx(-10.0)      # still listed, not chosen
+    stop = stop_conditions(t, SIDE_OK)
+    assert stop["met"] is False and stop["reasons"]["large_drop"].startswith(NO_TRANSFER)
+    meta = {"n_val": 8, "n_dev": 4, "n_test": 4, "solvers": ["ridge"], "measure": "decision"}
+    assert f"answer: {NO_TRANSFER}" in summary_text(t, SIDE_OK, stop, meta) and "winner (" not in summary_text(
+        t, SIDE_OK, stop, meta)
+    sweep = {"winner": None, "answer": t["answer"], "controls": t["controls"], "stop_conditions": stop,
+             "headline": {"measure": "decision"}}
+    assert any(NO_TRANSFER in s for s in rq2_text(None, sweep, v))
+    assert mapped_patch_result(sweep).winner is None
+    # one positive dev drop (at a layer carrying the gap) is a winner again
+    v["variants"][2]["kl_dev_mean"] = 0.9
+    assert sweep_table(v)["winner"]["dev_drop_pct"] == pytest.approx(10.0) and sweep_table(v)["answer"] is None

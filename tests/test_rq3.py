@@ -181,6 +181,8 @@ def test_model_against_itself_has_nothing_to_steer(smollm2_loaded, tmp_path):
     out = _read(run.path, "rq3.json")
     assert out["result"]["status"] == "nothing to steer" and out["result"]["minimal_k"] is None
     assert out["gap_kl"] == {"base": 0.0, "tuned": 0.0} and out["table"] == []
+    rank = _read(run.path, "rq3_bases.json")["rank.24"]     # the difference is exactly 0: rank 0, interval [0, 0]
+    assert (rank["estimate"], rank["ci_low"], rank["ci_high"]) == (0, 0, 0), rank
     assert "nothing to steer" in (run.path / "rq3_summary.txt").read_text(encoding="utf-8")
     assert not (run.path / "figures" / "steer_vs_k.png").exists()
 

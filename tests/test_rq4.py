@@ -110,6 +110,10 @@ def test_a_model_against_itself_has_zero_churn(tmp_path):
         assert r.get("churn", r.get("share")) == 0.0, m_
         if "topk_jaccard" in r:
             assert r["topk_jaccard"] == 1.0 and r["spearman"] == pytest.approx(1.0)
+            iv = r["intervals"]        # every resample of prompts: the same tables on both sides
+            assert iv["churn"]["ci_low"] == iv["churn"]["ci_high"] == 0.0, iv
+            assert iv["topk_jaccard"]["ci_low"] == iv["topk_jaccard"]["ci_high"] == 1.0, iv
+            assert iv["spearman"]["ci_low"] == pytest.approx(1.0) and iv["spearman"]["ci_high"] == pytest.approx(1.0)
         else:
             assert r["share_nonzero"] == 0.0 and r["n_changed"] == 0 and r["share_storey"] == 0.0
             assert r["share_interval"]["ci_high"] == 0.0            # no changed head, interval [0, 0]

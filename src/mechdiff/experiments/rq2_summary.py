@@ -20,6 +20,7 @@ THRESHOLDS = {"drop_pct": 30.0, "refusal_pp": 1.0, "mc_dlogp": 0.1}
 
 MIN_RAW_KL = 1e-4  # below this the raw patch changes nothing: a drop % is undefined
 WINNER_GAP_SHARE = 0.1  # the winner's raw patch KL is at least this share of the largest one
+NO_TRANSFER = "no map transfers the change"  # the answer where no dev drop is > 0 (no winner)
 
 
 def _drop(raw, mapped):
@@ -76,11 +77,18 @@ def sweep_table(variants: dict) -> dict:
     winner = max(pool, key=lambda r: (r["dev_drop_pct"] is not None,
                                       r["dev_drop_pct"] if r["dev_drop_pct"] is not None else -r["dev_kl_mapped"]),
                  default=None)
+    answer = None
+    if winner is not None and winner["dev_drop_pct"] is not None and winner["dev_drop_pct"] <= 0:
+        # no layer's mapped patch reduces the gap on dev: there is no winner to report
+        answer = (f"{NO_TRANSFER}: no layer's mapped patch reduces the gap on dev (best dev drop "
+                  f"{winner['dev_drop_pct']:.1f}%, {winner['solver']} L{winner['layer']} {winner['site']})")
+        winner = None
     if winner is not None and "per_prompt_masked" in variants and "n_dev" in variants:
         winner = {**winner, "drop_interval": drop_interval(variants, winner)}
-    return {"rows": rows, "best": best_rows, "winner": winner, "controls": controls,
+    return {"rows": rows, "best": best_rows, "winner": winner, "controls": controls, "answer": answer,
             "chosen_on": "dev" if "n_dev" in variants else "val (no dev/test split in this file)",
-            "winner_rule": f"largest dev drop among rows whose raw dev KL is >= {WINNER_GAP_SHARE:g} x the largest"}
+            "winner_rule": f"largest dev drop among rows whose raw dev KL is >= {WINNER_GAP_SHARE:g} x the largest; "
+                           f"none where that drop is <= 0 ({NO_TRANSFER})"}
 
 
 def drop_interval(variants: dict, row: dict) -> dict | None:
@@ -129,7 +137,7 @@ def stop_conditions(t: dict, side: list[dict] | None) -> dict:
     w, reasons = t["winner"], {}
     drop = w["drop_pct"] if w else None
     if w is None:
-        reasons["large_drop"] = "no mapped variant was measured"
+        reasons["large_drop"] = t.get("answer") or "no mapped variant was measured"
     elif drop is None:
         reasons["large_drop"] = ("undefined: raw KL n/a: the widths differ, so the raw state cannot be patched across"
                                  if w["kl_raw"] is None else f"undefined: the raw patch changes nothing on test "
@@ -208,6 +216,8 @@ def summary_text(t: dict, side: list[dict] | None, stop: dict, meta: dict) -> st
         L.append(f"  {r['solver']} L{r['layer']} {r['site']}: alpha={r['alpha']} ({r['alpha_value']:.3f}) "
                  f"KL {_fmt(r['kl_raw'], '.3f')} -> {r['kl_mapped']:.3f} (drop {_drop_text(r)})")
     w = t["winner"]
+    if t.get("answer"):
+        L.append(f"answer: {t['answer']}")
     if w:
         L.append(f"winner (chosen on dev): {w['solver']} L{w['layer']} {w['site']} alpha={w['alpha']}, test drop "
                  f"{_drop_text(w)} (dev {_drop_text(_dev(w))})" + (
@@ -253,8 +263,9 @@ def summarise_rq2(run: RunDir, opts) -> dict:
     out = {"title": "RQ2 — mapped patching and alpha-sweep", "summary": text, "table": t["rows"],
            "tables": {"best per (layer, site)": t["best"], "controls": t["controls"]},
            "winner": w, "controls": t["controls"], "side_effects": side, "stop_conditions": stop,
-           "headline": {"winner": None if not w else f"{w['solver']} L{w['layer']} {w['site']} alpha={w['alpha']} "
-                                                     "(chosen on dev)",
+           "answer": t.get("answer"),
+           "headline": {"winner": t.get("answer") or (None if not w else f"{w['solver']} L{w['layer']} {w['site']} "
+                                                                          f"alpha={w['alpha']} (chosen on dev)"),
                         "KL_raw -> KL_mapped": None if not w else
                         f"{_fmt(w['kl_raw'], '.3f')} -> {w['kl_mapped']:.3f}",
                         "drop % (test)": None if not w else w["drop_pct"], "stop conditions met": stop["met"],

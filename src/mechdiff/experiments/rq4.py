@@ -46,8 +46,7 @@ from mechdiff.experiments.steps import (check_layers, group_ids, prompt_digest,
                                         select_prompts)
 from mechdiff.analyses.path_patching import parse_receiver, path_patch
 from mechdiff.atomic import atomic_write_text
-from mechdiff.experiments.rq4_summary import default_layers, headline_of, noise_floor, write_figures
-from mechdiff.models.planted import ground_truth
+from mechdiff.experiments.rq4_summary import default_layers, headline_of, known_heads, noise_floor, write_figures
 from mechdiff.experiments.rq4_steps import (ABLATION, ABLATIONS, ATTRIB, ATTRIBUTIONS, CUMUL, STATES, SWAPS,  # noqa: F401
                                             TARGETS, TARGETS_T, _ablate_step, _attribution_step, _cumulative_step,
                                             _states_step, _targets_step, measured_kinds, scores, targets)
@@ -185,7 +184,7 @@ def summarise(study: Study, opts: RQ4Options) -> HeadsResult:
     per = {k: scores(study, k) for k in measured_kinds(study, opts)}
     if opts.attribution != "none":
         per["attribution"] = scores(study, "attribution")
-    truth = ground_truth(planted[0]).get("heads") if (planted := getattr(study.pair.base, "planted", None)) else None
+    truth = known_heads(study)
     groups = run.read_json("rq4_prompts.json")["groups"] if run.exists("rq4_prompts.json") else None
     s = summarise_heads(per, layers, z_threshold=opts.z_threshold, abs_threshold=thr, k=opts.top_k, planted=truth,
                         floors={m: 0.0 if m == "attribution" else floor for m in per}, groups=groups, q=opts.fdr, p0=p0)

@@ -1,11 +1,17 @@
-"""RQ4 pieces beside the steps: the layers analysed by default, the noise floor and its null, the
-headline table (the changed-head count with its FDR, Storey's share and intervals first, importance
-churn, overlap, planted-head recovery) and the figures (see :mod:`mechdiff.experiments.rq4`)."""
+"""RQ4 pieces beside the steps: the layers analysed by default, the known changed heads (planted pairs,
+ladder adapters' cards), the noise floor and its null, the headline table (the changed-head count with
+its FDR, Storey's share and intervals first, importance churn, overlap, recovery of the known heads)
+and the figures (see :mod:`mechdiff.experiments.rq4`)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 from mechdiff.analyses.intervals import fmt
+from mechdiff.errors import ConfigError
+from mechdiff.finetune.truth import load_truth
+from mechdiff.models.planted import ground_truth
 from mechdiff.experiments.stage import SIDES
 from mechdiff.experiments.steps import study_layers
 from mechdiff.plots import plot_churn_bars, plot_cumulative_topk, plot_head_hist
@@ -16,6 +22,20 @@ def default_layers(study, opts) -> list[int]:
     if not opts.layers and str(getattr(study.base, "device", "cpu")).startswith("cuda"):
         return list(range(study.n_layers))
     return study_layers(study, opts.layers)[0]
+
+
+def known_heads(study) -> list | None:
+    """``[[layer, head], ...]`` whose weights are known to have changed: a planted pair's planted heads, a
+    ladder adapter's card (``[]`` for an MLP-only one); None where the pair carries no truth."""
+    if planted := getattr(study.pair.base, "planted", None):
+        return ground_truth(planted[0]).get("heads")
+    adapter = getattr(study.pair.tuned, "adapter", None)
+    if adapter and (Path(adapter) / "card.json").is_file():
+        try:
+            return [list(h) for h in load_truth(adapter).changed_heads]
+        except ConfigError:            # an adapter card without a truth (not a ladder adapter)
+            return None
+    return None
 
 
 def noise_floor(abl: dict) -> tuple[float, float]:
@@ -52,9 +72,9 @@ def headline_of(s: dict, layers: list[int], n_prompts: int, readout: str, floor:
     for key, iv in (c.get("intervals") or {}).items():
         headline[f"{key} ({imp}) 95% interval"] = fmt(iv)
     for m, r in s["planted"].items():
-        headline[f"planted heads in top-{r['k']} by {m} change"] = \
+        headline[f"known changed heads (planted / trained) in top-{r['k']} by {m} change"] = \
             f"{r['observed']} (chance {r['expected']:.2f}, p = {r['p_value']:.2g})"
-        headline[f"planted-head recovery by {m}"] = (
+        headline[f"known changed heads recovered by {m}"] = (
             f"AUROC {r['auroc']:.3f} (chance 0.5), precision at the true count {r['precision_at_true_count']:.2f} "
             f"(chance {r['precision_chance']:.2f})" + (f", estimated share {r['estimated_share']:.1%} vs true "
                                                         f"{r['true_share']:.1%}" if "estimated_share" in r else ""))

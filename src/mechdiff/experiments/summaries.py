@@ -149,6 +149,9 @@ def rq2_text(maps: dict | None, sweep: dict | None, variants: dict | None) -> li
                    f"R2 {_f(b.get('identity_val_r2_vw'))} and a map fitted on shuffled targets R2 "
                    f"{_f(b.get('shuffle_val_r2_vw'))}{c}.")
     w = (sweep or {}).get("winner")
+    if not w and (sweep or {}).get("answer"):
+        out.append(f"Mapped patching (solver, layer and alpha chosen on {(variants or {}).get('n_dev', 'the same')} "
+                   f"dev prompts): {sweep['answer']}.")
     if w:
         raw_se = _variant_se(variants, w["layer"], w["site"], None, "raw")
         map_se = _variant_se(variants, w["layer"], w["site"], w["alpha"], "mapped")
@@ -245,8 +248,8 @@ def rq4_text(rq4: dict | None) -> list[str]:
                    f"{_f(c.get('topk_jaccard'))} and Spearman {_f(c.get('spearman'))} (1 = identical).")
     for m, r in (rq4.get("planted") or {}).items():
         if m == structural:
-            out.append(f"Ground truth (planted heads), by '{m}' change: {r.get('observed')} of the top-{r.get('k')} "
-                       f"heads are planted (chance {_f(r.get('expected'), '.2f')}, p = {_f(r.get('p_value'), '.2g')}"
+            out.append(f"Ground truth (heads known to have changed: planted, or trained per the adapter's card), by "
+                       f"'{m}' change: {r.get('observed')} of the top-{r.get('k')} heads are such heads (chance {_f(r.get('expected'), '.2f')}, p = {_f(r.get('p_value'), '.2g')}"
                        + (f"; AUROC {_f(r['auroc'], '.3f')}, estimated share {_pct(r.get('estimated_share'))} vs true "
                           f"{_pct(r.get('true_share'))}" if "auroc" in r else "") + ").")
     return out
