@@ -193,7 +193,8 @@ def test_rank_interval_covers_a_graded_spectrum_estimate():
 
 def test_a_model_against_itself_rq2_drop_has_no_interval_and_covers_zero():
     """A model against itself: the raw patch KL is exactly 0 on every prompt, so a drop % has no denominator:
-    the winner's drop and its interval are undefined (the interval covers 0: evidence of nothing)."""
+    there is no winner ("no map transfers the change"), and a map's drop interval is undefined (it
+    covers 0: evidence of nothing)."""
     from mechdiff.experiments.rq2_summary import sweep_table
     zero = [0.0] * 10
     v = {"n_dev": 4, "val_groups": [0, 0, 1, 1, 2, 3, 4, 5, 5, 6], "per_prompt_masked": [zero, zero],
@@ -201,7 +202,8 @@ def test_a_model_against_itself_rq2_drop_has_no_interval_and_covers_zero():
                        "kl_unmasked_mean": 0, "alpha": None},
                       {"kind": "mapped", "solver": "ridge", "layer": 3, "site": "resid_post", "alpha": "1.0",
                        "alpha_value": 1.0, "kl_mean": 0, "kl_dev_mean": 0, "kl_unmasked_mean": 0}]}
-    w = sweep_table(v)["winner"]
-    assert w["drop_pct"] is None and w["dev_drop_pct"] is None
-    iv = w["drop_interval"]
+    from mechdiff.experiments.rq2_summary import NO_TRANSFER, drop_interval
+    t = sweep_table(v)
+    assert t["winner"] is None and t["answer"].startswith(NO_TRANSFER) and "every drop is undefined" in t["answer"]
+    iv = drop_interval(v, t["best"][0])
     assert iv["undefined"] and math.isnan(iv["ci_low"]) and I.covers(iv, 0.0) and iv["den_ci"] == [0.0, 0.0]

@@ -83,12 +83,17 @@ def sweep_table(variants: dict) -> dict:
         answer = (f"{NO_TRANSFER}: no layer's mapped patch reduces the gap on dev (best dev drop "
                   f"{winner['dev_drop_pct']:.1f}%, {winner['solver']} L{winner['layer']} {winner['site']})")
         winner = None
+    elif winner is not None and winner["dev_drop_pct"] is None:
+        # no raw patch changes the readout measurably on dev: no drop is defined, nothing to transfer
+        answer = (f"{NO_TRANSFER}: no layer's raw patch changes the readout on dev (raw KL < {MIN_RAW_KL:g} "
+                  "nats at every layer): every drop is undefined")
+        winner = None
     if winner is not None and "per_prompt_masked" in variants and "n_dev" in variants:
         winner = {**winner, "drop_interval": drop_interval(variants, winner)}
     return {"rows": rows, "best": best_rows, "winner": winner, "controls": controls, "answer": answer,
             "chosen_on": "dev" if "n_dev" in variants else "val (no dev/test split in this file)",
             "winner_rule": f"largest dev drop among rows whose raw dev KL is >= {WINNER_GAP_SHARE:g} x the largest; "
-                           f"none where that drop is <= 0 ({NO_TRANSFER})"}
+                           f"none where that drop is <= 0 or undefined everywhere ({NO_TRANSFER})"}
 
 
 def drop_interval(variants: dict, row: dict) -> dict | None:
