@@ -54,7 +54,7 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=None, help="prompts per engine chunk (default 150 GPU / 8 tiny)")
     args = ap.parse_args(argv)
     C.setup(args, "rq3_results")
-    from mechdiff.experiments.rq3 import RQ3Options
+    from mechdiff.experiments.steer import RQ3Options
     from mechdiff.experiments.stage import get_stage, open_study
     pair, models, cfg = _models(args.tiny)
     bs = args.batch_size or (8 if args.tiny else 150)

@@ -162,7 +162,7 @@ def test_compare_reports_differences_with_intervals(tmp_path):
 
 
 def test_rq2_winner_drop_carries_an_interval():
-    from mechdiff.experiments.rq2_summary import sweep_table
+    from mechdiff.experiments.maps_summary import sweep_table
     raw = [1, 1.1, .9, 1, 1.2, .8, 1, 1.1, .9, 1]
     v = {"n_dev": 4, "val_groups": [0, 0, 1, 1, 2, 3, 4, 5, 5, 6], "per_prompt_masked": [raw, [0.4 * x for x in raw]],
          "variants": [{"kind": "raw", "layer": 3, "site": "resid_post", "kl_mean": 1, "kl_dev_mean": 1,

@@ -205,7 +205,7 @@ def test_mapped_patch_across_widths_says_raw_kl_na_not_zero():
     "raw KL n/a: widths differ", never that the raw patch changes nothing."""
     import test_rq2
 
-    from mechdiff.experiments.rq2_summary import stop_conditions, sweep_table
+    from mechdiff.experiments.maps_summary import stop_conditions, sweep_table
     from mechdiff.experiments.summaries import rq2_text
     v = test_rq2._variants()
     v["variants"] = [r for r in v["variants"] if r["kind"] != "raw"]

@@ -1,6 +1,6 @@
 """The stage interface: a study context built once, stages in a registry.
 
-A *stage* is one module (``experiments/rq1.py``, ``rq2.py``, ...) that defines
+A *stage* is one module, named as its stage (``experiments/rq1.py``, ``steer.py``, ...), that defines
 
 - an options dataclass whose fields carry their help text in ``metadata["help"]`` (defaults are
   written once, there; the CLI builds its options from these fields),

@@ -42,7 +42,7 @@ from mechdiff.patching.kl import kl_shared
 from mechdiff.errors import ConfigError, NumericsError
 from mechdiff.experiments.figure_data import FIG_C
 from mechdiff.experiments.results import SteerResult
-from mechdiff.experiments.rq3_summary import BASES, STATES, SWEEP, handle_of, summarise
+from mechdiff.experiments.steer_summary import BASES, STATES, SWEEP, handle_of, summarise
 from mechdiff.experiments.stage import Stage, Study, opt
 from mechdiff.experiments.summaries import rq3_numbers, rq3_sentences
 from mechdiff.report.hooks import ReportHooks

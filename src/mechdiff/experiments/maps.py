@@ -33,7 +33,7 @@ from mechdiff.artifacts import RunDir
 from mechdiff.errors import ConfigError
 from mechdiff.experiments.figure_data import FIG_B
 from mechdiff.experiments.results import MappedPatchResult, MapsResult
-from mechdiff.experiments.rq2_summary import mapped_patch_result, summarise_rq2, sweep_section, write_maps_figures
+from mechdiff.experiments.maps_summary import mapped_patch_result, summarise_rq2, sweep_section, write_maps_figures
 from mechdiff.experiments.stage import Stage, Study, opt, run_stage
 from mechdiff.experiments.summaries import rq2_numbers, rq2_sentences
 from mechdiff.report.hooks import ReportHooks
@@ -43,7 +43,7 @@ from mechdiff.patching import Patch
 from mechdiff.sites.names import Site
 from mechdiff.sites.names import SITE_NAMES
 from mechdiff.data.datasets import load_prompt_set
-from mechdiff.experiments.rq2_summary import sweep_table
+from mechdiff.experiments.maps_summary import sweep_table
 from mechdiff.analyses.behaviour.mc import mc_prompt
 from mechdiff.analyses.behaviour.side_effects import mc_effects, refusal_rates
 

@@ -1,6 +1,6 @@
 """RQ4 pieces beside the steps: the layers analysed by default, the noise floor and its null, the
 headline table (the changed-head count with its FDR, Storey's share and intervals first, importance
-churn, overlap, planted-head recovery) and the figures (see :mod:`mechdiff.experiments.rq4`)."""
+churn, overlap, planted-head recovery) and the figures (see :mod:`mechdiff.experiments.heads`)."""
 from __future__ import annotations
 
 import torch
