@@ -58,7 +58,7 @@ def test_mapped_patch_removes_most_of_the_raw_kl_at_planted_layers(rq2_run):
         assert r["kl_mapped"] < 0.5 * r["kl_raw"], r
         assert r["drop_pct"] > 50.0 and r["delta"] == pytest.approx(r["kl_raw"] - r["kl_mapped"])
         # every alpha of the sweep is present
-        assert {a for (ll, a) in rows if ll == l} == set(rq2_run["opts"].alphas)
+        assert {a for (ll, a) in rows if ll == l} == set(rq2_run["opts"].mapped_alpha)
 
 
 @pytest.mark.real

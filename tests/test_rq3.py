@@ -17,7 +17,7 @@ import torch
 
 from mechdiff.errors import ConfigError
 
-SMALL = dict(layers=[24], bases=["diff"], ks=[1, 2, 3], alphas=[0.5, 1.0, 2.0], n_fit=16, n_dev=6, n_test=12,
+SMALL = dict(layers=[24], bases=["diff"], ks=[1, 2, 3], steer_alpha=[0.5, 1.0, 2.0], n_fit=16, n_dev=6, n_test=12,
              n_neutral=8, n_mc=8)
 
 
@@ -191,8 +191,9 @@ def test_bad_options_raise_config_error_before_model_work(bad, tmp_path):
     from mechdiff.experiments.steer import RQ3Options, check
     with pytest.raises(ConfigError):
         check(RQ3Options(**dict(SMALL, **bad)), 30)
-    with pytest.raises(ConfigError, match="--alpha"):
-        RQ3Options(alphas=["x"])
+    from mechdiff.checks import check_option_counts
+    with pytest.raises(ConfigError, match="--steer-alpha: expected a comma list of finite numbers > 0"):
+        check_option_counts(RQ3Options(steer_alpha=["x"]))
 
 
 def test_minimal_k_and_layer_are_chosen_on_dev_and_reported_on_test():

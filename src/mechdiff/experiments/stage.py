@@ -37,6 +37,7 @@ from mechdiff.experiments.common import open_models, open_run, target_prompts
 from mechdiff.experiments.results import save_result
 from mechdiff.fairness import filter_prompts, shared_vocab
 from mechdiff.models.load import LoadedModel
+from mechdiff.options import check_values, opt  # noqa: F401  (opt: the stage modules' import)
 from mechdiff.pairs import Pair, load_pair
 from mechdiff.report import write_report
 from mechdiff.report.hooks import ReportHooks
@@ -44,14 +45,6 @@ from mechdiff.report.hooks import register as register_report
 from mechdiff.report.hooks import unregister as unregister_report
 
 SIDES = ("base", "tuned")
-
-
-def opt(default: Any = None, help: str = "", *, flag: str | None = None, factory=None) -> Any:  # noqa: A002
-    """A stage option field: its default and its help text (``flag`` overrides the CLI spelling)."""
-    meta = {"help": help, **({"flag": flag} if flag else {})}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass
