@@ -187,7 +187,14 @@ def _one(kind: Kind, v: Any) -> Any:
     try:
         return kind.item(v)
     except (TypeError, ValueError):
-        raise ConfigError(f"expected {kind.expected()}, got {v!r}") from None
+        raise ConfigError(f"expected {kind.expected()}, got {_shown(v)}") from None
+
+
+def _shown(v: Any) -> str:
+    """A bad value as written: the same text for ``-1`` typed on the command line and ``-1`` in TOML."""
+    if isinstance(v, str):
+        return v.strip() if _is_number(v) else repr(v)
+    return repr(v)
 
 
 def check_values(opts: Any) -> None:

@@ -284,9 +284,9 @@ def _side_step(study: Study, states, opts: RQ2Options) -> None:
     rows, ref_patches, mc_patches = [], [], []
     keys = sorted({Site(b["site"], b["layer"]) for b in table["best"]})
     x_ref = capture_sides(study, refusal, keys, sides=["base"])["base"]   # one pass per set
-    # MC sources along mc_effects' engine path (one batch, "last" readout): see _sweep_step
+    # MC sources along mc_effects' engine path (the same chunks, "last" readout): see _sweep_step
     x_mc = {Site.parse(k): v.float() for k, v in clean_run(study.base, [mc_prompt(it) for it in mc], keys,
-                                                           batch_size=max(1, len(mc)), measure="last",
+                                                           batch_size=study.batch_size, measure="last",
                                                            max_rows=study.max_rows)[1].items()}
     for best in table["best"]:
         site, l, solver = best["site"], best["layer"], best["solver"]
@@ -300,7 +300,7 @@ def _side_step(study: Study, states, opts: RQ2Options) -> None:
     tuned, ids = study.tuned, study.allowed_ids("tuned")
     _, ref_rows = refusal_rates(tuned.model, tuned.tokenizer, refusal, ref_patches, ids,
                                 batch_size=study.batch_size)
-    mc_rows = mc_effects(tuned.model, tuned.tokenizer, mc, mc_patches, ids, max_rows=study.max_rows)
+    mc_rows = mc_effects(tuned.model, tuned.tokenizer, mc, mc_patches, ids, study.batch_size, max_rows=study.max_rows)
     for row, r, c in zip(rows, ref_rows, mc_rows):
         row.update(r)
         row.update(c)
