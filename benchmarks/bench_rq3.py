@@ -54,12 +54,12 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=None, help="prompts per engine chunk (default 150 GPU / 8 tiny)")
     args = ap.parse_args(argv)
     C.setup(args, "rq3_results")
-    from mechdiff.experiments.rq3 import RQ3Options
+    from mechdiff.experiments.steer import RQ3Options
     from mechdiff.experiments.stage import get_stage, open_study
     pair, models, cfg = _models(args.tiny)
     bs = args.batch_size or (8 if args.tiny else 150)
     opts = RQ3Options(n_fit=450, n_dev=50, n_test=150) if not args.tiny else RQ3Options(
-        n_fit=24, n_dev=8, n_test=16, n_neutral=8, n_mc=8, ks=[1, 2, 3], alphas=[0.5, 1.0])
+        n_fit=24, n_dev=8, n_test=16, n_neutral=8, n_mc=8, ks=[1, 2, 3], steer_alpha=[0.5, 1.0])
     prompts = str(C.PROMPTS)
     stage = get_stage("steer")
     out = Path(tempfile.mkdtemp(prefix="mechdiff_bench_rq3_"))
@@ -98,7 +98,7 @@ def main(argv=None):
                                                         ["total (run + summarise)", t_run + t_sum]]
     table(f"RQ3 steer on the {'tiny' if args.tiny else '8B-shaped'} random pair: {len(plan['fit'])} fit / "
           f"{len(plan['dev'])} dev / {len(plan['test'])} test prompts, {len(cells['cells'])} cells "
-          f"(k {opts.ks} x alpha {opts.alphas}, modes {opts.modes}), side effects on",
+          f"(k {opts.ks} x alpha {opts.steer_alpha}, modes {opts.modes}), side effects on",
           ["step", "seconds"], rows)
     table("Sweep throughput vs a plain forward (token-layers per second)",
           ["plain forward tokens/s", "sweep token-layers", "sweep seconds", "sweep / plain throughput"],

@@ -92,9 +92,9 @@ def _stages(base, tuned, cfg, tiny, full=False):
     stage(f"RQ1 (capture, CKA+null+CI, patch sweep both directions; behaviour {'on' if full else 'off'})",
           lambda: rq1_mod.run_rq1(pair, opts1, out=out, models=models))
     try:
-        from mechdiff.experiments import rq2 as rq2_mod
+        from mechdiff.experiments import maps as rq2_mod
     except Exception as e:
-        rows.append(["RQ2 runners", 0.0, f"not run: mechdiff.experiments.rq2 not importable ({type(e).__name__}); "
+        rows.append(["RQ2 runners", 0.0, f"not run: mechdiff.experiments.maps not importable ({type(e).__name__}); "
                      "its building blocks are timed below instead"])
         rq2_mod = None
         _rq2_blocks(models, prompts, n_tr, n_val, stage)

@@ -46,7 +46,7 @@ def test_grad_x_act_is_the_first_order_ablation_effect(llama, measure):
     assert torch.allclose(r["score"].float(), tgt.score(eng.clean_logits, torch.arange(len(PROMPTS))))
     eps = 1e-2
     for j, l in enumerate(layers):
-        var = [Patch(f"head_z.{l}", mode="project_out", basis=_head(h), alpha=a) for h in range(H) for a in (eps, -eps)]
+        var = [Patch(f"head_z.{l}", mode="ablate", basis=_head(h), alpha=a) for h in range(H) for a in (eps, -eps)]
         s = eng.run(var, reduce=lambda lg, rows: tgt.score(lg, rows))          # [2H, N]
         fd = ((s[1::2] - s[0::2]) / (2 * eps)).double()                        # [H, N]
         assert torch.allclose(fd.T, r["attr"][:, j], atol=1e-4 + 1e-3 * fd.abs().max()), (l, fd.T, r["attr"][:, j])
@@ -58,7 +58,7 @@ def test_integrated_gradients_complete_to_the_layer_ablation(llama):
     model, tok = llama
     eng, tgt = _engine_target(model, tok, "decision")
     ig = integrated_gradients(model, tok, PROMPTS, tgt, [2], steps=16)
-    zeroed = eng.run([Patch("head_z.2", mode="project_out", basis=torch.eye(H * HD, dtype=torch.float64))],
+    zeroed = eng.run([Patch("head_z.2", mode="ablate", basis=torch.eye(H * HD, dtype=torch.float64))],
                      reduce=lambda lg, rows: tgt.score(lg, rows))[0]
     full = ig["score"] - zeroed.double()
     assert full.abs().max() > 1e-2
@@ -71,7 +71,7 @@ def test_ablating_all_heads_equals_removing_attention_output(family):
     eng = PatchEngine(model, encode(tok, PROMPTS[:3]), measure="decision")
     sm = eng.sm
     w = sm.n_heads * sm.head_dim
-    heads = eng.run([Patch("head_z.1", mode="project_out", basis=torch.eye(w))])
+    heads = eng.run([Patch("head_z.1", mode="ablate", basis=torch.eye(w))])
     removed = eng.run([Patch("attn_out.1", torch.zeros(sm.d_model))])
     assert (heads - eng.clean_logits).abs().max() > 1e-3
     assert torch.allclose(heads, removed, atol=1e-4)

@@ -31,7 +31,7 @@ FILES = {   # the files the table's inputs name (described in the README paragra
     "afile": "a plain file\n",
     "steer0.toml": "[steer]\nks = [0]\n",
     "heads0.toml": "[heads]\nn_prompts = 0\n",
-    "ksstr.toml": '[steer]\nks = "1,2"\n',
+    "ksstr.toml": '[steer]\nks = "1,x"\n',
     "badstage.toml": "[nostage]\nx = 1\n",
     "r1/manifest.json": "{}\n",
     "r2/manifest.json": "{}\n",

@@ -213,14 +213,16 @@ def test_stage_commands_parse_list_options_from_their_defaults_and_flags():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["rq1", "--layers", "abc"], "--layers takes a comma list of integers"),
-    (["rq1", "--layers", "1.5"], "--layers takes a comma list of integers"),
+    (["rq1", "--layers", "abc"], "--layers: expected a comma list of integers"),
+    (["rq1", "--layers", "1.5"], "--layers: expected a comma list of integers"),
     (["rq1", "--stride", "0"], "--stride must be >= 1"),
     (["rq1", "--n-prompts", "2"], "--n-prompts must be >= 4"),
     (["rq1", "--device", "cuda"], "no CUDA GPU is visible"),
     (["rq1", "--batch-size", "0"], "--batch-size must be >= 1"),
-    (["mapped-patch", "--alpha", "nan"], "must be a finite number > 0"),
-    (["mapped-patch", "--alpha=-1"], "must be a finite number > 0"),
+    (["mapped-patch", "--mapped-alpha", "nan"], "--mapped-alpha: expected a comma list of finite numbers > 0"),
+    (["mapped-patch", "--mapped-alpha=-1"], "got '-1'"),
+    (["mapped-patch", "--alpha", "0.5"], "--alpha was renamed: use --mapped-alpha"),
+    (["steer", "--alpha", "0.5"], "--alpha was renamed: use --steer-alpha"),
     (["mapped-patch", "--solvers", "magic"], "unknown solver"),
     (["maps", "--sites", "resid_middle"], "unknown site"),
 ])

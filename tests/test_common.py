@@ -183,7 +183,7 @@ def test_rq2_raw_patch_at_a_shared_layer_is_exactly_zero_in_bf16(tmp_path):
                     f'dtype = "bfloat16"\n[datasets]\nset = "{prompts}"\n', encoding="utf-8")
     for measure in ("decision", "last"):
         run = run_stage("mapped-patch", str(pair), out=tmp_path / f"run-{measure}", layers=[2], control_layer=1,
-                        sites=["resid_post"], solvers=["procrustes"], alphas=["1.0"], n_train=12, n_val=8,
+                        sites=["resid_post"], solvers=["procrustes"], mapped_alpha=["1.0"], n_train=12, n_val=8,
                         side_effects=False, measure=measure, device="cpu", batch_size=3)
         raw = {v["layer"]: v for v in run.read_json("variants.json")["variants"] if v["kind"] == "raw"}
         assert raw[1]["kl_mean"] == 0.0 and raw[1]["kl_unmasked_mean"] == 0.0, raw[1]

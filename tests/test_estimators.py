@@ -165,7 +165,7 @@ def test_compare_reports_differences_with_intervals(tmp_path):
 
 
 def test_rq2_winner_drop_carries_an_interval():
-    from mechdiff.experiments.rq2_summary import sweep_table
+    from mechdiff.experiments.maps_summary import sweep_table
     raw = [1, 1.1, .9, 1, 1.2, .8, 1, 1.1, .9, 1]
     v = {"n_dev": 4, "val_groups": [0, 0, 1, 1, 2, 3, 4, 5, 5, 6], "per_prompt_masked": [raw, [0.4 * x for x in raw]],
          "variants": [{"kind": "raw", "layer": 3, "site": "resid_post", "kl_mean": 1, "kl_dev_mean": 1,
@@ -195,14 +195,14 @@ def test_a_model_against_itself_rq2_drop_has_no_interval_and_covers_zero():
     """A model against itself: the raw patch KL is exactly 0 on every prompt, so a drop % has no denominator:
     there is no winner ("no map transfers the change"), and a map's drop interval is undefined (it
     covers 0: evidence of nothing)."""
-    from mechdiff.experiments.rq2_summary import sweep_table
+    from mechdiff.experiments.maps_summary import sweep_table
     zero = [0.0] * 10
     v = {"n_dev": 4, "val_groups": [0, 0, 1, 1, 2, 3, 4, 5, 5, 6], "per_prompt_masked": [zero, zero],
          "variants": [{"kind": "raw", "layer": 3, "site": "resid_post", "kl_mean": 0, "kl_dev_mean": 0,
                        "kl_unmasked_mean": 0, "alpha": None},
                       {"kind": "mapped", "solver": "ridge", "layer": 3, "site": "resid_post", "alpha": "1.0",
                        "alpha_value": 1.0, "kl_mean": 0, "kl_dev_mean": 0, "kl_unmasked_mean": 0}]}
-    from mechdiff.experiments.rq2_summary import NO_TRANSFER, drop_interval
+    from mechdiff.experiments.maps_summary import NO_TRANSFER, drop_interval
     t = sweep_table(v)
     assert t["winner"] is None and t["answer"].startswith(NO_TRANSFER) and "every drop is undefined" in t["answer"]
     iv = drop_interval(v, t["best"][0])

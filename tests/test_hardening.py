@@ -205,7 +205,7 @@ def test_mapped_patch_across_widths_says_raw_kl_na_not_zero():
     "raw KL n/a: widths differ", never that the raw patch changes nothing."""
     import test_rq2
 
-    from mechdiff.experiments.rq2_summary import stop_conditions, sweep_table
+    from mechdiff.experiments.maps_summary import stop_conditions, sweep_table
     from mechdiff.experiments.summaries import rq2_text
     v = test_rq2._variants()
     v["variants"] = [r for r in v["variants"] if r["kind"] != "raw"]
@@ -235,10 +235,12 @@ def test_run_config_tables_of_stages_not_run_are_checked_before_models_load(tmp_
     from mechdiff.experiments import common
     from mechdiff.experiments.study import run_study
     monkeypatch.setattr(common, "open_models", lambda *a, **k: pytest.fail("a model loaded"))
-    for table, match in (("[steer]\nks = [0]\n", r"\[steer\] --k"), ("[steer]\nalphas = []\n", r"\[steer\] --alpha"),
+    for table, match in (("[steer]\nks = [0]\n", r"\[steer\] --k"),
+                         ("[steer]\nsteer_alpha = []\n", r"\[steer\] --steer-alpha"),
+                         ("[steer]\nalphas = [1.0]\n", r"\[steer\] alphas was renamed: use steer_alpha"),
                          ("[heads]\nn_prompts = 0\n", r"\[heads\] --n-prompts"),
                          ("[mapped-patch]\nside_n = 0\n", r"\[mapped-patch\] --side-n must be >= 1"),
-                         ("[steer]\nks = \"1,2\"\n", r"expected a TOML list such as \[1, 2\]")):
+                         ("[steer]\nks = \"1,x\"\n", r"\[steer\] ks: expected a comma list of integers")):
         cfg = tmp_path / "cfg.toml"
         cfg.write_text(table, encoding="utf-8")
         with pytest.raises(ConfigError, match=match):

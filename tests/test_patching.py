@@ -55,10 +55,10 @@ def _variants(sm, B, g):
     return [
         Patch("resid_post.1", r(B, d)),
         Patch(("attn_out", 2), r(B, d), mode="add", alpha=0.5),
-        Patch("mlp_out.0", mode="project_out", basis=basis),
+        Patch("mlp_out.0", mode="ablate", basis=basis),
         Patch("resid_pre.3", r(B, d), alpha=0.7),
         Patch("head_z.1", r(B, H, hd)),
-        Patch("head_z.2", mode="project_out", basis=hbasis, alpha=1.0),
+        Patch("head_z.2", mode="ablate", basis=hbasis, alpha=1.0),
         Patch(f"resid_post.{L - 1}", r(d), mode="add", alpha=3.0),   # one steering vector for all
         [Patch("attn_out.0", r(B, d)), Patch("mlp_out.2", r(B, d), mode="add")],  # two sites at once
         [],                                                        # clean through the batched path
@@ -196,7 +196,7 @@ def test_validation_errors():
         eng.run([Patch("resid_post.0", torch.randn(B, d)), Patch("resid_post.1", bad)])   # the bad one named
     basis = torch.full((d, 2), float("inf"))
     with pytest.raises(NumericsError, match=r"basis for mlp_out\.0 contains NaN/Inf"):
-        eng.run([Patch("resid_post.1", bad), Patch("mlp_out.0", mode="project_out", basis=basis)][::-1])
+        eng.run([Patch("resid_post.1", bad), Patch("mlp_out.0", mode="ablate", basis=basis)][::-1])
     with pytest.raises(SiteError, match="out of range"):
         eng.run([Patch("resid_post.4", torch.randn(B, d))])
     with pytest.raises(SiteError):

@@ -52,7 +52,7 @@ def test_write_back_is_exactly_zero(family, dtype, measure):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_computed_noops_match_in_pass_reference(family, dtype, measure):
     """With no-op detection off the rows are computed: a patch that leaves the in-pass state as it is
-    (replace with alpha 0, add of zeros, project_out with alpha 0, no patch) equals its pass's
+    (replace with alpha 0, add of zeros, ablate with alpha 0, no patch) equals its pass's
     reference bit for bit, at every site and start layer: all in one pass, or in passes of 13 rows
     (with layer skipping off for "decision")."""
     model, tok = _model(family, DTYPES[dtype])
@@ -68,7 +68,7 @@ def test_computed_noops_match_in_pass_reference(family, dtype, measure):
             w = _width(eng, s)
             variants.append(Patch(s, torch.randn(B, w, generator=g), alpha=0.0) if i % 2 else
                             Patch(s, torch.zeros(w), mode="add"))
-        variants += [Patch(f"resid_post.{L - 2}", mode="project_out", basis=basis, alpha=0.0), []]
+        variants += [Patch(f"resid_post.{L - 2}", mode="ablate", basis=basis, alpha=0.0), []]
         if kw:   # many small passes: a third of the variants is enough
             variants = variants[::3]
         logits, ref = eng.run(variants, with_reference=True)

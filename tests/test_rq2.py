@@ -30,7 +30,7 @@ def rq2_run(planted_cultural, tmp_path_factory):
     """mapped-patch on planted-cultural over the cultural set's English prompts (short: half the
     tokens of the mixed kk/ru/en set; raw patching at layers 22/24 still moves the tuned model)."""
     from mechdiff.data.datasets import load_prompt_set
-    from mechdiff.experiments.rq2 import RQ2Options, run_mapped_patch
+    from mechdiff.experiments.maps import RQ2Options, run_mapped_patch
     from mechdiff.pairs import load_pair
 
     base, tuned, _ = planted_cultural
@@ -58,7 +58,7 @@ def test_mapped_patch_removes_most_of_the_raw_kl_at_planted_layers(rq2_run):
         assert r["kl_mapped"] < 0.5 * r["kl_raw"], r
         assert r["drop_pct"] > 50.0 and r["delta"] == pytest.approx(r["kl_raw"] - r["kl_mapped"])
         # every alpha of the sweep is present
-        assert {a for (ll, a) in rows if ll == l} == set(rq2_run["opts"].alphas)
+        assert {a for (ll, a) in rows if ll == l} == set(rq2_run["opts"].mapped_alpha)
 
 
 @pytest.mark.real
@@ -125,7 +125,7 @@ def test_solvers_are_compared_in_one_run_and_a_later_run_never_refits_another_so
     """mapped-patch swept both solvers (winner chosen on dev among them); a `maps` run with a third solver
     in the same directory reuses the capture, fits only its own solver, leaves the others' map files
     byte-identical and maps.json then lists all three; Procrustes reports its undetermined directions."""
-    from mechdiff.experiments.rq2 import MapsOptions, run_maps
+    from mechdiff.experiments.maps import MapsOptions, run_maps
     from mechdiff.pairs import load_pair
 
     p, var = rq2_run["path"], rq2_run["variants"]
@@ -225,7 +225,7 @@ def test_identity_map_of_a_model_onto_itself_gives_zero_kl(planted_cultural):
 def test_k_positions_per_prompt_give_k_times_the_training_rows(planted_cultural, tmp_path):
     """K positions per prompt (excluding the last m content tokens): the map is fitted on about K x
     n_train rows, base and tuned rows pair up token by token, and val stays at the decision token."""
-    from mechdiff.experiments.rq2 import STATES, RQ2Options, run_maps
+    from mechdiff.experiments.maps import STATES, RQ2Options, run_maps
     from mechdiff.pairs import load_pair
     from safetensors.torch import load_file
 
@@ -267,7 +267,7 @@ SIDE_OK = [{"solver": "ridge", "layer": 22, "site": SITE, "alpha": "0.5", "d_ref
 
 
 def test_alpha_and_winner_are_chosen_on_dev_and_reported_on_test():
-    from mechdiff.experiments.rq2_summary import sweep_table
+    from mechdiff.experiments.maps_summary import sweep_table
     t = sweep_table(_variants())
     w = t["winner"]
     assert (w["solver"], w["alpha"]) == ("ridge", "0.5")                  # best on dev (0.2), not on test
@@ -279,7 +279,7 @@ def test_a_near_identity_map_over_a_tiny_gap_does_not_win():
     """A layer whose raw patch KL is a small share of the largest (a fine-tune touching every layer
     enters at layer 0) cannot win on its drop % alone: the winner is the best drop among layers that
     carry at least WINNER_GAP_SHARE of the largest raw KL."""
-    from mechdiff.experiments.rq2_summary import WINNER_GAP_SHARE, sweep_table
+    from mechdiff.experiments.maps_summary import WINNER_GAP_SHARE, sweep_table
     v = _variants()
     v["variants"] += [{"solver": None, "layer": 0, "site": SITE, "alpha": None, "kind": "raw", "kl_mean": 7e-4,
                        "kl_dev_mean": 7e-4, "kl_unmasked_mean": 7e-4},
@@ -294,7 +294,7 @@ def test_a_near_identity_map_over_a_tiny_gap_does_not_win():
 def test_stop_conditions_use_the_controls_of_the_winners_own_map():
     """The controls compared with the winner are those of its own map (solver, layer, site): a control
     of another layer's map does not count, and with none of its own the condition is not met."""
-    from mechdiff.experiments.rq2_summary import stop_conditions, sweep_table
+    from mechdiff.experiments.maps_summary import stop_conditions, sweep_table
     v = _variants()
     for r in v["variants"]:
         if r["kind"] in ("bogus", "shuffle"):
@@ -306,7 +306,7 @@ def test_stop_conditions_use_the_controls_of_the_winners_own_map():
 
 
 def test_stop_conditions_met_only_on_defined_evidence():
-    from mechdiff.experiments.rq2_summary import stop_conditions, sweep_table
+    from mechdiff.experiments.maps_summary import stop_conditions, sweep_table
     t = sweep_table(_variants())
     ok = stop_conditions(t, SIDE_OK)
     assert ok["met"] is True and ok["reasons"] == {}
@@ -332,7 +332,7 @@ def test_no_dev_drop_above_zero_means_no_map_transfers_the_change():
     """Issue 24: where no layer's mapped patch reduces the gap on dev (every dev drop <= 0; the GPU study
     of smollm2-math-lora named "winner L19, dev -40%, test -378%"), the answer is "no map transfers the
     change", not a winner: no winner, the stop conditions unmet for that reason, the summary says so."""
-    from mechdiff.experiments.rq2_summary import NO_TRANSFER, mapped_patch_result, stop_conditions, summary_text, \
+    from mechdiff.experiments.maps_summary import NO_TRANSFER, mapped_patch_result, stop_conditions, summary_text, \
         sweep_table
     from mechdiff.experiments.summaries import rq2_text
     v = _variants()

@@ -17,7 +17,7 @@ import torch
 
 from mechdiff.errors import ConfigError
 
-SMALL = dict(layers=[24], bases=["diff"], ks=[1, 2, 3], alphas=[0.5, 1.0, 2.0], n_fit=16, n_dev=6, n_test=12,
+SMALL = dict(layers=[24], bases=["diff"], ks=[1, 2, 3], steer_alpha=[0.5, 1.0, 2.0], n_fit=16, n_dev=6, n_test=12,
              n_neutral=8, n_mc=8)
 
 
@@ -190,18 +190,19 @@ def test_model_against_itself_has_nothing_to_steer(smollm2_loaded, tmp_path):
 @pytest.mark.parametrize("bad", [dict(ks=[0]), dict(layers=[99]), dict(modes=["zap"]), dict(bases=["pca"]),
                                  dict(n_fit=3), dict(positions="some"), dict(gap_threshold=0.0)])
 def test_bad_options_raise_config_error_before_model_work(bad, tmp_path):
-    from mechdiff.experiments.rq3 import RQ3Options, check
+    from mechdiff.experiments.steer import RQ3Options, check
     with pytest.raises(ConfigError):
         check(RQ3Options(**dict(SMALL, **bad)), 30)
-    with pytest.raises(ConfigError, match="--alpha"):
-        RQ3Options(alphas=["x"])
+    from mechdiff.checks import check_option_counts
+    with pytest.raises(ConfigError, match="--steer-alpha: expected a comma list of finite numbers > 0"):
+        check_option_counts(RQ3Options(steer_alpha=["x"]))
 
 
 def test_minimal_k_and_layer_are_chosen_on_dev_and_reported_on_test():
     """Issue 11 (choose on dev, report on test), RQ3: a cell that looks good on test but not on dev
     (k=1 at L5: +40% test, -20% dev) is not the minimal k; k=2 at L5 (15% dev) is, and its test share
     is what is reported; the layer with the better dev evidence wins over a better test share."""
-    from mechdiff.experiments.rq3_summary import _headline, minimal_k
+    from mechdiff.experiments.steer_summary import _headline, minimal_k
 
     def cell(layer, k, dev, test, kind="diff", within=True):
         return {"layer": layer, "basis_layer": layer, "kind": kind, "fit_lang": None, "mode": "ablate", "k": k,
@@ -220,8 +221,8 @@ def test_cells_analyse_an_exactly_low_rank_layer_up_to_its_rank():
     """A diff basis with 2 columns (the difference is exactly rank 2) is analysed at k = 1, 2 (not
     dropped); ablation never uses alpha > 1; the map mode appears where its map was fitted; the whole
     difference is one cell per side; the saturation estimate is taken against it."""
-    from mechdiff.experiments.rq3 import RQ3Options, _cells
-    from mechdiff.experiments.rq3_summary import estimates
+    from mechdiff.experiments.steer import RQ3Options, _cells
+    from mechdiff.experiments.steer_summary import estimates
     opts = RQ3Options(**dict(SMALL, transfer_lang=None))
     bases = {"diff.24": torch.eye(8)[:, :2], "random.24": torch.eye(8)[:, 3:6], "scale.24": torch.ones(1),
              **{f"mapA.diff.24@24.k{k}": torch.eye(k) for k in (1, 2)}}

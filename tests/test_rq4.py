@@ -11,7 +11,7 @@ import torch
 
 from mechdiff.errors import ConfigError
 from mechdiff.experiments import run_stage
-from mechdiff.experiments.rq4 import RQ4Options, check
+from mechdiff.experiments.heads import RQ4Options, check
 from mechdiff.pairs import load_pair
 
 LAYERS = [20, 21, 28]     # planted-cognitive: 3 planted heads at 21 and 28, none at 20

@@ -114,7 +114,7 @@ def _every_number(lm) -> dict:
     eng = PatchEngine(lm.model, b, measure="decision", record_sites=["resid_post.2"])
     variants = [Patch("resid_post.1", value=torch.randn(5, 64, generator=torch.Generator().manual_seed(1))),
                 Patch("mlp_out.2", value=torch.ones(64), mode="add", alpha=2.0),
-                Patch("resid_pre.2", mode="project_out", basis=random_basis(64, 3))]
+                Patch("resid_pre.2", mode="ablate", basis=random_basis(64, 3))]
     h = Handle(layer=2, site="resid_post", basis=random_basis(64, 2), mode="steer", alpha=3.0)
     with torch.no_grad(), h.apply(lm.model, b.decision):
         steered = capture_logits(lm.model, b)
@@ -220,7 +220,7 @@ def test_what_a_hook_writes_goes_to_the_hooked_tensors_device(monkeypatch):
     hm = torch.zeros(2, 64, device="meta")
     for p in (Patch("resid_post.2", value=vals, mode="add"), Patch("resid_post.2", value=vals, alpha=0.5,
                                                                     centre=torch.zeros(64)),
-              Patch("resid_post.2", mode="project_out", basis=random_basis(64, 2))):
+              Patch("resid_post.2", mode="ablate", basis=random_basis(64, 2))):
         assert _apply(hm, p, p.value, p.basis, p.centre).device.type == "meta"
 
 

@@ -94,3 +94,33 @@ def test_refusal_rates_follow_batch_size_with_the_same_texts(monkeypatch):
     texts = runs[None][1]
     n = len(prompts)     # clean (unmasked, masked), then per patch (unmasked, masked): the big patch
     assert texts[2 * n:3 * n] != texts[:n] and texts[4 * n:5 * n] == texts[:n]   # changes the texts, h does not
+
+
+def test_mc_effects_follow_batch_size(monkeypatch):
+    """Issue 21 item 4: --batch-size reaches the MC side effects (RQ2): the items run through one
+    engine per chunk of batch_size; a source taken on the same chunks (clean_run) is the clean state
+    bit for bit, so writing it back is an MC side effect of exactly 0 at any batch size, and a real
+    patch reads the same as in one chunk of all items."""
+    from mechdiff.analyses.behaviour import side_effects as se
+    from mechdiff.models.load import LoadedModel
+    from mechdiff.pairs.spec import ModelSpec
+    from mechdiff.patching import Patch, clean_run
+    model, tok = tiny_model("llama", seed=1)
+    side = LoadedModel(model=model, tokenizer=tok, spec=ModelSpec(kind="local", path="/tiny"), info={})
+    items = [{"id": f"q{i}", "question": q, "choices": ["1", "2", "3"], "answer": i % 3}
+             for i, q in enumerate(["one?", "two or more?", "three?", "four, a longer one?", "five?"])]
+    sizes, real = [], se.PatchEngine
+    monkeypatch.setattr(se, "PatchEngine", lambda m, batch, **kw: sizes.append(batch.input_ids.shape[0]) or
+                        real(m, batch, **kw))
+    rows = {}
+    for bs in (None, 2):
+        sizes.clear()
+        h = clean_run(side, [mc_prompt(it) for it in items], ["resid_post.1"], batch_size=bs or len(items),
+                      measure="last")[1]["resid_post.1"]
+        rows[bs] = se.mc_effects(model, tok, items, [("resid_post.1", h), Patch("resid_post.1", h * 3.0)], None,
+                                 batch_size=bs, detect_noops=False)
+        assert sizes == ([len(items)] if bs is None else [2, 2, 1])
+        assert rows[bs][0]["d_mc_dlogp_unmasked"] == 0.0 and rows[bs][0]["d_mc_acc_pp_unmasked"] == 0.0
+        assert rows[bs][1]["d_mc_dlogp_unmasked"] != 0.0
+    for k, v in rows[None][1].items():
+        assert rows[2][1][k] == pytest.approx(v, abs=1e-5), k

@@ -136,7 +136,7 @@ def test_readouts_known_answers():
              for i, q in enumerate(["one?", "two?", "three?", "four?"])]
     neutral = ["hello there", "the weather is", "a cat sat"]
     U = _orth(64, 2, 7)
-    nothing = Patch("resid_post.1", mode="project_out", basis=U, alpha=0.0)
+    nothing = Patch("resid_post.1", mode="ablate", basis=U, alpha=0.0)
     big = Patch("resid_post.1", torch.full((64,), 30.0), mode="add")
     rows = R.side_effects(side, neutral, items, [nothing, big], None, batch_size=2, also="decision")
     assert rows[0]["ppl_change_pct_unmasked"] == pytest.approx(0.0, abs=1e-3)

@@ -45,7 +45,7 @@ Resuming
 --------
 `run.write_or_check_manifest(manifest)` writes manifest.json in a fresh run directory and, in an
 existing one, raises `ConfigError` if the parts that determine results differ (pair, models, seeds,
-options other than `RESUME_SAFE_OPTIONS`).
+options other than `RESUME_SAFE_OPTIONS`): the one resume rule, `mechdiff.manifest.check_resume`.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ import torch
 
 from mechdiff.atomic import _atomic_target, atomic_write_text, dumps_json, sha256_file, to_jsonable
 from mechdiff.errors import ConfigError, DataError, NumericsError
-from mechdiff.manifest import MANIFEST_MATCH_KEYS, RESUME_SAFE_OPTIONS, manifest_differences, utc_now
+from mechdiff.manifest import MANIFEST_MATCH_KEYS, RESUME_SAFE_OPTIONS, check_resume, utc_now
 
 try:  # POSIX only; on other platforms steps.json updates are unlocked (single writer assumed).
     import fcntl as _fcntl
@@ -339,20 +339,11 @@ class RunDir:
     def read_manifest(self) -> dict | None:
         return self.read_json(MANIFEST_NAME) if self.exists(MANIFEST_NAME) else None
 
-    def check_manifest(self, manifest: Mapping[str, Any],
-                       ignore_options: Iterable[str] = RESUME_SAFE_OPTIONS) -> None:
+    def check_manifest(self, manifest: Mapping[str, Any]) -> None:
         """Raise `ConfigError` if this run dir's manifest.json differs from `manifest` in a part
-        that determines results (pair, models, seeds, options except `ignore_options`).
+        that determines results: the one resume rule, :func:`mechdiff.manifest.check_resume`.
         Does nothing if the run dir has no manifest yet."""
-        old = self.read_manifest()
-        if old is None:
-            return
-        diffs = manifest_differences(old, manifest, ignore_options)
-        if diffs:
-            shown = "\n  ".join(diffs[:12]) + ("\n  ..." if len(diffs) > 12 else "")
-            raise ConfigError(
-                f"run directory {self.path} belongs to a different configuration:\n  {shown}\n"
-                f"Use a new --out directory (or delete this one) instead of resuming into it.")
+        check_resume(self.path, self.read_manifest(), manifest)
 
     def write_or_check_manifest(self, manifest: Mapping[str, Any]) -> Path:
         """Fresh dir: write manifest.json. Existing manifest: `check_manifest` (keeps the old one,

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 from mechdiff.errors import ConfigError
+from mechdiff.options import check_values, flag_of
 
 
 def check_device(device: str | None) -> None:
@@ -57,19 +58,17 @@ ZERO_OK = {"exclude_last", "n_neutral", "n_mc", "seed", "lens_tokens", "response
 LAYER_FIELDS = {"control_layer", "layers"}
 
 
-def option_flag(f) -> str:
-    """The command-line spelling of an options dataclass field."""
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-
-
 def check_option_counts(opts) -> None:
-    """Every integer count of a stage's options is >= 1 (>= 0 for those in ``ZERO_OK``), every layer
-    index >= 0, every float finite: a negative count would slice ``[:-1]``, a zero one run nothing."""
+    """Every list option read as the command line and the run config read it
+    (:func:`mechdiff.options.check_values`); every integer count of a stage's options is >= 1 (>= 0
+    for those in ``ZERO_OK``), every layer index >= 0, every float finite: a negative count would
+    slice ``[:-1]``, a zero one run nothing."""
     import dataclasses
     import math
+    check_values(opts)
     for f in dataclasses.fields(opts):
         v = getattr(opts, f.name)
-        flag = option_flag(f)
+        flag = flag_of(f)
         if f.name in LAYER_FIELDS:
             for layer in ([v] if isinstance(v, int) else v or []):
                 if isinstance(layer, int) and layer < 0:

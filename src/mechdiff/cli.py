@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import types
 import typing
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -14,6 +13,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mechdiff.errors import ConfigError, MechdiffError
+from mechdiff.options import flag_of, kind_of, parse_value, renamed_error
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Fair, causal diffing of a base language model against its fine-tunes.")
@@ -23,34 +23,6 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 OutOpt = typer.Option(None, "--out", help="run directory (default: a new one under runs/); rerun to resume")
 DeviceOpt = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-DeviceMapOpt = typer.Option(None, "--device-map", help="spread each model over this host's GPUs: auto | balanced | "
-                            "sequential, module=GPU pairs, or a .json map (overrides the pair's)")
-MaxMemoryOpt = typer.Option(None, "--max-memory", help="memory per device for --device-map auto/balanced, e.g. "
-                            "0=70GiB,1=70GiB (base:0=..,tuned:1=.. per model)")
-
-
-def _split(text: str) -> list[str]:
-    return [x for x in text.replace(" ", "").split(",") if x]
-
-
-def _ints(text: Optional[str], flag: str) -> Optional[list[int]]:
-    """A comma list of integers (``--layers 10,20``); ConfigError naming the flag otherwise."""
-    if not text:
-        return None
-    try:
-        return [int(x) for x in _split(text)]
-    except ValueError:
-        raise ConfigError(f"{flag} takes a comma list of integers (e.g. 10,20,24), got {text!r}") from None
-
-
-def _floats(text: Optional[str], flag: str) -> Optional[list[float]]:
-    """A comma list of numbers (``--alpha 0.5,1,2``); ConfigError naming the flag otherwise."""
-    if not text:
-        return None
-    try:
-        return [float(x) for x in _split(text)]
-    except ValueError:
-        raise ConfigError(f"{flag} takes a comma list of numbers (e.g. 0.5,1,2), got {text!r}") from None
 
 
 def _say(text: str) -> None:
@@ -97,30 +69,43 @@ def _out_of_memory(e: BaseException) -> bool:
 
 # ---- stage commands, built from the registry ----------------------------------------------
 def _cli_param(f: dataclasses.Field, hint) -> tuple[inspect.Parameter, Callable[[Any], Any]]:
-    """A typer parameter for one options field and the converter from the CLI value to the field's."""
-    flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-    names = [flag] + (["--" + f.name] if "_" in f.name and f.name == "min_shared_ratio" else [])
-    if flag != "--" + f.name.replace("_", "-"):
-        names.append("--" + f.name.replace("_", "-"))
+    """A typer parameter for one options field and the converter from its command-line text to the
+    field's value (:func:`mechdiff.options.parse_value`, the run config's parser too)."""
+    flag = flag_of(f)
+    hyphenated = "--" + f.name.replace("_", "-")
+    names = [flag] + ([hyphenated] if hyphenated != flag else []) + (["--" + f.name] if f.name == "min_shared_ratio"
+                                                                     else [])
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
-    base = next(t for t in typing.get_args(hint) if t is not type(None)) if union else hint   # Optional[X] -> X
+    kind, _ = kind_of(f, hint)
     help_ = f.metadata.get("help", "")
-    if typing.get_origin(base) is list:
-        item = typing.get_args(base)[0]
-        cli_default = ",".join(str(x) for x in default) if default else None
-        conv = (lambda v, flag=flag: _ints(v, flag)) if item is int else \
-            (lambda v, flag=flag: _floats(v, flag)) if item is float else (lambda v: _split(v) if v else None)
-        option = typer.Option(cli_default, *names, help=help_)
-        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                 annotation=Optional[str]), conv
-    if base is bool:
+    if kind.metavar == "BOOLEAN":
         option = typer.Option(default, f"{flag}/--no-{flag[2:]}", help=help_)
         return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=bool), bool
-    annotation = Optional[base] if default is None else base
-    option = typer.Option(default, *names, help=help_)
+    text = None if default is None else ",".join(str(x) for x in default) if isinstance(default, list) else str(default)
+    option = typer.Option(text or None, *names, help=help_, metavar=kind.metavar, show_default=bool(text))
+
+    def conv(v, f=f, hint=hint, flag=flag):
+        try:
+            return parse_value(f, hint, v)
+        except ConfigError as e:
+            raise ConfigError(f"{flag}: {e}") from None
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                             annotation=annotation), (lambda v: v)
+                             annotation=Optional[str]), conv
+
+
+def _renamed_params(cls) -> list[tuple[inspect.Parameter, Callable[[Any], Any]]]:
+    """Hidden parameters for the former spellings of ``cls``'s options (``opt(was=...)``): given, they
+    are an error that names the new flag."""
+    out = []
+    for f in dataclasses.fields(cls):
+        for old in f.metadata.get("was", ()):
+            def conv(v, f=f, old=old):
+                if v is not None:
+                    raise renamed_error(f, "--" + old.replace("_", "-"))
+            out.append((inspect.Parameter(f"was_{f.name}_{old}", inspect.Parameter.KEYWORD_ONLY,
+                                          default=typer.Option(None, "--" + old.replace("_", "-"), hidden=True),
+                                          annotation=Optional[str]), conv))
+    return out
 
 
 def _fields(cls) -> list[tuple[dataclasses.Field, Any]]:
@@ -143,7 +128,8 @@ def _stage_command(stage) -> None:
     from mechdiff.experiments.stage import Common
     common = [_cli_param(f, h) for f, h in _fields(Common)]
     own = [_cli_param(f, h) for f, h in _fields(stage.options)]
-    convs = {p.name: c for p, c in common + own}
+    renamed = _renamed_params(stage.options)
+    convs = {p.name: c for p, c in common + own + renamed}
     own_names = [p.name for p, _ in own]
 
     def command(**kw) -> None:
@@ -158,7 +144,7 @@ def _stage_command(stage) -> None:
                    max_memory=vals["max_memory"], max_rows=vals["max_rows"])
         _say(_done_line(stage.done_message, run.path) if stage.done_message else f"{stage.name} done: {run.path}")
 
-    command.__signature__ = inspect.Signature([p for p, _ in common + own])
+    command.__signature__ = inspect.Signature([p for p, _ in common + own + renamed])
     command.__doc__ = stage.help
     command.__name__ = stage.name.replace("-", "_")
     app.command(stage.name)(command)
@@ -196,36 +182,35 @@ def report(run_dir: Path = typer.Argument(..., help="a run directory")) -> None:
     _say(f"report: {html}  {md}")
 
 
-@app.command("run")
-def run_cmd(pair: Optional[str] = typer.Option(None, "--pair", help="built-in pair name (see `mechdiff pairs`) or a pair TOML file"),
-            base: Optional[str] = typer.Option(None, "--base", help="base model spec (instead of --pair)"),
-            tuned: Optional[str] = typer.Option(None, "--tuned", help="tuned model spec (instead of --pair)"),
-            config: Optional[Path] = typer.Option(None, "--config", help="TOML run config: one table per stage "
-                                                  "(rq1, mapped-patch, steer, heads) of option = value lines"),
-            stages: Optional[str] = typer.Option(None, "--stages", help="comma list of stages (default: rq1, "
-                                                 "mapped-patch, steer, heads; those registered)"),
-            out: Optional[Path] = OutOpt, device: Optional[str] = DeviceOpt,
-            dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: the pair's)"),
-            batch_size: Optional[int] = typer.Option(None, "--batch-size", help="prompts per forward pass "
-                                                     "(default: from the free GPU memory and the models' size; 32 on CPU)"),
-            max_rows: Optional[int] = typer.Option(None, "--max-rows", help="most rows in one patching-engine pass "
-                                                   "(default: from the free GPU memory, 2048 on CPU)"),
-            seed: int = typer.Option(0, "--seed", help="random seed (splits, permutations, random controls)"),
-            prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL prompt file (default: the pair's)"),
-            trust_remote_code: bool = typer.Option(False, "--trust-remote-code/--no-trust-remote-code",
-                                                   help="let transformers run code shipped in a model directory "
-                                                        "(off by default; only for models you trust)"),
-            device_map: Optional[str] = DeviceMapOpt, max_memory: Optional[str] = MaxMemoryOpt) -> None:
-    """The whole study in one run directory: RQ1 -> RQ2 (maps, mapped patching) -> RQ3 -> RQ4, then the report."""
-    from mechdiff.experiments.common import resolve_pair
-    from mechdiff.experiments.study import run_study
-    from mechdiff.report.summary import terminal_summary
-    the_pair = _run(resolve_pair, pair, base, tuned)
-    the_pair = _run(the_pair.with_command_line, trust_remote_code=trust_remote_code, device_map=device_map,
-                    max_memory=max_memory)
-    run = _run(run_study, the_pair, config, stages, out, device=device, dtype=dtype, batch_size=batch_size,
-               seed=seed, prompts=prompts, max_rows=max_rows)
-    console.print(terminal_summary(run.path), markup=False, highlight=False)
+def _study_command() -> None:
+    """``mechdiff run``: the common options built from ``Common`` (as every stage command's), plus
+    --config and --stages."""
+    from mechdiff.experiments.stage import Common
+    common = [_cli_param(f, h) for f, h in _fields(Common)]
+    convs = {p.name: c for p, c in common}
+    own = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
+               None, "--config", help="TOML run config: one table per stage (rq1, mapped-patch, steer, heads, tokens) "
+                                      "of option = value lines, the options of `mechdiff STAGE --help`")),
+           inspect.Parameter("stages", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
+               None, "--stages", help="comma list of stages (default: rq1, mapped-patch, steer, heads, tokens; "
+                                      "those registered)"))]
+
+    def run_cmd(config: Optional[Path] = None, stages: Optional[str] = None, **kw) -> None:
+        from mechdiff.experiments.common import resolve_pair
+        from mechdiff.experiments.study import run_study
+        from mechdiff.report.summary import terminal_summary
+        v = _run(lambda: {k: convs[k](x) for k, x in kw.items()})
+        the_pair = _run(resolve_pair, v["pair"], v["base"], v["tuned"])
+        the_pair = _run(the_pair.with_command_line, trust_remote_code=v["trust_remote_code"],
+                        device_map=v["device_map"], max_memory=v["max_memory"])
+        run = _run(run_study, the_pair, config, stages, v["out"], device=v["device"], dtype=v["dtype"],
+                   batch_size=v["batch_size"], seed=v["seed"], prompts=v["prompts"], max_rows=v["max_rows"])
+        console.print(terminal_summary(run.path), markup=False, highlight=False)
+
+    run_cmd.__signature__ = inspect.Signature([p for p, _ in common] + own)
+    run_cmd.__doc__ = ("The whole study in one run directory: RQ1 -> RQ2 (maps, mapped patching) -> RQ3 -> RQ4 "
+                       "-> tokens, then the report.")
+    app.command("run")(run_cmd)
 
 
 @app.command()
@@ -308,6 +293,7 @@ def demo(out: Optional[Path] = OutOpt, device: Optional[str] = DeviceOpt,
 def _register_stages() -> None:
     """One command per registered stage (:mod:`mechdiff.experiments.registry`), in study order."""
     from mechdiff.experiments import STAGES, study_order
+    _study_command()
     for name in study_order():
         _stage_command(STAGES[name])
 

@@ -86,7 +86,8 @@ def differences(runs: list[dict]) -> list[dict]:
     return rows
 
 
-def _cell(v: Any, spec: str) -> str:
+def cell(v: Any, spec: str) -> str:
+    """A headline number as the comparison shows it (``spec`` of :data:`ROWS`; None: ``n/a``)."""
     if v is None:
         return "n/a"
     try:
@@ -95,11 +96,39 @@ def _cell(v: Any, spec: str) -> str:
         return str(v)
 
 
-def _label(run_dir: Path, manifest: dict | None, used: set[str]) -> str:
-    pair = ((manifest or {}).get("pair") or {}).get("name") or run_dir.name
-    label = pair if pair not in used else f"{pair} ({run_dir.name})"
-    used.add(label)
-    return label
+def run_labels(run_dirs: Sequence[Path]) -> list[str]:
+    """One label per run: its pair's name, or ``name (dir)`` where two runs share a pair."""
+    used: set[str] = set()
+    out = []
+    for d in run_dirs:
+        pair = ((load(d / "manifest.json") or {}).get("pair") or {}).get("name") or d.name
+        label = pair if pair not in used else f"{pair} ({d.name})"
+        used.add(label)
+        out.append(label)
+    return out
+
+
+def comparison(run_dirs: Sequence[Path], labels: Sequence[str]) -> dict:
+    """The runs side by side, from their artifacts alone: what ``mechdiff compare`` writes and
+    ``mechdiff serve`` shows. ``runs``: one record per run (label, path, pair, domain, headline
+    ``numbers``, executive-summary ``sentences``, ``figures`` data, ``intervals``, verdict
+    ``estimates``); ``rows``: one per :data:`ROWS` line (``quantity``, ``indent``, raw ``values`` and
+    formatted ``cells``, one per run); ``contrasts``, ``differences``, ``verdict`` (None unless one
+    cultural and one cognitive run)."""
+    runs = []
+    for d, label in zip(run_dirs, labels):
+        pair = (load(d / "manifest.json") or {}).get("pair") or {}
+        r = {"label": label, "path": str(Path(d).resolve()), "pair": pair.get("name"), "domain": pair.get("domain"),
+             "numbers": numbers(d), "sentences": sentences(d), "figures": figure_data(d, label),
+             "intervals": intervals(d)}
+        r["estimates"] = run_estimates(r["intervals"], load(d / "rq3.json") or {}, r["numbers"],
+                                       load(d / "maps.json"), load(d / "rq1.json"))
+        runs.append(r)
+    rows = [{"quantity": name.strip(), "indent": name.startswith(" "),
+             "values": [r["numbers"].get(key) for r in runs],
+             "cells": [cell(r["numbers"].get(key), spec) for r in runs]} for name, key, spec in ROWS]
+    return {"runs": runs, "rows": rows, "contrasts": _contrasts(runs) if len(runs) > 1 else [],
+            "differences": differences(runs), "verdict": verdict_for(runs)}
 
 
 def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
@@ -117,17 +146,8 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
         raise ConfigError(f"{len(labels)} labels for {len(dirs)} runs")
     out_dir = Path(out) if out is not None else new_run_dir("runs", "compare")
     run = RunDir(out_dir)
-    used: set[str] = set()
-    runs = []
-    for i, d in enumerate(dirs):
-        m = load(d / "manifest.json")
-        label = labels[i] if labels else _label(d, m, used)
-        pair = (m or {}).get("pair") or {}
-        runs.append({"label": label, "path": str(d.resolve()), "pair": pair.get("name"), "domain": pair.get("domain"),
-                     "numbers": numbers(d), "sentences": sentences(d), "figures": figure_data(d, label),
-                     "intervals": intervals(d)})
-        runs[-1]["estimates"] = run_estimates(runs[-1]["intervals"], load(d / "rq3.json") or {}, runs[-1]["numbers"],
-                                             load(d / "maps.json"), load(d / "rq1.json"))
+    cmp = comparison(dirs, list(labels) if labels else run_labels(dirs))
+    runs, contrasts, diffs, verdict = cmp["runs"], cmp["contrasts"], cmp["differences"], cmp["verdict"]
     figures, notes = {}, []
     for key, title in ((f.key, f.title or f.key) for f in report_figures()):
         data = [r["figures"][key] for r in runs if r["figures"].get(key) is not None]
@@ -138,8 +158,8 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
                 notes.append(f"Figure {key} could not be drawn: {type(e).__name__}: {e}")
                 continue
             figures[key] = (path, f"Figure {key} overlaid ({title}): " + ", ".join(r["label"] for r in data))
-    table = [{"quantity": name.strip(), **{r["label"]: r["numbers"].get(key) for r in runs}} for name, key, _ in ROWS]
-    contrasts, diffs, verdict = _contrasts(runs), differences(runs), verdict_for(runs)
+    table = [{"quantity": row["quantity"], **{r["label"]: v for r, v in zip(runs, row["values"])}}
+             for row in cmp["rows"]]
     run.write_json("compare.json", {"title": "mechdiff comparison", "runs": [
         {k: v for k, v in r.items() if k not in ("figures", "intervals", "estimates")} for r in runs], "table": table,
         "contrasts": contrasts, "differences": diffs, "verdict": verdict,
@@ -149,7 +169,7 @@ def compare_runs(run_dirs: Sequence[str | os.PathLike], out: str | os.PathLike |
     sec.para("Runs: " + "; ".join(f"{r['label']} ({r['domain'] or 'general'}): {r['path']}" for r in runs))
     sec.heading("Headline numbers", 2, "table")
     sec.table(["quantity", *[r["label"] for r in runs]],
-              [[name, *[_cell(r["numbers"].get(key), spec) for r in runs]] for name, key, spec in ROWS])
+              [[("  " if row["indent"] else "") + row["quantity"], *row["cells"]] for row in cmp["rows"]])
     if verdict:
         _verdict_section(sec, verdict)
     if contrasts:
@@ -200,6 +220,6 @@ def _contrasts(runs: list[dict]) -> list[str]:
         if sum(v is not None for _, v, _ in vals) < 2 and not (key == "minimal k" and
                                                                  any(q for _, _, q in vals)):
             continue
-        parts = [f"{lab} {_cell(v, spec)}" + (f" ({_cell(q, qspec)})" if q is not None else "") for lab, v, q in vals]
+        parts = [f"{lab} {cell(v, spec)}" + (f" ({cell(q, qspec)})" if q is not None else "") for lab, v, q in vals]
         out.append(f"{what}: " + "; ".join(parts) + ".")
     return out

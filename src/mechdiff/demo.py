@@ -34,10 +34,10 @@ def demo_config(pair: str, quick: bool = False) -> dict[str, dict]:
         # cognitive: RQ1 selects layers on half of the 16 math prompts; the later stages evaluate on the rest
         "rq1": dict(n_prompts=8 if cognitive else 16, layers=layers, n_perm=8, behaviour=not quick, behaviour_n=4,
                     max_new_tokens=8),
-        "mapped-patch": dict(sites=["resid_post"], solvers=["procrustes_scaled"], alphas=["0.5", "1.0", "auto"],
+        "mapped-patch": dict(sites=["resid_post"], solvers=["procrustes_scaled"], mapped_alpha=["0.5", "1.0", "auto"],
                              n_train=12 if cognitive else 24, n_val=4 if cognitive else 8,
                              side_effects=not quick, side_n=4),
-        "steer": dict(ks=[1, 2] if quick else [1, 2, 3], alphas=[1.0, 2.0], bases=["diff"], modes=["steer", "ablate"],
+        "steer": dict(ks=[1, 2] if quick else [1, 2, 3], steer_alpha=[1.0, 2.0], bases=["diff"], modes=["steer", "ablate"],
                       n_fit=8 if cognitive else 16, n_dev=3 if cognitive else 4, n_test=5 if cognitive else 8,
                       n_neutral=4, n_mc=0 if quick else 4, transfer_lang=None),
         "heads": dict(n_prompts=4 if quick else 6, ablations=["zero"], top_k=4),

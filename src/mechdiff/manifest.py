@@ -7,14 +7,15 @@ import os
 import platform
 import shlex
 import sys
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 import torch
 
 from mechdiff.atomic import to_jsonable
 from mechdiff.errors import ConfigError
 
-__all__ = ["build_manifest", "utc_now", "MANIFEST_SCHEMA", "MANIFEST_PACKAGES"]
+__all__ = ["build_manifest", "utc_now", "MANIFEST_SCHEMA", "MANIFEST_PACKAGES", "manifest_differences",
+           "check_resume"]
 
 MANIFEST_SCHEMA = 1
 #: Packages whose versions go into the manifest (looked up without importing them).
@@ -99,21 +100,48 @@ RESUME_SAFE_OPTIONS = frozenset(
 )
 
 
-def manifest_differences(old: Mapping[str, Any], new: Mapping[str, Any],
-                         ignore_options: Iterable[str] = RESUME_SAFE_OPTIONS) -> list[str]:
-    """The resume rule: ``"key.path: old (run dir) != new (now)"`` for every difference between two
-    manifests in the parts that determine results (:data:`MANIFEST_MATCH_KEYS`; options except
-    ``ignore_options``). Empty: a run directory with manifest ``old`` may be resumed with ``new``."""
+def manifest_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """The resume rule, the one every resume goes through: ``"key.path: old then, new now"`` for every
+    difference between the recorded manifest ``old`` and ``new`` (the parts known now: any of
+    :data:`MANIFEST_MATCH_KEYS`) in what determines results. Empty: the run directory may be resumed.
+
+    pair, models and seeds must be equal. options (per stage, ``{stage: {option: value}}``, or one
+    flat table) are compared where both sides have them: a stage not run there yet, or an option
+    added or retired since, does not block the resume, and :data:`RESUME_SAFE_OPTIONS` (batch size,
+    device, ...) may differ."""
     new = to_jsonable(dict(new))
-    ignore = set(ignore_options)
     diffs: list[str] = []
     for key in MANIFEST_MATCH_KEYS:
-        a, b = old.get(key), new.get(key)
+        if key not in new:
+            continue
         if key == "options":
-            a = {k: v for k, v in (a or {}).items() if k not in ignore}
-            b = {k: v for k, v in (b or {}).items() if k not in ignore}
-        _diff(key, a, b, diffs)
+            _diff_shared(key, old.get(key) or {}, new.get(key) or {}, diffs)
+        else:
+            _diff(key, old.get(key), new.get(key), diffs)
     return diffs
+
+
+def check_resume(path: Any, old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> None:
+    """ConfigError naming every :func:`manifest_differences` of ``new`` from the manifest ``old`` of
+    run directory ``path`` (None: a fresh directory, nothing to check)."""
+    diffs = manifest_differences(old, new) if old else []
+    if diffs:
+        shown = "\n  ".join(diffs[:12]) + ("\n  ..." if len(diffs) > 12 else "")
+        raise ConfigError(f"run directory {path} belongs to a different configuration (other options, pair, models "
+                          f"or seed):\n  {shown}\nrerun with the same ones (--batch-size, --max-rows, --device may "
+                          "differ) or use a new --out directory")
+
+
+def _diff_shared(prefix: str, a: Mapping, b: Mapping, out: list[str]) -> None:
+    """Differences of the keys both ``a`` and ``b`` hold (nested tables: the same rule inside), except
+    the resume-safe options."""
+    for k in sorted(set(a) & set(b)):
+        if k in RESUME_SAFE_OPTIONS:
+            continue
+        if isinstance(a[k], dict) and isinstance(b[k], dict):
+            _diff_shared(f"{prefix}.{k}", a[k], b[k], out)
+        else:
+            _diff(f"{prefix}.{k}", a[k], b[k], out)
 
 
 def _short(v: Any, n: int = 80) -> str:
@@ -129,7 +157,7 @@ def _diff(prefix: str, a: Any, b: Any, out: list[str]) -> None:
     if a != b:
         fa = "<missing>" if a is _MISSING else _short(a)
         fb = "<missing>" if b is _MISSING else _short(b)
-        out.append(f"{prefix}: {fa} (run dir) != {fb} (now)")
+        out.append(f"{prefix}: {fa} then, {fb} now")
 
 
 class _Missing:

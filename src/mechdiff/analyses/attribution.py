@@ -12,7 +12,7 @@ vocabulary (masked log-softmax) so an extended tokenizer cannot move it:
 
 :func:`grad_x_act` returns ``[N, n_layers, H]``: ``grad_z . z`` per head at the decision token,
 the first-order estimate of ``target(clean) - target(head zeroed at the decision token)`` (the
-zero-ablation effect of :mod:`mechdiff.experiments.rq4`). :func:`integrated_gradients` integrates
+zero-ablation effect of :mod:`mechdiff.experiments.heads`). :func:`integrated_gradients` integrates
 the gradient along ``alpha * z`` (alpha 0..1, midpoint rule, ``m`` steps) for one layer at a time,
 so the heads of a layer sum to ``target(clean) - target(whole layer zeroed)`` as m grows.
 

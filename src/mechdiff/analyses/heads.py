@@ -327,15 +327,12 @@ def patches(states: dict, side: str, layer: int, heads: Sequence[int], kind: str
     N, H, hd = z.shape
     site = f"head_z.{layer}"
     if kind in ("zero", "mean"):
-        out = [Patch(site, mode="project_out", basis=_block(H, hd, heads))]
-        if kind == "mean":
-            out.append(Patch(site, sum(_pad(z.mean(0)[h], H, h) for h in heads), mode="add"))
-        return out
+        mean = sum(_pad(z.mean(0)[h], H, h) for h in heads) if kind == "mean" else None
+        return [Patch(site, mean, mode="ablate", basis=_block(H, hd, heads))]
     other = "tuned" if side == "base" else "base"
     src_z, src_out = ((f"{other}.head_z.{layer}", f"{other}.head_out.{layer}") if kind == "swap"
                       else (f"{side}.own_z.{layer}", f"{side}.own_out.{layer}"))
     if bool(states[f"{side}.additive.{layer}"]):
         delta = (states[src_out][:, heads] - states[f"{side}.head_out.{layer}"][:, heads]).sum(1)
         return [Patch(f"attn_out.{layer}", delta, mode="add")]
-    return [Patch(site, mode="project_out", basis=_block(H, hd, heads)),
-            Patch(site, sum(_pad(states[src_z][:, h], H, h) for h in heads), mode="add")]
+    return [Patch(site, sum(_pad(states[src_z][:, h], H, h) for h in heads), mode="ablate", basis=_block(H, hd, heads))]

@@ -321,9 +321,10 @@ class Handle:
             yield
 
     def patch(self, reference: torch.Tensor | None = None):
-        """The same intervention as patches for the patching engine (a :class:`mechdiff.patching.Patch`
-        or a list of them). ``reference`` (ablate only): ``[N, d]`` per-prompt states of the other
-        model at the site, used instead of the handle's ``reference`` (the sweep's ablation)."""
+        """The same intervention as one :class:`mechdiff.patching.Patch` for the patching engine: the
+        engine mode of the same name and the same alpha (``map``: affine with ``M = A - I``).
+        ``reference`` (ablate only): ``[N, d]`` per-prompt states of the other model at the site, used
+        instead of the handle's ``reference`` (the sweep's ablation)."""
         from mechdiff.patching import Patch
         U, a = self.basis, self.alpha
         if self.mode == "add":
@@ -332,10 +333,9 @@ class Handle:
             M = self.matrix - torch.eye(self.k)
             return Patch(self.key, self.offset @ U.T, mode="affine", basis=U, matrix=M, alpha=a)
         if self.mode == "steer":
-            return Patch(self.key, mode="project_out", basis=U, alpha=-a)
+            return Patch(self.key, mode="steer", basis=U, alpha=a)
         ref = self.reference if reference is None else reference.float()
-        out = [Patch(self.key, mode="project_out", basis=U, alpha=a)]
-        return out + ([Patch(self.key, a * (ref @ U) @ U.T, mode="add")] if ref is not None else [])
+        return Patch(self.key, ref, mode="ablate", basis=U, alpha=a)
 
     # ---- artifact: <prefix>.safetensors (basis) + <prefix>.json (everything else)
     def save(self, prefix) -> tuple[Path, Path]:

@@ -5,9 +5,9 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from mechdiff.artifacts import RESUME_SAFE_OPTIONS, RunDir, new_run_dir
+from mechdiff.artifacts import RunDir, new_run_dir
 from mechdiff.atomic import to_jsonable
-from mechdiff.manifest import build_manifest
+from mechdiff.manifest import build_manifest, check_resume
 from mechdiff.errors import ConfigError, DataError
 from mechdiff.models.load import LoadedModel, load_model
 from mechdiff.pairs import DatasetRef, Pair, load_pair, pair_from_specs
@@ -61,8 +61,9 @@ def open_run(out: str | Path | None, stage: str, pair: Pair, sides: dict[str, Lo
     """Create (or resume) the run directory and write/check its manifest.
 
     Options are kept per stage (``options[stage]``), so several stages (rq1, maps, mapped-patch)
-    can share one run directory. Resuming needs the same pair, models and seeds, and for a stage
-    that already ran the same options (``RESUME_SAFE_OPTIONS`` such as batch_size may differ).
+    can share one run directory. Resuming follows the one rule, :func:`mechdiff.manifest.check_resume`:
+    the same pair, models and seeds, and for a stage that already ran the same options
+    (``RESUME_SAFE_OPTIONS`` such as batch_size may differ).
     """
     from mechdiff.scale import distributed as dp
     path = Path(out) if out else dp.from_rank0(lambda: new_run_dir("runs", stage))
@@ -72,24 +73,13 @@ def open_run(out: str | Path | None, stage: str, pair: Pair, sides: dict[str, Lo
     run.inputs = {side: m.info.get("content_hash") for side, m in sides.items()}
     opts = to_jsonable(dataclasses.asdict(options) if dataclasses.is_dataclass(options) else dict(options))
     old = run.read_manifest()
-    stage_opts = dict((old or {}).get("options", {}))
-
-    if stage in stage_opts:
-        # Options that exist on both sides must agree (an option added or retired since the run was
-        # recorded does not block the resume); resume-safe ones may differ.
-        old_o = stage_opts[stage]
-        diff = sorted(k for k in set(old_o) & set(opts) if k not in RESUME_SAFE_OPTIONS and old_o[k] != opts[k])
-        if diff:
-            shown = "; ".join(f"{k}: {old_o[k]!r} then, {opts[k]!r} now" for k in diff)
-            raise ConfigError(f"run directory {path} already holds stage {stage!r} with other options "
-                              f"({shown}); rerun with the same options or use a new --out directory")
-    stage_opts[stage] = opts
     models = {k: {kk: vv for kk, vv in v.info.items() if kk not in VOLATILE_INFO} for k, v in sides.items()}
-    manifest = build_manifest(pair=pair.to_dict(), models=models, seeds=seeds, options=stage_opts)
+    manifest = build_manifest(pair=pair.to_dict(), models=models, seeds=seeds, options={stage: opts})
+    check_resume(path, old, manifest)
+    manifest["options"] = {**dict((old or {}).get("options", {})), stage: opts}
     if old is None:
         run.write_manifest(manifest)
     else:
-        run.check_manifest({**manifest, "options": old.get("options", {})})  # pair, models, seeds
         old["options"] = manifest["options"]
         old.setdefault("resumes", []).append({"time": manifest["created"], "stage": stage,
                                               "command": manifest["command"]})

@@ -219,17 +219,21 @@ def _patch_step(study: Study, prompts, opts: RQ1Options) -> None:
 
 
 def _all_positions(study: Study, prompts, layers, opts) -> dict:
-    """Patch every position (needs identical tokenisation on both sides); base->tuned only."""
+    """Patch every position (needs identical tokenisation on both sides); base->tuned only, in chunks
+    of ``--batch-size`` prompts."""
     base, tuned = study.base, study.tuned
-    bb, bt = encode(base.tokenizer, prompts), encode(tuned.tokenizer, prompts)
-    if bb.input_ids.shape != bt.input_ids.shape or not torch.equal(bb.input_ids, bt.input_ids):
-        raise ConfigError("--all-positions needs both tokenizers to tokenise the prompts identically; "
-                          "they do not (extended vocabulary?): patch the decision token only")
-    sites = sites_at(opts.site, layers)
-    with torch.no_grad(), record(base.model, sites) as rec:
-        base.model(**bb.to(base.device).model_inputs())
-    eng = PatchEngine(tuned.model, bt, measure=opts.measure, max_rows=study.max_rows)
-    kl = patch_kl(eng, [Patch(s, rec[s]) for s in sites], study.allowed_ids("tuned"), positions="all")
+    sites, kls = sites_at(opts.site, layers), []
+    for i in range(0, len(prompts), study.batch_size):
+        chunk = prompts[i:i + study.batch_size]
+        bb, bt = encode(base.tokenizer, chunk), encode(tuned.tokenizer, chunk)
+        if bb.input_ids.shape != bt.input_ids.shape or not torch.equal(bb.input_ids, bt.input_ids):
+            raise ConfigError("--all-positions needs both tokenizers to tokenise the prompts identically; "
+                              "they do not (extended vocabulary?): patch the decision token only")
+        with torch.no_grad(), record(base.model, sites) as rec:
+            base.model(**bb.to(base.device).model_inputs())
+        eng = PatchEngine(tuned.model, bt, measure=opts.measure, max_rows=study.max_rows)
+        kls.append(patch_kl(eng, [Patch(s, rec[s]) for s in sites], study.allowed_ids("tuned"), positions="all"))
+    kl = torch.cat(kls, 1)
     return {"direction": "base->tuned", "masked": [{"layer": l, **summarise(kl[j])}
                                                    for j, l in enumerate(layers)]}
 

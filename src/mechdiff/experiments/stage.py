@@ -1,6 +1,6 @@
 """The stage interface: a study context built once, stages in a registry.
 
-A *stage* is one module (``experiments/rq1.py``, ``rq2.py``, ...) that defines
+A *stage* is one module, named as its stage (``experiments/rq1.py``, ``steer.py``, ...), that defines
 
 - an options dataclass whose fields carry their help text in ``metadata["help"]`` (defaults are
   written once, there; the CLI builds its options from these fields),
@@ -37,6 +37,7 @@ from mechdiff.experiments.common import open_models, open_run, target_prompts
 from mechdiff.experiments.results import save_result
 from mechdiff.fairness import filter_prompts, shared_vocab
 from mechdiff.models.load import LoadedModel
+from mechdiff.options import check_values, opt  # noqa: F401  (opt: the stage modules' import)
 from mechdiff.pairs import Pair, load_pair
 from mechdiff.report import write_report
 from mechdiff.report.hooks import ReportHooks
@@ -44,14 +45,6 @@ from mechdiff.report.hooks import register as register_report
 from mechdiff.report.hooks import unregister as unregister_report
 
 SIDES = ("base", "tuned")
-
-
-def opt(default: Any = None, help: str = "", *, flag: str | None = None, factory=None) -> Any:  # noqa: A002
-    """A stage option field: its default and its help text (``flag`` overrides the CLI spelling)."""
-    meta = {"help": help, **({"flag": flag} if flag else {})}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
 
 
 @dataclass

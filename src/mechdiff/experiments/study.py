@@ -13,7 +13,7 @@ A run config is TOML with one table per stage (keys are the stage's option names
     [rq1]
     n_prompts = 64
     [mapped-patch]
-    alphas = [0.5, 1.0, "auto"]
+    mapped_alpha = [0.5, 1.0, "auto"]
     [steer]
     ks = [1, 2, 4]
 
@@ -33,16 +33,16 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from mechdiff.artifacts import RESUME_SAFE_OPTIONS, RunDir, new_run_dir
+from mechdiff.artifacts import RunDir, new_run_dir
 from mechdiff.atomic import atomic_write_text, to_jsonable
 from mechdiff.checks import check_against_models, check_option_counts, check_out_dir
 from mechdiff.errors import ConfigError
+from mechdiff.manifest import check_resume
 from mechdiff.experiments.common import open_models, target_prompts
 from mechdiff.experiments.stage import (STAGES, _forget_options, check_common, get_stage, open_study,
                                         resolve_batch_size, run_stage, study_order)
-from mechdiff.experiments.study_config import (_coerce, _field_names, _registered, _toml_value,  # noqa: F401
-                                               _value_text, config_toml, default_stages, read_config,
-                                               stage_command, stage_options, study_stages)
+from mechdiff.experiments.study_config import (config_toml, default_stages, read_config, stage_command,
+                                               stage_options, study_stages)
 from mechdiff.pairs import load_pair
 from mechdiff.report import write_report
 from mechdiff.scale import distributed as dp
@@ -114,30 +114,14 @@ def _py_pair(command: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------- resume check
-def _check_resume(out: Path, options: Mapping[str, Any], seed: int, pair) -> None:
-    """Refuse, before any model work, a run directory whose recorded pair, seed or stage options
-    differ from these (resume-safe options such as batch size may differ)."""
-    run = RunDir(out, create=False) if out.is_dir() else None
-    m = run.read_manifest() if run is not None and (out / "manifest.json").is_file() else None
-    if not m:
-        return
-    if (m.get("pair") or {}).get("name") not in (None, pair.name):
-        raise ConfigError(f"run directory {out} holds pair {m['pair'].get('name')!r}, not {pair.name!r}; "
-                          "use a new --out directory")
-    if (m.get("seeds") or {}).get("seed", seed) != seed:
-        raise ConfigError(f"run directory {out} was run with --seed {m['seeds']['seed']}, not {seed}; "
-                          "use the same seed or a new --out directory")
-    recorded = m.get("options") or {}
-    for name, opts in options.items():
-        if name not in recorded:
-            continue
-        now = to_jsonable(dataclasses.asdict(opts))
-        old = recorded[name]
-        diff = sorted(k for k in set(old) & set(now) if k not in RESUME_SAFE_OPTIONS and old[k] != now[k])
-        if diff:
-            shown = "; ".join(f"{k}: {old[k]!r} then, {now[k]!r} now" for k in diff)
-            raise ConfigError(f"run directory {out} already holds stage {name!r} with other options ({shown}); "
-                              "rerun with the same config or use a new --out directory")
+def _check_resume(out: Path, options: Mapping[str, Any], seed: int, pair, prompts: str | None) -> None:
+    """Refuse, before any model work, a run directory that the one resume rule
+    (:func:`mechdiff.manifest.check_resume`) refuses for what is known before the models load: the
+    pair, the seed, each stage's options (as ``open_run`` records them)."""
+    m = RunDir(out, create=False).read_manifest() if (out / "manifest.json").is_file() else None
+    check_resume(out, m, {"pair": pair.to_dict(), "seeds": {"seed": seed},
+                          "options": {name: {**dataclasses.asdict(opts), "seed": seed, "prompts": prompts}
+                                      for name, opts in options.items()}})
 
 
 # ---------------------------------------------------------------------------------- run
@@ -165,7 +149,7 @@ def run_study(pair: "Any", config: "str | os.PathLike | Mapping | None" = None,
     rows = target_prompts(pair, str(prompts) if prompts else None)   # a bad prompt file fails here
     path = Path(out) if out is not None else dp.from_rank0(lambda: new_run_dir("runs", "study"))
     path = dp.private_dir(path)     # under torchrun: ranks other than 0 write a private copy
-    _check_resume(path, options, seed, pair)
+    _check_resume(path, options, seed, pair, str(prompts) if prompts else None)
     base, tuned = models or open_models(pair, device, dtype)        # prints a line per model
     n_layers = min(base.n_layers, tuned.n_layers)
     for name in names:                                 # layer ranges, before anything is written

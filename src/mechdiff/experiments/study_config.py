@@ -4,7 +4,9 @@
 (derived from each stage's ``requires``); :func:`read_config` reads a TOML run config (one table per stage, keys the
 stage's option names as in ``mechdiff STAGE --help``) or a mapping, and :func:`stage_options` checks
 every table and key and builds each stage's options dataclass (defaults with the config on top), so a
-bad config is a ConfigError before any model work. The way back out: :func:`config_toml` writes every
+bad config is a ConfigError before any model work. Values are read by the command line's parser
+(:func:`mechdiff.options.parse_value`): a value means the same in both, and a bad one gets the same
+message. The way back out: :func:`config_toml` writes every
 option of every stage as TOML (``run_config.toml``) and :func:`stage_command` the ``mechdiff STAGE``
 command line that reproduces one stage's options. :mod:`mechdiff.experiments.study` runs a study
 with these and re-exports them.
@@ -19,6 +21,7 @@ from typing import Any, Mapping, Sequence
 
 from mechdiff.errors import ConfigError
 from mechdiff.experiments.stage import STAGES, study_order
+from mechdiff.options import flag_of, parse_value, renamed_error, spellings
 
 __all__ = ["study_stages", "read_config", "stage_options", "default_stages", "stage_command", "config_toml"]
 
@@ -80,56 +83,14 @@ def read_config(config: "str | os.PathLike | Mapping | None") -> dict[str, dict]
 
 
 def _field_names(cls) -> dict[str, str]:
-    """Every accepted spelling of each option -> its field name (name, hyphenated, CLI flag)."""
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.name.startswith("_"):
-            continue
-        for alias in (f.name, f.name.replace("_", "-"), (f.metadata.get("flag") or "").lstrip("-")):
-            if alias:
-                out[alias] = f.name
-                out[alias.replace("-", "_")] = f.name
-    return out
+    """Every accepted spelling of each option -> its field name (:func:`mechdiff.options.spellings`)."""
+    return {alias: f.name for f in dataclasses.fields(cls) if not f.name.startswith("_") for alias in spellings(f)}
 
 
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """A TOML value as the field's type (ints for floats, numbers for 'auto'-style string lists);
-    ConfigError naming ``where`` otherwise."""
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    optional = type(None) in typing.get_args(hint)
-    base = args[0] if (args and typing.get_origin(hint) is not list) else hint
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{where}: a value is required")
-    if typing.get_origin(base) is list:
-        item = typing.get_args(base)[0]
-        if isinstance(value, str) and item in (int, float):
-            raise ConfigError(f"{where}: expected a TOML list such as [1, 2] (in brackets), got the string {value!r}")
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            value = [x for x in str(value).replace(" ", "").split(",") if x] if isinstance(value, str) else [value]
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if base is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true or false, got {value!r}")
-    if base is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if base is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if base is str:
-        if value == "" and optional:
-            return None                                # "" spells None for an optional string
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    return value
+def _renamed(cls, key: str):
+    """The field a former spelling ``key`` of an option now names (``opt(was=...)``), else None."""
+    return next((f for f in dataclasses.fields(cls) if key in f.metadata.get("was", ())
+                 or key.replace("-", "_") in f.metadata.get("was", ())), None)
 
 
 def stage_options(config: Mapping[str, Mapping], stages: Sequence[str]) -> dict[str, Any]:
@@ -150,11 +111,18 @@ def stage_options(config: Mapping[str, Mapping], stages: Sequence[str]) -> dict[
         cls = STAGES[stage_name].options
         names, hints = _field_names(cls), typing.get_type_hints(cls)
         values = {}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, v in table.items():
             if key not in names:
+                was = _renamed(cls, key)
+                if was is not None:
+                    raise renamed_error(was, key, stage_name)
                 valid = ", ".join(f.name for f in dataclasses.fields(cls) if not f.name.startswith("_"))
                 raise ConfigError(f"run config [{stage_name}]: unknown option {key!r}; options: {valid}")
-            values[names[key]] = _coerce(v, hints[names[key]], f"run config [{stage_name}] {key}")
+            try:
+                values[names[key]] = parse_value(fields[names[key]], hints[names[key]], v)
+            except ConfigError as e:
+                raise ConfigError(f"run config [{stage_name}] {key}: {e}") from None
         try:
             out[stage_name] = cls(**values)
         except TypeError as e:
@@ -183,7 +151,7 @@ def stage_command(stage_name: str, opts: Any, head: Sequence[str]) -> list[str]:
             continue
         if v is None:
             v = ""                                     # an optional string turned off
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        flag = flag_of(f)
         if isinstance(v, bool):
             argv.append(flag if v else "--no-" + flag[2:])
         else:

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from mechdiff.experiments.rq2_summary import winner_controls
+from mechdiff.experiments.maps_summary import winner_controls
 from mechdiff.report.render import load
 
 

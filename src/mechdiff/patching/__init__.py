@@ -8,6 +8,7 @@ through :class:`PatchEngine`::
     h = eng.clean_states(["resid_post.3"])            # {"resid_post.3": [B, d]} at the decision token
     logits = eng.run([Patch("resid_post.3", h_src),   # [n_variants, B, V] float32
                       Patch("mlp_out.1", v, mode="add", alpha=2.0),
+                      Patch("resid_post.2", mode="steer", basis=U, alpha=2.0),   # U: [d, k] orthonormal
                       [Patch("attn_out.2", a), Patch("mlp_out.2", m)]])   # several sites at once
     kl = patch_kl(eng, variants)                      # [n_variants, B] KL(clean || patched)
     src = chunked_clean_states(other_model, tok, prompts, ["resid_post.3"], batch_size=32)  # [N, d] sources
@@ -15,11 +16,16 @@ through :class:`PatchEngine`::
 **What a patch does** (at the decision position ``p`` = ``batch.decision``, the last content token;
 ``h`` is the site's clean-run value there, ``v`` the patch value, ``U`` an orthonormal basis):
 
-- ``replace``:     ``c + alpha * (v - c)`` with centre ``c`` = ``Patch.centre`` or, by default, ``h``
+- ``replace``: ``c + alpha * (v - c)`` with centre ``c`` = ``Patch.centre`` or, by default, ``h``
   (alpha=1: ``v`` exactly; mapped patching's alpha-sweep is ``c = mu``, the tuned train mean)
-- ``add``:         ``h + alpha * v``        (steering)
-- ``project_out``: ``h - alpha * (h U) U^T`` (ablation of a subspace)
-- ``affine``:      ``h + alpha * ((h U) M U^T + v)`` (a linear map ``M [k, k]`` inside span(U) plus ``v``)
+- ``add``:     ``h + alpha * v``        (a fixed steering vector)
+- ``steer``:   ``h + alpha * (h U) U^T`` (the state's own component in span(U) amplified)
+- ``ablate``:  ``h + alpha * ((r - h) U) U^T`` (that component moved to the reference ``r`` = the
+  patch value, or 0 without one: alpha=1 removes span(U); a head zeroed, or set to another model's)
+- ``affine``:  ``h + alpha * ((h U) M U^T + v)`` (a linear map ``M [k, k]`` inside span(U) plus ``v``)
+
+One formula per mode, alpha as given: a steering handle's alpha reaches the engine unchanged
+(``Handle.patch``: steer -> steer, add -> add, ablate -> ablate, map -> affine).
 
 **Measured position.** ``measure="last"`` reads the logits at the final position ``T-1`` (the next
 token of the response, after the chat-template tail); ``measure="decision"`` reads them at ``p``

@@ -57,7 +57,8 @@ def _slice(p: Patch, i: int, j: int) -> Patch:
     return replace(p, **cut) if cut else p
 
 
-def _variant_slice(var, i: int, j: int):
+def variant_slice(var, i: int, j: int):
+    """A variant (Patch or list of Patch) for prompts ``i:j`` of the ``[N, ...]`` tensors it holds."""
     return _slice(var, i, j) if isinstance(var, Patch) else [_slice(p, i, j) for p in var]
 
 
@@ -85,7 +86,7 @@ def patch_measure(side: LoadedModel, prompts: Sequence, variants: list, *, batch
                           record_sites=record_sites, max_rows=max_rows)
         if on_chunk is not None and not split:
             on_chunk(eng, i, j)
-        res = eng.run([_variant_slice(v, i, j) for v in variants], positions=positions,
+        res = eng.run([variant_slice(v, i, j) for v in variants], positions=positions,
                       reduce=reducer(eng, i, j))
         return res.cpu(), (eng.clean_logits.cpu() if split and on_chunk is not None else None)
 

@@ -1,5 +1,5 @@
 """What a patch is and how it edits one site's vector: the :class:`Patch` record, the patch modes
-(``MODES``), the arithmetic of each mode (``_apply``), site widths (``_width``), the
+(``MODES``: one formula each, see :class:`Patch`), the arithmetic of each mode (``_apply``), site widths (``_width``), the
 normalisation and validation of variants (``_prepare``) shared by the batched and naive paths of
 :class:`mechdiff.patching.PatchEngine`, and no-op detection (``_noop_rows``: which prompts a variant
 leaves bit for bit at the clean state). The package docstring explains the modes."""
@@ -12,20 +12,34 @@ import torch
 from mechdiff.errors import ConfigError, NumericsError, SiteError
 from mechdiff.sites.names import READ_ONLY, parse_site
 
-MODES = ("replace", "add", "project_out", "affine")
+MODES = ("replace", "add", "steer", "ablate", "affine")
 
 
 @dataclass(frozen=True, eq=False)
 class Patch:
-    """One edit at one site, applied at the decision position.
+    """One edit at one site, applied at the decision position. Each mode is one formula of the clean
+    value ``h``, in which ``alpha`` enters as given (the sign and size the user chose):
 
-    site: ``"resid_post.12"`` or ``("resid_post", 12)``. value: ``[B, d]`` (per prompt) or ``[d]``
-    (same for every prompt); required for replace/add. basis: ``[d, k]`` orthonormal columns for
-    project_out. alpha: scale. centre: ``[B, d]`` or ``[d]``, replace only: the point alpha scales
-    from, ``c + alpha * (v - c)``; None means the clean value ``h`` (see the package docstring).
-    matrix: ``[k, k]``, affine only: ``h + alpha * ((h U) M U^T + v)`` (a linear map inside span(U),
-    e.g. a handle that predicts the tuned model's component from the base's; ``v`` ``[d]`` or
-    ``[B, d]``, required).
+    ============  ======================================  ==========================================
+    mode          new value                               needs
+    ============  ======================================  ==========================================
+    replace       ``c + alpha (v - c)``                   value ``v``; centre ``c`` (None: ``h``)
+    add           ``h + alpha v``                         value ``v``
+    steer         ``h + alpha (h U) U^T``                 basis ``U``
+    ablate        ``h + alpha ((r - h) U) U^T``           basis ``U``; value ``r`` (None: 0)
+    affine        ``h + alpha ((h U) M U^T + v)``         basis ``U``, matrix ``M``, value ``v``
+    ============  ======================================  ==========================================
+
+    replace with alpha = 1 writes ``v``; steer amplifies the state's own component in span(U) (alpha
+    = -1 removes it); ablate moves that component to the reference's (alpha = 1 with no value
+    removes span(U): a subspace or a head zeroed; with ``r`` in span(U), e.g. another model's head
+    slice, it writes ``r`` there exactly); affine is a linear map inside span(U) plus ``v`` (a handle
+    that predicts the tuned model's component from the base's). The handles of
+    :mod:`mechdiff.analyses.steering` hand their modes to the engine under the same names and alpha
+    (its ``map`` as affine with ``M = A - I``).
+
+    site: ``"resid_post.12"`` or ``("resid_post", 12)``. value / centre: ``[B, d]`` (per prompt) or
+    ``[d]`` (same for every prompt). basis: ``[d, k]`` orthonormal columns. matrix: ``[k, k]``.
     """
 
     site: object
@@ -71,7 +85,14 @@ def _apply(h: torch.Tensor, p: Patch, value: torch.Tensor | None, basis: torch.T
     if p.mode == "affine":
         m = p.matrix.to(dev).float()
         return (hf + a * (((hf @ u) @ m) @ u.T + value.float())).to(h.dtype)
-    return (hf - a * ((hf @ u) @ u.T)).to(h.dtype)
+    if p.mode == "steer":
+        return (hf + a * ((hf @ u) @ u.T)).to(h.dtype)
+    # ablate: h + alpha ((r - h) U) U^T, computed as (h - alpha (h U) U^T) + alpha (r U) U^T so that
+    # alpha = 1 and r in span(U) (a head's slice) writes r's coordinates exactly
+    out = (hf - a * ((hf @ u) @ u.T)).to(h.dtype)
+    if value is None:
+        return out
+    return (out.float() + (a * (value.float() @ u)) @ u.T).to(h.dtype)
 
 
 def _width(sm, name: str) -> int:
@@ -110,7 +131,10 @@ def _prepare(sm, variants, B: int, device, positions: str = "decision"):
                                     f"expected [{B}, {w}] or [{w}]")
                 checks.append((centre, f"patch centre for {name}.{layer} contains NaN/Inf"))
                 centre = centre.to(device)
-            if p.mode in ("replace", "add", "affine"):
+            if p.mode == "steer" and p.value is not None:
+                raise ConfigError(f"a 'steer' patch at {name}.{layer} takes no value (it scales the state's own "
+                                  "component in span(basis)); use 'add' for a fixed vector")
+            if p.mode in ("replace", "add", "affine") or (p.mode == "ablate" and p.value is not None):
                 if p.value is None:
                     raise ConfigError(f"a {p.mode!r} patch at {name}.{layer} needs a value")
                 value = p.value.detach()
@@ -129,7 +153,7 @@ def _prepare(sm, variants, B: int, device, positions: str = "decision"):
                 checks.append((value, f"patch value for {name}.{layer} contains NaN/Inf; check the source "
                                       "states or the map that produced them"))
                 value = value.to(device)
-            if p.mode in ("project_out", "affine"):
+            if p.mode in ("steer", "ablate", "affine"):
                 if p.basis is None or p.basis.dim() != 2 or p.basis.shape[0] != w:
                     raise SiteError(f"{p.mode} at {name}.{layer} needs a basis of shape [{w}, k], got "
                                     f"{None if p.basis is None else tuple(p.basis.shape)}")
@@ -137,7 +161,7 @@ def _prepare(sm, variants, B: int, device, positions: str = "decision"):
                 if p.mode == "affine" and (p.matrix is None or tuple(p.matrix.shape) != (k, k)):
                     raise SiteError(f"affine at {name}.{layer} needs a matrix of shape [{k}, {k}], got "
                                     f"{None if p.matrix is None else tuple(p.matrix.shape)}")
-                checks.append((p.basis, f"project_out basis for {name}.{layer} contains NaN/Inf"))
+                checks.append((p.basis, f"{p.mode} basis for {name}.{layer} contains NaN/Inf"))
                 basis = p.basis.detach().to(device)
             norm.append((name, layer, p, value, basis, centre))
         out.append(norm)

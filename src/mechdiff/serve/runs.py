@@ -10,14 +10,13 @@ from dataclasses import asdict
 from pathlib import Path, PurePosixPath
 from typing import Any, Sequence
 
-from mechdiff.compare import ROWS, _cell, _contrasts, _label, intervals
+from mechdiff.compare import comparison, run_labels
 from mechdiff.errors import ConfigError, DataError
 from mechdiff.report.figures import figure_data
 from mechdiff.report.hooks import registered_hooks
 from mechdiff.report.render import load
-from mechdiff.report.summary import numbers, sentences
+from mechdiff.report.summary import sentences
 from mechdiff.texts.result import TextDivergence, load_texts
-from mechdiff.verdict import run_estimates, verdict_for
 
 #: metrics files the built-in stages' report hooks open by name (with each registered hook's ``metrics``
 #: and results/*.json, checked to stay inside the run before the report readers open them)
@@ -147,13 +146,11 @@ class RunSet:
     def __init__(self, run_dirs: Sequence[str | Path]):
         if not run_dirs:
             raise ConfigError("mechdiff serve needs at least one run directory")
-        used: set[str] = set()
-        self.runs: list[ServedRun] = []
-        for d in run_dirs:
-            p = Path(d)
+        paths = [Path(d) for d in run_dirs]
+        for p in paths:
             if not p.is_dir() or not (p / "manifest.json").is_file():
-                raise ConfigError(f"{d} is not a run directory (no manifest.json); give the --out of a mechdiff run")
-            self.runs.append(ServedRun(p, _label(p, load(p / "manifest.json"), used)))
+                raise ConfigError(f"{p} is not a run directory (no manifest.json); give the --out of a mechdiff run")
+        self.runs = [ServedRun(p, label) for p, label in zip(paths, run_labels(paths))]
 
     def get(self, idx: int) -> ServedRun:
         if not 0 <= idx < len(self.runs):
@@ -161,32 +158,17 @@ class RunSet:
         return self.runs[idx]
 
     def compare(self) -> dict:
-        """The runs side by side: the comparison's headline rows and contrasts, each stage's headline
-        keys aligned, and every run's figure data (the page overlays them)."""
-        nums = [numbers(r.checked()) for r in self.runs]
+        """The runs side by side: ``mechdiff compare``'s comparison (:func:`mechdiff.compare.comparison`:
+        headline rows, contrasts, verdict rows, figure data), each stage's headline keys aligned."""
+        cmp = comparison([r.checked() for r in self.runs], [r.label for r in self.runs])
         labels = [r.label for r in self.runs]
-        table = [{"quantity": name.strip(), "indent": name.startswith(" "),
-                  "values": [_cell(n.get(key), spec) for n in nums]} for name, key, spec in ROWS]
+        table = [{"quantity": row["quantity"], "indent": row["indent"], "values": row["cells"]} for row in cmp["rows"]]
         stages: dict[tuple[str, str], list[Any]] = {}
         for j, r in enumerate(self.runs):
             for h in r.headlines():
                 for k, v in h["headline"].items():
                     stages.setdefault((h["title"], k), [None] * len(self.runs))[j] = v
-        runs = []
-        for r, lab, n in zip(self.runs, labels, nums):
-            iv = intervals(r.root)
-            runs.append({"label": lab, "numbers": n, "domain": (r.manifest.get("pair") or {}).get("domain"),
-                         "estimates": run_estimates(iv, load(r.root / "rq3.json") or {}, n, load(r.root / "maps.json"),
-                                                  load(r.root / "rq1.json"))})
         return clean({"labels": labels, "table": table,
                       "headlines": [{"stage": s, "key": k, "values": v} for (s, k), v in stages.items()],
-                      "contrasts": _contrasts(runs) if len(runs) > 1 else [], "verdicts": verdict_rows(runs),
-                      "figures": [figure_data(r.root, r.label) for r in self.runs]})
-
-
-def verdict_rows(runs: list[dict]) -> list[dict]:
-    """The verdict table's rows (``mechdiff.verdict.Row.to_json()`` form: criterion, predicted, both
-    runs' estimates with intervals, the difference, the verdict) where exactly one cultural and one
-    cognitive run are open, as ``mechdiff compare`` writes them; [] otherwise."""
-    v = verdict_for(runs)
-    return v["rows"] if v else []
+                      "contrasts": cmp["contrasts"], "verdicts": cmp["verdict"]["rows"] if cmp["verdict"] else [],
+                      "figures": [r["figures"] for r in cmp["runs"]]})

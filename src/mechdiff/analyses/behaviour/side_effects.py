@@ -19,11 +19,14 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import torch
+
 from mechdiff.analyses.behaviour.generation import generate_ids, model_device
 from mechdiff.analyses.behaviour.mc import mc_prompt, mc_scores
 from mechdiff.analyses.behaviour.refusal import is_refusal
 from mechdiff.data.prompts import encode, pad_id_of
 from mechdiff.patching import Patch, PatchEngine
+from mechdiff.patching.measure import variant_slice
 from mechdiff.sites.hooks import intervene, replace_at
 from mechdiff.sites.names import site_str
 
@@ -70,15 +73,23 @@ def refusal_rates(model, tok, prompts, patches: Sequence[tuple], allowed_ids,
     return clean, rows
 
 
-def mc_effects(model, tok, items, patches: Sequence, allowed_ids, **engine_kw) -> list[dict]:
-    """MC delta-log-prob and accuracy, clean vs each patch (all patches in one engine run), masked
-    and unmasked; one dict per patch. A patch is ``(site, value [B, d])`` or a
-    :class:`~mechdiff.patching.Patch` (alpha and centre applied by the engine). The clean side of each
-    delta is the engine's in-pass reference for that patch (module docstring). engine_kw: passed to
-    :class:`~mechdiff.patching.PatchEngine` (e.g. ``detect_noops=False``)."""
-    eng = PatchEngine(model, encode(tok, [mc_prompt(it) for it in items]), measure="last", **engine_kw)
+def mc_effects(model, tok, items, patches: Sequence, allowed_ids, batch_size: int | None = None,
+               **engine_kw) -> list[dict]:
+    """MC delta-log-prob and accuracy, clean vs each patch (all patches in one engine run per chunk of
+    ``batch_size`` items; None: one chunk), masked and unmasked; one dict per patch. A patch is
+    ``(site, value [B, d])`` or a :class:`~mechdiff.patching.Patch` (alpha and centre applied by the
+    engine; ``[B, ...]`` tensors over all items, cut per chunk). The clean side of each delta is the
+    engine's in-pass reference for that patch (module docstring); a patch source taken on the same
+    chunks (``patching.clean_run`` with this ``batch_size``) is bit for bit the clean state. engine_kw:
+    passed to :class:`~mechdiff.patching.PatchEngine` (e.g. ``detect_noops=False``, ``max_rows``)."""
     variants = [p if isinstance(p, Patch) else Patch(site_str(p[0]), p[1]) for p in patches]
-    patched, ref = eng.run(variants, with_reference=True)
+    step = max(1, batch_size or len(items))
+    parts = []
+    for i in range(0, len(items), step):
+        eng = PatchEngine(model, encode(tok, [mc_prompt(it) for it in items[i:i + step]]), measure="last",
+                          **engine_kw)
+        parts.append(eng.run([variant_slice(v, i, i + step) for v in variants], with_reference=True))
+    patched, ref = (torch.cat([p[k] for p in parts], 1) for k in (0, 1))
     ids = {"unmasked": None, "masked": allowed_ids}
     rows = []
     for k in range(len(patches)):

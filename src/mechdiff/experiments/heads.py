@@ -46,8 +46,8 @@ from mechdiff.experiments.steps import (check_layers, group_ids, prompt_digest,
                                         select_prompts)
 from mechdiff.analyses.path_patching import parse_receiver, path_patch
 from mechdiff.atomic import atomic_write_text
-from mechdiff.experiments.rq4_summary import default_layers, headline_of, known_heads, noise_floor, write_figures
-from mechdiff.experiments.rq4_steps import (ABLATION, ABLATIONS, ATTRIB, ATTRIBUTIONS, CUMUL, STATES, SWAPS,  # noqa: F401
+from mechdiff.experiments.heads_summary import default_layers, headline_of, known_heads, noise_floor, write_figures
+from mechdiff.experiments.heads_steps import (ABLATION, ABLATIONS, ATTRIB, ATTRIBUTIONS, CUMUL, STATES, SWAPS,  # noqa: F401
                                             TARGETS, TARGETS_T, _ablate_step, _attribution_step, _cumulative_step,
                                             _states_step, _targets_step, measured_kinds, scores, targets)
 

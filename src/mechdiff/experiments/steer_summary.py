@@ -1,6 +1,6 @@
 """RQ3 summary, from the step outputs alone: every cell's dev/test share and side effects, the alpha
 chosen on dev, the minimal k per handle, controls, transfer, handles/, the figure, rq3.json and
-rq3_summary.txt (see :mod:`mechdiff.experiments.rq3`)."""
+rq3_summary.txt (see :mod:`mechdiff.experiments.steer`)."""
 from __future__ import annotations
 
 import math

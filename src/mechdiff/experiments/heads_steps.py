@@ -1,5 +1,5 @@
 """The heads stage's cached steps (RQ4): readout targets, per-head states, ablation and cross-model
-head patching, attribution and the cumulative top-k curves; :mod:`mechdiff.experiments.rq4` runs them
+head patching, attribution and the cumulative top-k curves; :mod:`mechdiff.experiments.heads` runs them
 in order and summarises their tensors."""
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from mechdiff.experiments.steps import clean_run, patch_measure, same_tokens
 from mechdiff.fairness import mask_logits
 from mechdiff.sites.hooks import intervene, record, replace_at
 
-if TYPE_CHECKING:                      # rq4.py imports this module: the options type for annotations only
-    from mechdiff.experiments.rq4 import RQ4Options
+if TYPE_CHECKING:                      # heads.py imports this module: the options type for annotations only
+    from mechdiff.experiments.heads import RQ4Options
 
 TARGETS = ("top", "answer", "continuation", "refusal")
 ABLATIONS, SWAPS = ("zero", "mean"), ("swap", "own")

@@ -33,8 +33,9 @@ from mechdiff.artifacts import RunDir
 from mechdiff.errors import ConfigError
 from mechdiff.experiments.figure_data import FIG_B
 from mechdiff.experiments.results import MappedPatchResult, MapsResult
-from mechdiff.experiments.rq2_summary import mapped_patch_result, summarise_rq2, sweep_section, write_maps_figures
+from mechdiff.experiments.maps_summary import mapped_patch_result, summarise_rq2, sweep_section, write_maps_figures
 from mechdiff.experiments.stage import Stage, Study, opt, run_stage
+from mechdiff.options import MAPPED_ALPHA
 from mechdiff.experiments.summaries import rq2_numbers, rq2_sentences
 from mechdiff.report.hooks import ReportHooks
 from mechdiff.experiments.steps import (capture_sides, check_layers, clean_run, fair_split, group_ids, kl_to_clean,
@@ -43,7 +44,7 @@ from mechdiff.patching import Patch
 from mechdiff.sites.names import Site
 from mechdiff.sites.names import SITE_NAMES
 from mechdiff.data.datasets import load_prompt_set
-from mechdiff.experiments.rq2_summary import sweep_table
+from mechdiff.experiments.maps_summary import sweep_table
 from mechdiff.analyses.behaviour.mc import mc_prompt
 from mechdiff.analyses.behaviour.side_effects import mc_effects, refusal_rates
 
@@ -78,8 +79,10 @@ class RQ2Options(MapsOptions):
                            factory=lambda: ["resid_post", "attn_out", "mlp_out"])
     solvers: list[str] = opt(help=f"maps compared in the sweep (comma list of {', '.join(SOLVERS)}); the winner "
                                   "is chosen on dev", factory=lambda: ["procrustes_scaled"])
-    alphas: list[str] = opt(help="alpha values (comma list) and/or 'auto' (matches the train norm)",
-                            factory=lambda: ["0.3", "0.5", "0.7", "1.0", "auto"], flag="--alpha")
+    mapped_alpha: list[str] = opt(help="mapped-patch strengths: alpha in mu + alpha (M(x) - mu), numbers > 0 "
+                                       "and/or 'auto' (the mapped states' norm matches the tuned train states')",
+                                  factory=lambda: ["0.3", "0.5", "0.7", "1.0", "auto"], kind=MAPPED_ALPHA,
+                                  was=("alpha", "alphas"))
     side_effects: bool = opt(True, "refusal (harmful half of the refusal probe) and multiple-choice side effects "
                                    "of the dev-chosen alpha; without them the stop conditions are not met")
     side_n: int = opt(24, "prompts per side-effect set")
@@ -87,7 +90,8 @@ class RQ2Options(MapsOptions):
 
 
 def check(opts: MapsOptions, n_layers: int) -> None:
-    """Everything checkable before model work: layer ranges, solvers, sites, counts, alphas."""
+    """Everything checkable before model work: layer ranges, solvers, sites, counts (the strengths are
+    read by their kind, :data:`mechdiff.options.MAPPED_ALPHA`)."""
     check_layers(n_layers, layers=opts.layers, control_layer=opts.control_layer)
     bad = [s for s in opts.solvers if s not in M.SOLVERS]
     if len(set(opts.solvers)) != len(opts.solvers):
@@ -100,14 +104,6 @@ def check(opts: MapsOptions, n_layers: int) -> None:
     M.check_shrinkage(opts.shrink)
     if opts.n_train < 2 or opts.n_val < 2 or opts.k_positions < 1:
         raise ConfigError("--n-train and --n-val must be >= 2 and --k-positions >= 1")
-    for a in getattr(opts, "alphas", []):
-        if a != "auto":
-            try:
-                v = float(a)
-            except ValueError:
-                raise ConfigError(f"--alpha: {a!r} is not a number or 'auto'") from None
-            if not (v == v and abs(v) != float("inf")) or v <= 0:
-                raise ConfigError(f"--alpha: {a!r} must be a finite number > 0, or 'auto'")
 
 
 def _make(solver: str, opts: MapsOptions, study: Study):
@@ -256,7 +252,7 @@ def _sweep_step(study: Study, val, n_dev: int, states, layers, control, opts: RQ
                 variants.append(Patch(Site(site, l), src[str(Site(site, l))]))
         for solver in opts.solvers:
             for l in layers + [control]:
-                for a in (opts.alphas if l != control else ["1.0"]):
+                for a in (opts.mapped_alpha if l != control else ["1.0"]):
                     mapped(solver, l, l, site, a, "mapped" if l != control else "control_map")
             # controls for every chosen layer (whichever wins on dev is compared with its own):
             for lc in layers:
@@ -290,9 +286,9 @@ def _side_step(study: Study, states, opts: RQ2Options) -> None:
     rows, ref_patches, mc_patches = [], [], []
     keys = sorted({Site(b["site"], b["layer"]) for b in table["best"]})
     x_ref = capture_sides(study, refusal, keys, sides=["base"])["base"]   # one pass per set
-    # MC sources along mc_effects' engine path (one batch, "last" readout): see _sweep_step
+    # MC sources along mc_effects' engine path (the same chunks, "last" readout): see _sweep_step
     x_mc = {Site.parse(k): v.float() for k, v in clean_run(study.base, [mc_prompt(it) for it in mc], keys,
-                                                           batch_size=max(1, len(mc)), measure="last",
+                                                           batch_size=study.batch_size, measure="last",
                                                            max_rows=study.max_rows)[1].items()}
     for best in table["best"]:
         site, l, solver = best["site"], best["layer"], best["solver"]
@@ -306,7 +302,7 @@ def _side_step(study: Study, states, opts: RQ2Options) -> None:
     tuned, ids = study.tuned, study.allowed_ids("tuned")
     _, ref_rows = refusal_rates(tuned.model, tuned.tokenizer, refusal, ref_patches, ids,
                                 batch_size=study.batch_size)
-    mc_rows = mc_effects(tuned.model, tuned.tokenizer, mc, mc_patches, ids, max_rows=study.max_rows)
+    mc_rows = mc_effects(tuned.model, tuned.tokenizer, mc, mc_patches, ids, study.batch_size, max_rows=study.max_rows)
     for row, r, c in zip(rows, ref_rows, mc_rows):
         row.update(r)
         row.update(c)
@@ -361,7 +357,7 @@ def run_mapped_patch_stage(study: Study, opts: RQ2Options) -> None:
     layers, control, val, n_dev, states = _prepare(study, opts)
     study.run.cached("rq2.sweep", lambda: _sweep_step(study, val, n_dev, states, layers, control, opts),
                      ["variants.json"], depends_on=[f"rq2.maps.{s}" for s in opts.solvers],
-                     info={"alphas": opts.alphas, "solvers": opts.solvers, "measure": opts.measure})
+                     info={"alphas": opts.mapped_alpha, "solvers": opts.solvers, "measure": opts.measure})
     if opts.side_effects:
         study.run.cached("rq2.side", lambda: _side_step(study, states, opts), ["side_effects.json"],
                          depends_on=["rq2.sweep"])

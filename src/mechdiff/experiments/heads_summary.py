@@ -1,7 +1,7 @@
 """RQ4 pieces beside the steps: the layers analysed by default, the known changed heads (planted pairs,
 ladder adapters' cards), the noise floor and its null, the headline table (the changed-head count with
 its FDR, Storey's share and intervals first, importance churn, overlap, recovery of the known heads)
-and the figures (see :mod:`mechdiff.experiments.rq4`)."""
+and the figures (see :mod:`mechdiff.experiments.heads`)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -29,7 +29,6 @@ figures/steer_vs_k.png, rq3_summary.txt.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -42,8 +41,9 @@ from mechdiff.patching.kl import kl_shared
 from mechdiff.errors import ConfigError, NumericsError
 from mechdiff.experiments.figure_data import FIG_C
 from mechdiff.experiments.results import SteerResult
-from mechdiff.experiments.rq3_summary import BASES, STATES, SWEEP, handle_of, summarise
+from mechdiff.experiments.steer_summary import BASES, STATES, SWEEP, handle_of, summarise
 from mechdiff.experiments.stage import Stage, Study, opt
+from mechdiff.options import STEER_ALPHA
 from mechdiff.experiments.summaries import rq3_numbers, rq3_sentences
 from mechdiff.report.hooks import ReportHooks
 from mechdiff.experiments.steps import (capture_sides, check_layers, clean_run, cluster_split, fair_split,  # noqa: F401
@@ -62,8 +62,10 @@ class RQ3Options:
     control_layer: int | None = opt(None, "control layer (default: RQ1's control, else ~10/32 depth)")
     site: str = opt("resid_post", "resid_pre | resid_post | attn_out | mlp_out")
     ks: list[int] = opt(help="ranks k (comma list)", factory=lambda: [1, 2, 3, 4, 6, 8], flag="--k")
-    alphas: list[float] = opt(help="alpha grid (comma list), chosen on the dev split",
-                              factory=lambda: [0.5, 1.0, 2.0, 3.0], flag="--alpha")
+    steer_alpha: list[float] = opt(help="handle strengths, numbers > 0 (alpha of each mode's formula: steer "
+                                        "h + alpha (h U) U^T, add h + alpha s u, ablate h + alpha ((r - h) U) U^T "
+                                        "with the values <= 1); chosen on the dev split",
+                                   factory=lambda: [0.5, 1.0, 2.0, 3.0], kind=STEER_ALPHA, was=("alpha", "alphas"))
     bases: list[str] = opt(help="handle kinds: diff (tuned - base), contrast (target vs neutral prompts)",
                            factory=lambda: list(KINDS))
     modes: list[str] = opt(help="steer, add (in the base), ablate (in the tuned)", factory=lambda: list(S.MODES))
@@ -86,12 +88,6 @@ class RQ3Options:
     transfer_lang: str | None = opt("kk", "also fit handles on this language only and read them on every language")
     min_shared_ratio: float = opt(1.0, "keep prompts with at least this fraction of tokens in the shared vocabulary")
 
-    def __post_init__(self):
-        try:
-            self.alphas = [float(a) for a in self.alphas]
-        except (TypeError, ValueError):
-            raise ConfigError(f"--alpha takes numbers (e.g. 0.5,1,2,3), got {self.alphas!r}") from None
-
 
 def check(opts: RQ3Options, n_layers: int) -> None:
     """Everything that can be checked before model work (ConfigError naming the option)."""
@@ -99,7 +95,7 @@ def check(opts: RQ3Options, n_layers: int) -> None:
     bad = [(f, v, ok) for f, v, ok in (
         ("--site", opts.site, opts.site in ("resid_pre", "resid_post", "attn_out", "mlp_out")),
         ("--k", opts.ks, bool(opts.ks) and all(isinstance(k, int) and 1 <= k <= 4096 for k in opts.ks)),
-        ("--alpha", opts.alphas, bool(opts.alphas) and all(math.isfinite(a) and a > 0 for a in opts.alphas)),
+        ("--steer-alpha", opts.steer_alpha, bool(opts.steer_alpha)),
         ("--bases", opts.bases, bool(opts.bases) and set(opts.bases) <= set(KINDS)),
         ("--modes", opts.modes, bool(opts.modes) and set(opts.modes) <= set(S.MODES)),
         ("--positions", opts.positions, opts.positions in ("decision", "all")),
@@ -120,7 +116,7 @@ def check(opts: RQ3Options, n_layers: int) -> None:
     if bad:
         f, v, _ = bad[0]
         raise ConfigError(f"{f}: invalid value {v!r} (see `mechdiff steer --help`; --n-fit must exceed the "
-                          f"largest k, alphas must be > 0, --bases from {KINDS}, --modes from {S.MODES})")
+                          f"largest k, --steer-alpha must be non-empty, --bases from {KINDS}, --modes from {S.MODES})")
 
 
 # ------------------------------------------------------------------------------------- plan
@@ -253,7 +249,7 @@ def _cells(plan: dict, opts: RQ3Options, bases: dict, same_width: bool) -> list[
             for mode in opts.modes:
                 if SIDE_OF[mode] == "base" and not same_width or mode == "map" and f"mapA.{key}@{l}.k1" not in bases:
                     continue
-                alphas = ([a for a in opts.alphas if a <= 1] or [1.0]) if mode == "ablate" else opts.alphas
+                alphas = ([a for a in opts.steer_alpha if a <= 1] or [1.0]) if mode == "ablate" else opts.steer_alpha
                 for k in ([1] if mode == "add" else sorted(k for k in set(opts.ks) if k <= bases[key].shape[1])):
                     cells += [{"layer": l, "basis_layer": int(bl), "kind": kind, "fit_lang": lang or None,
                                "mode": mode, "k": k, "alpha": a, "control_layer": l == control and l != int(bl),
@@ -366,7 +362,7 @@ def run_rq3(study: Study, opts: RQ3Options) -> None:
                depends_on=["rq3.capture"], info={**common, "ks": opts.ks, "transfer_lang": opts.transfer_lang,
                                                  "modes": opts.modes})
     bases = run.read_tensors(BASES) if run.exists(BASES) else {}
-    sweep_info = {**common, "ks": opts.ks, "alphas": opts.alphas, "modes": opts.modes, "positions": opts.positions,
+    sweep_info = {**common, "ks": opts.ks, "alphas": opts.steer_alpha, "modes": opts.modes, "positions": opts.positions,
                   "measure": opts.measure, "min_gap_kl": opts.min_gap_kl, "transfer_lang": opts.transfer_lang,
                   "eval": prompt_digest(plan["dev"] + plan["test"])}
     run.cached("rq3.sweep", lambda: _sweep(study, plan, opts, bases, states), [SWEEP, "rq3_cells.json"],
