@@ -220,7 +220,7 @@ def test_stage_commands_parse_list_options_from_their_defaults_and_flags():
     (["rq1", "--device", "cuda"], "no CUDA GPU is visible"),
     (["rq1", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["mapped-patch", "--mapped-alpha", "nan"], "--mapped-alpha: expected a comma list of finite numbers > 0"),
-    (["mapped-patch", "--mapped-alpha=-1"], "got '-1'"),
+    (["mapped-patch", "--mapped-alpha=-1"], "finite numbers > 0 and/or 'auto' (e.g. 0.5,1.0,auto; in TOML [0.5, 1.0, \"auto\"]), got -1"),
     (["mapped-patch", "--alpha", "0.5"], "--alpha was renamed: use --mapped-alpha"),
     (["steer", "--alpha", "0.5"], "--alpha was renamed: use --steer-alpha"),
     (["mapped-patch", "--solvers", "magic"], "unknown solver"),

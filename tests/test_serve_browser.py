@@ -59,7 +59,7 @@ def test_overview_figures_hover_zoom(browser_page):
     stages = page.eval_on_selector_all(".headline", "els => els.map(e => e.dataset.stage)")
     assert {"rq1", "alpha_sweep", "rq3", "rq4", "tokens"} <= set(stages)
     assert "[0.1, 0.3]" in page.inner_text('.headline[data-stage="tokens"]')       # the interval as written
-    assert page.locator("#verdict-hook").count() == 1 and page.locator("#contrasts li").count() >= 1
+    assert page.locator("#no-verdict").count() == 1 and page.locator("#contrasts li").count() >= 1
     chart = page.locator('[data-chart="A-patch"]')
     n_points = chart.locator("circle").count()
     assert n_points == 15                                                           # layers 0, 2, ..., 28
@@ -160,7 +160,7 @@ def test_compare_runs_overlaid(browser_page):
     assert share == "changed heads (share)5.0%5.0%"                                 # compare's own formats
     assert page.locator('[data-chart="A-patch"] .legend > span').count() == 2        # both runs overlaid
     assert page.locator("#stage-table tbody tr").count() >= 5
-    assert page.locator("#verdict-hook").count() == 1
+    assert page.locator("#no-verdict").count() == 1
     page.screenshot(path=str(shots / "serve_compare.png"))
     clean_log(page, url, log)
     page.goto(url + "/api/runs/0/file/report.html")                                 # a run's own page: sandboxed
@@ -170,16 +170,19 @@ def test_compare_runs_overlaid(browser_page):
         assert (shots / f"{name}.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_verdict_rows_rendered_from_the_hook(browser_page, monkeypatch):
+def test_verdict_rows_rendered_from_the_comparison(browser_page, monkeypatch):
     page, url, shots, log = browser_page
     row = {"criterion": "<b>rank</b> of the change", "predicted": "cultural < cognitive", "verdict": "supports",
            "cultural": {"value": 1.0, "lo": 0.5, "hi": 1.5, "note": ""}, "cognitive": {"value": 6.0, "lo": 5.0, "hi": 7.0,
            "note": ""}, "difference": {"value": -5.0, "lo": -6.1, "hi": -3.9, "note": "quadrature"}}
-    monkeypatch.setattr(runs_mod, "verdict_rows", lambda runs: [row])           # the hook, as verdict.Row.to_json()
+    real = runs_mod.comparison
+    def with_verdict(dirs, labels):                                                 # one cultural + one cognitive run's
+        return {**real(dirs, labels), "verdict": {"rows": [row]}}                   # rows, as verdict.Row.to_json()
+    monkeypatch.setattr(runs_mod, "comparison", with_verdict)
     page.goto(url + "/?hook#compare")                                               # a fresh load, not a same-hash no-op
     page.wait_for_selector("#verdict-table")
     cells = page.eval_on_selector_all("#verdict-table td", "ts => ts.map(t => t.textContent)")
     assert cells == ["<b>rank</b> of the change", "cultural < cognitive", "1 [0.5, 1.5]", "6 [5, 7]",
                      "-5 [-6.1, -3.9] (quadrature)", "supports"]
-    assert page.locator("#verdict-hook").count() == 0
+    assert page.locator("#no-verdict").count() == 0
     clean_log(page, url, log)

@@ -83,8 +83,9 @@ def sweep_table(variants: dict) -> dict:
         answer = (f"{NO_TRANSFER}: no layer's mapped patch reduces the gap on dev (best dev drop "
                   f"{winner['dev_drop_pct']:.1f}%, {winner['solver']} L{winner['layer']} {winner['site']})")
         winner = None
-    elif winner is not None and winner["dev_drop_pct"] is None:
+    elif winner is not None and winner["dev_drop_pct"] is None and top_raw is not None:
         # no raw patch changes the readout measurably on dev: no drop is defined, nothing to transfer
+        # (where the widths differ there is no raw patch at all: the lowest mapped KL wins instead)
         answer = (f"{NO_TRANSFER}: no layer's raw patch changes the readout on dev (raw KL < {MIN_RAW_KL:g} "
                   "nats at every layer): every drop is undefined")
         winner = None

@@ -51,7 +51,7 @@ function verdictParts(c) {
   const est = e => !e ? "n/a" : fmt(e.value) + (e.lo !== null && e.lo !== undefined ? " [" + fmt(e.lo) + ", " + fmt(e.hi) + "]" : "") + (e.note ? " (" + e.note + ")" : "");
   if (c.verdicts.length) out.push(table(["criterion", "predicted", "cultural", "cognitive", "difference", "verdict"],
     c.verdicts.map(v => [v.criterion, v.predicted, est(v.cultural), est(v.cognitive), est(v.difference), v.verdict]), {id: "verdict-table"}));
-  else out.push(el("p", {class: "note", id: "verdict-hook"}, "compare has no verdict table yet (hook: mechdiff.serve.runs.verdict_rows); its contrasts:"));
+  else out.push(el("p", {class: "note", id: "no-verdict"}, "No verdict table: it needs one cultural and one cognitive run (manifest pair domains); the contrasts:"));
   out.push(c.contrasts.length ? el("ul", {id: "contrasts"}, c.contrasts.map(s => el("li", {}, s)))
                               : el("p", {class: "note"}, "No quantity was measured in two or more runs."));
   return out;
