@@ -187,6 +187,8 @@ def test_sweep_missing_config_fails_before_ray(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)      # importing ray would fail
     with pytest.raises(ConfigError, match="run config .*missing.toml does not exist"):
         sw.sweep("planted-cultural,planted-cognitive", None, tmp_path / "s", config=tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match="--max-rows must be >= 1"):
+        sw.sweep("planted-cultural,planted-cognitive", None, tmp_path / "s", max_rows=0)
     assert not (tmp_path / "s").exists()
 
 

@@ -284,14 +284,15 @@ def test_sweep_runs_two_pairs_on_a_local_ray_and_compares_them(tmp_path, tiny_pa
     a = tiny_pair(tmp_path, "tiny-a", 1, prompts)
     b = tiny_pair(tmp_path, "tiny-b", 2, prompts)
     cfg = {"rq1": {"n_prompts": 8, "behaviour": False, "n_perm": 2, "layers": [1, 2]}}
-    out = sweep(f"{a},{b}", "rq1", tmp_path / "sweep", config=cfg, device="cpu", batch_size=4, num_cpus=2)
+    out = sweep(f"{a},{b}", "rq1", tmp_path / "sweep", config=cfg, device="cpu", batch_size=4, num_cpus=2,
+                max_rows=64)
     for name in ("tiny-a", "tiny-b"):
         assert (out / name / "rq1.json").is_file() and (out / name / "manifest.json").is_file()
     assert (out / "compare" / "compare.json").is_file() and (out / "compare" / "compare.html").is_file()
     cmp = json.loads((out / "compare" / "compare.json").read_text())
     assert "tiny-a" in json.dumps(cmp) and "tiny-b" in json.dumps(cmp)
     # the same pair without Ray: the same numbers
-    solo = run_study(str(a), cfg, "rq1", tmp_path / "solo", device="cpu", batch_size=4)
+    solo = run_study(str(a), cfg, "rq1", tmp_path / "solo", device="cpu", batch_size=4, max_rows=64)
     ray_rq1 = json.loads((out / "tiny-a" / "rq1.json").read_text())
     solo_rq1 = json.loads((solo.path / "rq1.json").read_text())
     for key in ("cka", "patch", "layers", "headline", "table"):

@@ -246,12 +246,14 @@ def sweep(pairs: str = typer.Option(..., "--pairs", help="comma list of pairs (b
           device: Optional[str] = DeviceOpt,
           dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: each pair's)"),
           batch_size: Optional[int] = typer.Option(None, "--batch-size", help="prompts per forward pass"),
+          max_rows: Optional[int] = typer.Option(None, "--max-rows", help="most rows in one patching-engine pass "
+                                                 "(default: from the free GPU memory, 2048 on CPU)"),
           seed: int = typer.Option(0, "--seed", help="random seed"),
           prompts: Optional[str] = typer.Option(None, "--prompts", help="JSONL prompt file for every pair")) -> None:
     """Many pairs as Ray tasks (one GPU each where there are GPUs), each a resumable study, then compare."""
     from mechdiff.experiments.sweep import sweep as run_sweep
     path = _run(run_sweep, pairs, stages, out, address=address, config=config, device=device, dtype=dtype,
-                batch_size=batch_size, seed=seed, prompts=prompts)
+                batch_size=batch_size, seed=seed, prompts=prompts, max_rows=max_rows)
     console.print(f"sweep done: {path.resolve()} (compare: {(path / 'compare').resolve()})", markup=False,
                   highlight=False)
 

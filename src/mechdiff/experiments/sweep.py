@@ -28,10 +28,10 @@ from mechdiff.names import RESERVED, path_component
 from mechdiff.pairs import load_pair
 
 
-def _run_one(pair: str, out: str, stages, config, device, dtype, batch_size, seed, prompts) -> str:
+def _run_one(pair: str, out: str, stages, config, device, dtype, batch_size, seed, prompts, max_rows) -> str:
     """One study (runs inside a Ray worker); returns its run directory."""
     run = run_study(pair, config, stages, out, device=device, dtype=dtype, batch_size=batch_size, seed=seed,
-                    prompts=prompts)
+                    prompts=prompts, max_rows=max_rows)
     return str(run.path)
 
 
@@ -55,7 +55,7 @@ def sweep(pairs: "Sequence[str] | str", stages: "Sequence[str] | str | None" = N
           out: "str | os.PathLike | None" = None, *, address: str | None = None,
           config: "str | os.PathLike | dict | None" = None, device: str | None = None, dtype: str | None = None,
           batch_size: int | None = None, seed: int = 0, prompts: "str | os.PathLike | None" = None,
-          num_cpus: int | None = None, gpus_per_task: float | None = None) -> Path:
+          num_cpus: int | None = None, gpus_per_task: float | None = None, max_rows: int | None = None) -> Path:
     """Run every pair's study as a Ray task into ``out/<pair name>``, then ``compare`` them into
     ``out/compare``; returns ``out``. address: an existing Ray cluster (``ray://host:10001`` or
     ``host:6379``; None: a local Ray). gpus_per_task: default 1 when the cluster has GPUs, else 0.
@@ -75,6 +75,7 @@ def sweep(pairs: "Sequence[str] | str", stages: "Sequence[str] | str | None" = N
     stage_options(read_config(config), chosen)         # a missing or bad --config too
     check_device(device)
     check_count(batch_size, "--batch-size")
+    check_count(max_rows, "--max-rows")
     check_out_dir(out)
     if prompts and not Path(prompts).is_file():
         raise ConfigError(f"--prompts {prompts}: no such file")
@@ -103,7 +104,7 @@ def sweep(pairs: "Sequence[str] | str", stages: "Sequence[str] | str | None" = N
         task = ray.remote(num_gpus=gpus_per_task, num_cpus=1, max_retries=0)(_run_one)
         cfg = str(config) if isinstance(config, (str, os.PathLike)) else config
         refs = {name: task.remote(p, str(_inside(root, name)), stages, cfg, device, dtype, batch_size, seed,
-                                  str(prompts) if prompts else None)
+                                  str(prompts) if prompts else None, max_rows)
                 for p, name in zip(items, names)}
         done, failed = {}, {}
         for name, ref in refs.items():
