@@ -49,7 +49,7 @@ def main(argv=None):
     from mechdiff.analyses.heads import patches
     from mechdiff.data.prompts import encode, load_jsonl
     from mechdiff.experiments import run_stage
-    from mechdiff.experiments.steps import patch_measure
+    from mechdiff.patching.measure import patch_measure
     from mechdiff.sites.capture import capture
 
     cfg = llama_config(args.tiny)
