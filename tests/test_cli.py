@@ -168,14 +168,14 @@ def test_study_records_its_config_and_the_commands_to_reproduce(demo_quick):
     from mechdiff.demo import demo_config
     run = (demo_quick[0] / "planted-cultural").resolve()
     m = json.loads((run / "manifest.json").read_text())
-    assert m["study"]["stages"] == ["rq1", "mapped-patch", "steer", "heads", "tokens"]
-    assert set(m["options"]) == set(m["study"]["config"]) == {"rq1", "mapped-patch", "steer", "heads", "tokens"}
+    assert m["study"]["stages"] == ["rq1", "mapped-patch", "steer", "heads", "tokens", "response"]
+    assert set(m["options"]) == set(m["study"]["config"]) == {"rq1", "mapped-patch", "steer", "heads", "tokens", "response"}
     for stage, opts in demo_config("planted-cultural", quick=True).items():
         for k, v in opts.items():
             assert m["study"]["config"][stage][k] == v, (stage, k)
     run_md = (run / "RUN.md").read_text()
     assert (f"mechdiff run --pair planted-cultural --config {run / 'run_config.toml'} "
-            f"--stages rq1,mapped-patch,steer,heads,tokens --out {run} --seed 0 --batch-size 32 --device cpu") in run_md
+            f"--stages rq1,mapped-patch,steer,heads,tokens,response --out {run} --seed 0 --batch-size 32 --device cpu") in run_md
     assert f"mechdiff rq1 --pair planted-cultural --out {run}" in run_md and "--n-prompts 16" in run_md
     assert f"mechdiff report {run}" in run_md and "n_prompts = 16" in run_md      # the effective config inline
     assert "| heads |" in run_md                                                   # stage times
