@@ -211,6 +211,17 @@ def test_readout_response_makes_the_headlines_come_from_the_response_stage(study
         row = next(r for r in out["rq3"] if r["responder"] == "tuned" and r["mode"] == mode)
         assert est[key].value == row["share"]["estimate"] and "response, first 3 tokens" in est[key].note
         assert decision[key].value != est[key].value and "response" not in decision[key].note
+    # the verdict table names the readout of a row read over the response
+    from mechdiff.compare import _verdict_section
+    from mechdiff.report.render import Section
+    from mechdiff.verdict import verdict_for
+    v = verdict_for([{"domain": "cultural", "label": "a", "estimates": est},
+                     {"domain": "cognitive", "label": "b", "estimates": decision}])
+    sec = Section()
+    _verdict_section(sec, v)
+    cells = {r["key"]: r for r in v["rows"]}
+    assert cells["handle_steer"]["cultural"]["note"].startswith("response, first 3 tokens")
+    assert "(response, first 3 tokens (tuned model&#x27;s responses), steer k=" in "".join(sec.html)
 
 
 def test_model_against_itself_and_missing_stages(tmp_path):

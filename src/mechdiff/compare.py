@@ -206,8 +206,10 @@ def _verdict_section(sec, verdict: dict) -> None:
         if e["value"] is None:
             return "n/a" + (f" ({e['note']})" if e["note"] else "")
         txt = f"{e['value']:.3g}"
-        return txt + (f" [{e['lo']:.3g}, {e['hi']:.3g}]" if e["lo"] is not None and e["hi"] is not None
-                      else f" ({e['note'] or 'no interval'})")
+        txt += (f" [{e['lo']:.3g}, {e['hi']:.3g}]" if e["lo"] is not None and e["hi"] is not None
+                else f" ({e['note'] or 'no interval'})")
+        readout = (e["note"] or "").split(":")[0]           # the response stage's rows name their readout
+        return txt + (f" ({readout})" if readout.startswith("response,") and readout not in txt else "")
     sec.heading("Verdict: is the cultural fine-tune a low-rank knob and the cognitive one distributed rewiring?",
                 2, "verdict")
     sec.para(verdict["summary"])

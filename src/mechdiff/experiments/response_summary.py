@@ -250,13 +250,18 @@ def response_sentences(res: dict) -> list[str]:
     return out
 
 
+COLUMNS = ["RQ", "readout", "responder", "edit", "n_texts", "KL raw", "KL mapped", "share closed, raw",
+           "share closed, mapped", "drop %", f"drop % ({DECISION})", "gap", "share closed",
+           f"share closed ({DECISION})", "in-sample"]
+
+
 def response_section(sec, res: dict) -> None:
     """The report section: the readouts, then one table of every row (both responders)."""
     if not res or not res.get("table"):
         return
     sec.heading("Response readout (RQ2, RQ3)", 2, "response-readout")
     sec.para(res["summary"])
-    sec.row_table(res["table"])
+    sec.row_table(res["table"], COLUMNS)
 
 
 def response_numbers(res: dict) -> dict[str, Any]:
