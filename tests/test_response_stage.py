@@ -248,3 +248,19 @@ def test_bad_options_fail_before_any_model_work(tmp_path, table, match):
     from mechdiff.experiments.study import run_study
     with pytest.raises(ConfigError, match=match):
         run_study("planted-cultural", {"response": table}, "response", out=tmp_path / "r", models=("not", "loaded"))
+
+
+def test_one_id_space_one_tokenizer_or_an_extension_of_the_base():
+    from mechdiff.experiments.response import id_space
+    from mechdiff.models.tiny import tiny_tokenizer
+    base = tiny_tokenizer()
+    ext = copy.deepcopy(base)
+    ext.add_tokens(["qazaqsha", "kumys"])
+    n = len(base)
+    assert id_space(base, copy.deepcopy(base)) == "one tokenizer"
+    assert id_space(base, ext, tuned_rows=n + 2) == "base ids"          # the tuned model reads the base's ids
+    assert id_space(base, ext, tuned_rows=n - 1) is None                 # a base id without an embedding row
+    assert id_space(ext, base) is None                                    # the base's new tokens: not in the tuned
+    other = copy.deepcopy(ext)
+    other.chat_template = "{{ messages }}"
+    assert id_space(base, other) is None                                  # another chat template

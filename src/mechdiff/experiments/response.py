@@ -23,8 +23,10 @@ the map or handle was fitted on are left out of its numbers (all are used, and t
 ``requires = ("tokens", "mapped-patch", "steer")``. The tokens stage is needed (its cached responses
 are what is read): without them the stage stops with a DataError naming the command. A part whose
 stage has not run in this directory (or found no winner / saved no handle) is skipped, with the
-reason in response.json and the report. Pairs whose tokenizers differ cannot be read on one set of
-ids: the stage records that and measures nothing.
+reason in response.json and the report. Both models read one set of ids: those of their one
+tokenizer, or, where the tuned tokenizer extends the base's (new tokens appended, e.g. planted-cultural),
+the base's tokenization (the tuned model then reads text as the base tokenizer splits it; the report
+says so); pairs whose tokenizers differ otherwise are recorded as not measured.
 
 ``readout = "response"`` makes these numbers the study's headlines for RQ2's drop and RQ3's handle
 shares in ``mechdiff compare`` and the verdict (each row says which readout it uses); the default,
@@ -132,13 +134,15 @@ def _variants(study: Study, plan: dict) -> dict[str, dict]:
     w = plan["rq2"]
     if w:
         key = f"{w['site']}.{w['layer']}"
-        m = M.load_map(study.run.file(w["map"]))
+        prefix, on = study.run.file(w["map"]), {}                  # the map, loaded once per device
         mu = study.run.read_tensors(RQ2_STATES)[f"tuned/train/{key}"].float().mean(0)
 
-        def mapped(states, m=m, key=key, mu=mu, a=w["alpha_value"]):
-            x = states(key)                                        # [B, T, d_base]
-            y = m.transform(x.reshape(-1, x.shape[-1]).float().cpu()).float()
-            return Patch(key, y.reshape(*x.shape[:2], -1).to(x.device), alpha=a, centre=mu)
+        def mapped(states, key=key, mu=mu, a=w["alpha_value"]):
+            x = states(key)                                        # [B, T, d_base], on the model's device
+            if x.device not in on:
+                on[x.device] = M.load_map(prefix, device=x.device)
+            y = on[x.device].transform(x.reshape(-1, x.shape[-1]).float()).float()   # [B T, d_tuned], there
+            return Patch(key, y.reshape(*x.shape[:2], -1), alpha=a, centre=mu)
         if w["raw"]:
             out["tuned"]["rq2.raw"] = raw_patch(key)
         out["tuned"]["rq2.mapped"] = mapped
@@ -151,10 +155,10 @@ def _variants(study: Study, plan: dict) -> dict[str, dict]:
     return out
 
 
-def _measure(study: Study, opts: ResponseOptions, plan: dict) -> None:
+def _measure(study: Study, opts: ResponseOptions, plan: dict, id_space: str) -> None:
     variants, tensors = _variants(study, plan), {}
     by_id = {str(p["id"]): p for p in study.target_prompts}
-    meta: dict[str, Any] = {"k": opts.response_k, "plan": plan, "responders": {}}
+    meta: dict[str, Any] = {"k": opts.response_k, "plan": plan, "responders": {}, "ids": id_space}
     for who in opts.responders:
         ids, starts, metas = response_inputs(study, who)
         pids = [str(m["id"]) for m in metas]
@@ -173,20 +177,37 @@ def _measure(study: Study, opts: ResponseOptions, plan: dict) -> None:
     study.run.write_json(META, meta)
 
 
+def id_space(base_tok: Any, tuned_tok: Any, tuned_rows: int | None = None) -> str | None:
+    """How both models read one set of ids: ``"one tokenizer"``; ``"base ids"`` where the tuned
+    tokenizer extends the base's (every base token at the same id, the same chat template, and the
+    tuned model has an embedding row for each: the tuned model then reads the base's tokenization);
+    None where they cannot (the stage measures nothing and says so)."""
+    if same_tokenizer(base_tok, tuned_tok):
+        return "one tokenizer"
+    va, vb = base_tok.get_vocab(), tuned_tok.get_vocab()
+    if getattr(base_tok, "chat_template", None) != getattr(tuned_tok, "chat_template", None) or \
+            any(vb.get(t) != i for t, i in va.items()) or (tuned_rows is not None and tuned_rows < max(va.values()) + 1):
+        return None
+    return "base ids"
+
+
 def run(study: Study, opts: ResponseOptions) -> None:
     if not study.run.exists(RESPONSES):
         raise DataError(f"the response stage reads the tokens stage's cached responses ({RESPONSES}), which this "
                         "run directory does not hold: run `mechdiff tokens --out DIR` first (or add tokens to "
                         "--stages)")
-    if not same_tokenizer(study.base.tokenizer, study.tuned.tokenizer):
-        study.run.write_json(META, {"k": opts.response_k, "responders": {}, "plan": {
-            "rq2": None, "rq3": [], "fitted_on": {}, "skipped": {"all": "the two tokenizers differ: a response "
-                                                                 "cannot be read on one set of ids"}}})
+    emb = study.tuned.model.get_input_embeddings()
+    ids = id_space(study.base.tokenizer, study.tuned.tokenizer, getattr(emb, "num_embeddings", None))
+    if ids is None:
+        study.run.write_json(META, {"k": opts.response_k, "responders": {}, "ids": None, "plan": {
+            "rq2": None, "rq3": [], "fitted_on": {}, "skipped": {"all": "the two tokenizers differ (and the tuned "
+                                                                 "one does not extend the base's): a response cannot "
+                                                                 "be read on one set of ids"}}})
         return
     plan = _plan(study)
     deps = ["tokens.responses"] + [s for s in ("rq2.sweep", "rq3.sweep") if study.run.step_done(s)]
-    study.run.cached("response.readout", lambda: _measure(study, opts, plan), [TENSORS, META], depends_on=deps,
-                     info={"response_k": opts.response_k, "responders": opts.responders, "plan": plan})
+    study.run.cached("response.readout", lambda: _measure(study, opts, plan, ids), [TENSORS, META], depends_on=deps,
+                     info={"response_k": opts.response_k, "responders": opts.responders, "plan": plan, "ids": ids})
 
 
 @result_of("response")

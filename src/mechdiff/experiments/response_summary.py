@@ -159,7 +159,7 @@ def summarise_run(run: RunDir, readout: str) -> dict:
                        "Intervals: 95% cluster bootstrap over topic groups. Texts whose prompt the map or handle "
                        "was fitted on are left out (in_sample where fewer than two remain)."),
            "headline": _headline(k, readout, gaps, rq2_rows, rq3_rows, meta["plan"].get("skipped") or {}),
-           "k": k, "readout": readout, "readout_name": readout_name(k), "gap": gaps,
+           "k": k, "readout": readout, "readout_name": readout_name(k), "gap": gaps, "ids": meta.get("ids"),
            "skipped": dict(meta["plan"].get("skipped") or {}),
            "rq2": [asdict(r) for r in rq2_rows], "rq3": [asdict(r) for r in rq3_rows],
            "table": [_table_row(r) for r in rq2_rows + rq3_rows]}
@@ -226,7 +226,8 @@ def response_sentences(res: dict) -> list[str]:
                      for who, g in res["gap"].items() if g is not None)
     if gaps:
         out.append(f"Over the response (first {k} tokens, teacher-forced), KL(base ‖ tuned) is {gaps}; RQ2 and "
-                   f"RQ3 themselves read the {DECISION}.")
+                   f"RQ3 themselves read the {DECISION}" + (" (both models read the base tokenizer's ids: the "
+                   "tuned tokenizer extends it)" if res.get("ids") == "base ids" else "") + ".")
     for r in _first(res.get("rq2") or []):
         out.append(f"RQ2 read over the response ({readout_name(k, r['responder'])}, patched at every position): the "
                    f"winner's mapped patch ({r['solver']} L{r['layer']} {r['site']}, alpha {r['alpha']}) gives drop "
