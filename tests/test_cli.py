@@ -142,7 +142,7 @@ def test_demo_quick_runs_the_study_on_both_pairs_and_compares(demo_quick):
     for pair in ("planted-cultural", "planted-cognitive"):
         run = out / pair
         for f in ("report.html", "report.md", "RUN.md", "run_config.toml", "rq1.json", "alpha_sweep.json",
-                  "rq3.json", "rq4.json", "tokens.json", "manifest.json"):
+                  "rq3.json", "rq4.json", "tokens.json", "response.json", "manifest.json"):
             assert (run / f).is_file(), (pair, f)
         assert str((run / "report.html").resolve()) in text      # absolute report paths printed
         rq1 = json.loads((run / "rq1.json").read_text(encoding="utf-8"))

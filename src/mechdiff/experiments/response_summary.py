@@ -240,7 +240,8 @@ def response_sentences(res: dict) -> list[str]:
     rows = _first(res.get("rq3") or [])
     if rows:
         parts = [f"{r['mode']} k={r['k']} at L{r['layer']} closes {fmt_iv(r['share'])} ({DECISION}: "
-                 + ("n/a" if r["decision_share"] is None else f"{r['decision_share']:.3f}") + ")" for r in rows]
+                 + ("n/a" if r["decision_share"] is None else f"{r['decision_share']:.3f}") + ")"
+                 + (", in-sample" if r["in_sample"] else "") for r in rows]
         out.append(f"RQ3's handles read over the response ({readout_name(k, rows[0]['responder'])}, applied at every "
                    f"position), share of the gap closed with 95% interval: " + "; ".join(parts) + ".")
     if "rq3" in res.get("skipped", {}):
