@@ -175,9 +175,13 @@ def test_the_stage_runs_after_its_required_stages_and_reads_rq2_and_rq3_over_the
         assert r.drop_pct["method"].startswith(("cluster bootstrap", "bootstrap over prompts"))
         assert r.share_raw["estimate"] is not None and r.share_mapped["estimate"] is not None
         assert not r.in_sample and r.n_texts >= 2
-    # per text: the raw patch of the stage's loop is RQ1's response_patch at that layer (same numbers)
+    # per text: nothing after the planted layer 2 differs, so the raw patch there gives the base's output exactly
     t = run.read_tensors("tensors/response_readout.safetensors")
-    assert torch.equal(t["tuned/tuned/gap"], t["tuned/tuned/gap"].clamp_min(0)) and (t["tuned/tuned/gap"] > 0).all()
+    assert float(t["tuned/tuned/gap"].mean()) == pytest.approx(res.gap["tuned"]) and (t["tuned/tuned/gap"] > 0).all()
+    for who in ("tuned", "base"):
+        raw = t[f"{who}/tuned/rq2.raw/to_ref"]
+        assert torch.equal(raw, torch.zeros_like(raw)), who
+    assert all(r.share_raw["estimate"] == 1.0 for r in res.rq2)
     # RQ3: one row per saved handle and responder, on the side RQ3 defines, with the alpha RQ3 chose
     assert rq3.handles and len(res.rq3) == 2 * len(rq3.handles)
     sides = {r.mode: r.side for r in res.rq3}
