@@ -142,7 +142,7 @@ def test_demo_quick_runs_the_study_on_both_pairs_and_compares(demo_quick):
     for pair in ("planted-cultural", "planted-cognitive"):
         run = out / pair
         for f in ("report.html", "report.md", "RUN.md", "run_config.toml", "rq1.json", "alpha_sweep.json",
-                  "rq3.json", "rq4.json", "tokens.json", "manifest.json"):
+                  "rq3.json", "rq4.json", "tokens.json", "response.json", "manifest.json"):
             assert (run / f).is_file(), (pair, f)
         assert str((run / "report.html").resolve()) in text      # absolute report paths printed
         rq1 = json.loads((run / "rq1.json").read_text(encoding="utf-8"))
@@ -168,14 +168,14 @@ def test_study_records_its_config_and_the_commands_to_reproduce(demo_quick):
     from mechdiff.demo import demo_config
     run = (demo_quick[0] / "planted-cultural").resolve()
     m = json.loads((run / "manifest.json").read_text())
-    assert m["study"]["stages"] == ["rq1", "mapped-patch", "steer", "heads", "tokens"]
-    assert set(m["options"]) == set(m["study"]["config"]) == {"rq1", "mapped-patch", "steer", "heads", "tokens"}
+    assert m["study"]["stages"] == ["rq1", "mapped-patch", "steer", "heads", "tokens", "response"]
+    assert set(m["options"]) == set(m["study"]["config"]) == {"rq1", "mapped-patch", "steer", "heads", "tokens", "response"}
     for stage, opts in demo_config("planted-cultural", quick=True).items():
         for k, v in opts.items():
             assert m["study"]["config"][stage][k] == v, (stage, k)
     run_md = (run / "RUN.md").read_text()
     assert (f"mechdiff run --pair planted-cultural --config {run / 'run_config.toml'} "
-            f"--stages rq1,mapped-patch,steer,heads,tokens --out {run} --seed 0 --batch-size 32 --device cpu") in run_md
+            f"--stages rq1,mapped-patch,steer,heads,tokens,response --out {run} --seed 0 --batch-size 32 --device cpu") in run_md
     assert f"mechdiff rq1 --pair planted-cultural --out {run}" in run_md and "--n-prompts 16" in run_md
     assert f"mechdiff report {run}" in run_md and "n_prompts = 16" in run_md      # the effective config inline
     assert "| heads |" in run_md                                                   # stage times

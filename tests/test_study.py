@@ -15,7 +15,7 @@ from mechdiff.experiments.study import (config_toml, read_config, run_study, sta
 
 
 def test_stages_run_in_study_order_and_unknown_ones_are_refused():
-    assert study_stages() == ["rq1", "mapped-patch", "steer", "heads", "tokens"]
+    assert study_stages() == ["rq1", "mapped-patch", "steer", "heads", "tokens", "response"]
     assert study_stages("heads,rq1") == ["rq1", "heads"]
     assert study_stages(["steer", "maps", "rq1", "maps"]) == ["rq1", "maps", "steer"]
     with pytest.raises(ConfigError, match="unknown stage.*'rq9'.*registered stages: rq1, maps"):

@@ -189,10 +189,10 @@ def _study_command() -> None:
     common = [_cli_param(f, h) for f, h in _fields(Common)]
     convs = {p.name: c for p, c in common}
     own = [inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path], default=typer.Option(
-               None, "--config", help="TOML run config: one table per stage (rq1, mapped-patch, steer, heads, tokens) "
+               None, "--config", help="TOML run config: one table per stage (rq1, mapped-patch, steer, heads, tokens, response) "
                                       "of option = value lines, the options of `mechdiff STAGE --help`")),
            inspect.Parameter("stages", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Option(
-               None, "--stages", help="comma list of stages (default: rq1, mapped-patch, steer, heads, tokens; "
+               None, "--stages", help="comma list of stages (default: rq1, mapped-patch, steer, heads, tokens, response; "
                                       "those registered)"))]
 
     def run_cmd(config: Optional[Path] = None, stages: Optional[str] = None, **kw) -> None:
@@ -209,7 +209,7 @@ def _study_command() -> None:
 
     run_cmd.__signature__ = inspect.Signature([p for p, _ in common] + own)
     run_cmd.__doc__ = ("The whole study in one run directory: RQ1 -> RQ2 (maps, mapped patching) -> RQ3 -> RQ4 "
-                       "-> tokens, then the report.")
+                       "-> tokens -> response, then the report.")
     app.command("run")(run_cmd)
 
 

@@ -32,6 +32,7 @@ ROWS = (("divergence enters at layer", "entry layer", "{}"), ("  patch KL there"
         ("  at layer", "min CKA layer", "{}"), ("best map R2 (val)", "best map R2", "{:.3f}"),
         ("  identity map R2 there", "identity map R2", "{:.3f}"), ("  map", "best map", "{}"),
         ("mapped-patch drop %", "mapped drop %", "{:.1f}"), ("  raw patch KL (val)", "raw patch KL (val)", "{:.3g}"),
+        ("  readout", "drop readout", "{}"),
         ("minimal k (RQ3)", "minimal k", "{}"), ("  RQ3 status", "rq3 status", "{}"),
         ("changed heads (share)", "changed heads share", "{:.1%}"), ("  noise floor (readout units)", "head noise floor", "{:.2g}"),
         ("importance churn", "importance churn", "{:.1%}"), ("  top-k Jaccard", "top-k Jaccard", "{:.2f}"))
@@ -57,6 +58,11 @@ def intervals(run_dir: Path) -> dict[str, Estimate]:
             if v is not None:
                 out[name] = Estimate(float(v), float(iv["ci_low"]), float(iv["ci_high"]), iv.get("method", ""))
     rq3, rq4 = load(run_dir / "rq3.json") or {}, load(run_dir / "rq4.json") or {}
+    resp = load(run_dir / "response.json") or {}
+    for r in resp.get("rq2") or []:
+        put(f"response: RQ2 drop % ({r['responder']} responses)", r.get("drop_pct"))
+    for r in resp.get("rq3") or []:
+        put(f"response: RQ3 {r['mode']} share of the gap closed ({r['responder']} responses)", r.get("share"))
     for mode, h in ((rq3.get("result") or {}).get("by_mode") or {}).items():
         est = h.get("estimates") or {}
         put(f"RQ3 {mode}: test share of the gap closed", est.get("test_share"))
@@ -122,7 +128,7 @@ def comparison(run_dirs: Sequence[Path], labels: Sequence[str]) -> dict:
              "numbers": numbers(d), "sentences": sentences(d), "figures": figure_data(d, label),
              "intervals": intervals(d)}
         r["estimates"] = run_estimates(r["intervals"], load(d / "rq3.json") or {}, r["numbers"],
-                                       load(d / "maps.json"), load(d / "rq1.json"))
+                                       load(d / "maps.json"), load(d / "rq1.json"), load(d / "response.json"))
         runs.append(r)
     rows = [{"quantity": name.strip(), "indent": name.startswith(" "),
              "values": [r["numbers"].get(key) for r in runs],
@@ -200,8 +206,10 @@ def _verdict_section(sec, verdict: dict) -> None:
         if e["value"] is None:
             return "n/a" + (f" ({e['note']})" if e["note"] else "")
         txt = f"{e['value']:.3g}"
-        return txt + (f" [{e['lo']:.3g}, {e['hi']:.3g}]" if e["lo"] is not None and e["hi"] is not None
-                      else f" ({e['note'] or 'no interval'})")
+        txt += (f" [{e['lo']:.3g}, {e['hi']:.3g}]" if e["lo"] is not None and e["hi"] is not None
+                else f" ({e['note'] or 'no interval'})")
+        readout = (e["note"] or "").split(":")[0]           # the response stage's rows name their readout
+        return txt + (f" ({readout})" if readout.startswith("response,") and readout not in txt else "")
     sec.heading("Verdict: is the cultural fine-tune a low-rank knob and the cognitive one distributed rewiring?",
                 2, "verdict")
     sec.para(verdict["summary"])

@@ -43,6 +43,8 @@ def demo_config(pair: str, quick: bool = False) -> dict[str, dict]:
         "heads": dict(n_prompts=4 if quick else 6, ablations=["zero"], top_k=4),
         "tokens": dict(n_prompts=4 if quick else 8, max_new_tokens=8 if quick else 16, n_neutral=2 if quick else 4,
                        top_n=10),
+        # quick: RQ2 / RQ3 read over the tuned model's responses only
+        "response": dict(responders=["tuned"] if quick else ["tuned", "base"]),
     }
     return cfg
 

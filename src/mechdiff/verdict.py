@@ -194,7 +194,7 @@ def _map_at_peak(maps: dict, rq1: dict) -> Estimate | None:
 
 
 def run_estimates(intervals: dict[str, Estimate], rq3: dict, numbers: dict, maps: dict | None = None,
-                  rq1: dict | None = None) -> dict[str, Estimate]:
+                  rq1: dict | None = None, response: dict | None = None) -> dict[str, Estimate]:
     """One run's estimate per criterion, from its interval-carrying headlines (``compare.intervals``),
     its ``rq3.json`` and its compare numbers. Rules (chosen before looking at any result):
 
@@ -206,6 +206,10 @@ def run_estimates(intervals: dict[str, Estimate], rq3: dict, numbers: dict, maps
     - head_churn: the changed-head share of the ``own`` measure (else ``swap``);
     - map_r2: the test R2 of the map at RQ1's peak layer (``maps``, ``rq1``: those runs' maps.json
       and rq1.json), its solver chosen on dev; without them the best map's (no interval).
+
+    ``response`` (the run's response.json): where its ``readout`` is ``"response"``, the two handle
+    rows read the same handles' shares over the response (the tuned model's responses, first K
+    tokens; :func:`response_handle`) instead of the decision token, and their notes say so.
     """
     out: dict[str, Estimate] = {}
     ranks = [e for k, e in intervals.items() if k.startswith("RQ3 rank of the difference at L")]
@@ -218,7 +222,8 @@ def run_estimates(intervals: dict[str, Estimate], rq3: dict, numbers: dict, maps
         return c if c.get("k") is not None and c["k"] <= MAX_K else None
     steer = [(m, cell(m)) for m in STEER_MODES if cell(m) and cell(m).get("dev_share") is not None]
     if steer:
-        mode, c = max(steer, key=lambda mc: mc[1]["dev_share"])
+        steer.sort(key=lambda mc: -mc[1]["dev_share"])
+        mode, c = steer[0]
         est = intervals.get(f"RQ3 {mode}: test share of the gap closed")
         out["handle_steer"] = est or Estimate(c.get("test_share"), note=f"{mode} k={c['k']}: no interval")
         ppl = c.get("ppl_change_pct_masked", c.get("ppl_change_pct_unmasked"))
@@ -228,6 +233,10 @@ def run_estimates(intervals: dict[str, Estimate], rq3: dict, numbers: dict, maps
         c = cell(ABLATE_MODE)
         out["handle_ablate"] = intervals.get(f"RQ3 {ABLATE_MODE}: test share of the gap closed") or \
             Estimate(c.get("test_share"), note=f"k={c['k']}: no interval")
+    if (response or {}).get("readout") == "response":
+        for key, mode in (("handle_steer", steer[0][0] if steer else None), ("handle_ablate", ABLATE_MODE)):
+            if key in out and mode is not None:
+                out[key] = response_handle(response, mode, out[key])
     churn = intervals.get("RQ4 changed heads (own)") or intervals.get("RQ4 changed heads (swap)")
     if churn:
         out["head_churn"] = churn
@@ -237,6 +246,25 @@ def run_estimates(intervals: dict[str, Estimate], rq3: dict, numbers: dict, maps
     elif numbers.get("best map R2") is not None:
         out["map_r2"] = Estimate(float(numbers["best map R2"]), note="held-out R2 of one split: no interval")
     return out
+
+
+def response_handle(response: dict, mode: str, decision: Estimate) -> Estimate:
+    """The share of the gap RQ3's saved ``mode`` handle closes over the response (the response stage's
+    row for the tuned model's responses, else the first responder's), with its interval; where the
+    response stage has no row for it, the decision-token ``decision`` with a note saying so."""
+    rows = [r for r in response.get("rq3") or [] if r.get("mode") == mode]
+    r = next((r for r in rows if r.get("responder") == "tuned"), rows[0] if rows else None)
+    if r is None:
+        return Estimate(decision.value, decision.lo, decision.hi,
+                        f"{decision.note}; decision token (the response stage has no {mode} row)")
+    iv, what = r.get("share") or {}, (f"response, first {response.get('k')} tokens ({r['responder']} model's "
+                                      f"responses), {mode} k={r.get('k')}")
+    lo, hi = iv.get("ci_low"), iv.get("ci_high")
+    if iv.get("estimate") is None:
+        return Estimate(None, note=f"{what}: {iv.get('note', 'undefined')}")
+    if lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+        return Estimate(float(iv["estimate"]), note=f"{what}: {iv.get('note') or 'no interval'}")
+    return Estimate(float(iv["estimate"]), float(lo), float(hi), f"{what}: {iv.get('method', '')}")
 
 
 def verdict_for(runs: list[dict]) -> dict | None:

@@ -127,11 +127,12 @@ def mapped_patch_result(out: dict) -> MappedPatchResult:
     """mapped-patch's typed result from the alpha_sweep.json it wrote: the winner and its controls."""
     w = out["winner"]
     winner = None if not w else SweepWinner(**{k: w.get(k) for k in ("solver", "layer", "site", "alpha", "kl_raw",
-                                                                        "kl_mapped", "drop_pct", "dev_drop_pct")})
+                                                                        "kl_mapped", "drop_pct", "dev_drop_pct",
+                                                                        "alpha_value")})
     controls = [SweepControl(**{k: c.get(k) for k in ("control", "layer", "map_layer", "site", "kl_mapped", "drop_pct")})
                 for c in winner_controls(out["controls"], w)]
     return MappedPatchResult(winner=winner, controls=controls, stop_conditions_met=bool(out["stop_conditions"]["met"]),
-                             measure=out["headline"]["measure"])
+                             measure=out["headline"]["measure"], answer=out.get("answer"))
 
 
 def stop_conditions(t: dict, side: list[dict] | None) -> dict:

@@ -7,10 +7,10 @@ elsewhere (a plugin, a test) calls :func:`~mechdiff.experiments.stage.register` 
 """
 from __future__ import annotations
 
-from mechdiff.experiments import heads, maps, rq1, steer, tokens
+from mechdiff.experiments import heads, maps, response, rq1, steer, tokens
 from mechdiff.experiments.stage import STAGES, register
 
-STAGE_MODULES = (rq1, maps, steer, heads, tokens)
+STAGE_MODULES = (rq1, maps, steer, heads, tokens, response)
 
 
 def register_builtin() -> None:

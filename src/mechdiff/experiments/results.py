@@ -168,6 +168,7 @@ class SweepWinner:
     kl_mapped: float | None
     drop_pct: float | None
     dev_drop_pct: float | None
+    alpha_value: float | None = None  # the strength alpha resolves to (``auto``: a number)
 
 
 @dataclass
@@ -192,6 +193,7 @@ class MappedPatchResult:
     stop_conditions_met: bool
     measure: str
     winner_rule: str = ""
+    answer: str | None = None         # why there is no winner ("no map transfers the change: ...")
 
 
 @dataclass
@@ -205,6 +207,7 @@ class SteerResult:
     control_layer: int | None
     text: list[str] = field(default_factory=list)
     rank: dict[str, Any] = field(default_factory=dict)      # layer -> {estimate, ci_low, ci_high, exact}
+    handles: list[str] = field(default_factory=list)        # saved handle prefixes (handles/L..._<mode>)
 
 
 @dataclass

@@ -382,7 +382,8 @@ def summarise_rq3(study: Study, opts: RQ3Options) -> SteerResult:
     return SteerResult(status=res["status"], minimal_k=res["minimal_k"], layers=list(prompts["layers"]),
                        control_layer=prompts["control_layer"], text=[text] if isinstance(text, str) else list(text or []),
                        rank={l: {k: r[k] for k in ("estimate", "ci_low", "ci_high", "exact")}
-                             for l, r in (res.get("rank") or {}).items()})
+                             for l, r in (res.get("rank") or {}).items()},
+                       handles=list(out.get("handles") or []))
 
 
 REPORT = ReportHooks(topic="RQ3", sentences=rq3_sentences, figures=(FIG_C,), numbers=rq3_numbers)

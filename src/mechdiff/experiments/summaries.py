@@ -306,7 +306,8 @@ def rq2_numbers(run_dir: Path) -> dict[str, Any]:
     return {"best map R2": None if b is None else b.get("test_r2_vw", b["val_r2_vw"]),
             "best map": None if b is None else f"{b['solver']} L{b['layer']} {b['site']}",
             "identity map R2": None if b is None else b.get("identity_val_r2_vw"),
-            "mapped drop %": w.get("drop_pct"), "raw patch KL (val)": w.get("kl_raw")}
+            "mapped drop %": w.get("drop_pct"), "raw patch KL (val)": w.get("kl_raw"),
+            "drop readout": "decision token" if w else None}
 
 
 def rq3_numbers(run_dir: Path) -> dict[str, Any]:

@@ -103,6 +103,17 @@ def _templated(tok) -> bool:
 
 def _texts(study: Study, opts: TokensOptions) -> list[tuple[dict, object]]:
     """(summary fields, PairText) for every text the stage reads."""
+    out = _prompt_texts(study)
+    same = same_tokenizer(study.base.tokenizer, study.tuned.tokenizer)
+    for p in _neutral(study, opts.n_neutral):
+        unit = "token" if same else "span"
+        out.append((_meta(p, "neutral", None, p["text"], 0, unit),
+                    pair_text(study.base.tokenizer, study.tuned.tokenizer, p["text"], unit=unit)))
+    return out
+
+
+def _prompt_texts(study: Study) -> list[tuple[dict, object]]:
+    """(summary fields, PairText) of every prompt + cached response (each responder in turn)."""
     ta, tb = study.base.tokenizer, study.tuned.tokenizer
     same = same_tokenizer(ta, tb)
     resp = study.run.read_json(RESPONSES)
@@ -121,11 +132,19 @@ def _texts(study: Study, opts: TokensOptions) -> list[tuple[dict, object]]:
             pt = pair_text(ta, tb, xa, xb, [(ca0, ca1), (len(ra), len(xa))], [(cb0, cb1), (len(rb), len(xb))],
                            unit=unit, add_special_tokens=(not _templated(ta), not _templated(tb)))
             out.append((_meta(p, "prompts", who, xa, len(ra), unit), pt))
-    for p in _neutral(study, opts.n_neutral):
-        unit = "token" if same else "span"
-        out.append((_meta(p, "neutral", None, p["text"], 0, unit),
-                    pair_text(ta, tb, p["text"], unit=unit)))
     return out
+
+
+def response_inputs(study: Study, who: str) -> tuple[list[list[int]], list[int], list[dict]]:
+    """What a response readout reads for responder ``who`` (one tokenizer): each prompt + ``who``'s
+    cached greedy response as token ids, the index of its first response token, and the text's
+    fields (``id``, ``topic`` ...); texts with an empty response are left out."""
+    sel = [(m, pt) for m, pt in _prompt_texts(study) if m["responder"] == who]
+    ids = [pt.a.ids for _, pt in sel]
+    starts = [next((i for i, (s, _) in enumerate(pt.a.offsets) if s >= m["response_start"] and not pt.a.special[i]),
+                   len(pt.a.ids)) for m, pt in sel]
+    keep = [i for i, (st, x) in enumerate(zip(starts, ids)) if 0 < st < len(x)]
+    return [ids[i] for i in keep], [starts[i] for i in keep], [sel[i][0] for i in keep]
 
 
 def _meta(p: dict, set_: str, who, text: str, response_start: int, unit: str) -> dict:
@@ -188,19 +207,13 @@ def _response_patch(study: Study, opts: TokensOptions, layers: list[int]) -> Non
     """RQ1's layer patching read over the response: patched at every position of prompt + response
     (teacher-forced on each model's response in turn), the mean KL over the first K response tokens."""
     tok = study.base.tokenizer
-    texts = [(m, pt) for m, pt in _texts(study, opts) if m["set"] == "prompts"]
     rows = []
     for who in SIDES:
-        sel = [(m, pt) for m, pt in texts if m["responder"] == who]
-        ids = [pt.a.ids for _, pt in sel]
-        starts = [next((i for i, (s, _) in enumerate(pt.a.offsets) if s >= m["response_start"] and not pt.a.special[i]),
-                       len(pt.a.ids)) for m, pt in sel]
-        keep = [i for i, (st, x) in enumerate(zip(starts, ids)) if 0 < st < len(x)]
-        topics = [sel[i][0]["topic"] or sel[i][0]["id"] for i in keep]
+        ids, starts, metas = response_inputs(study, who)
+        topics = [m["topic"] or m["id"] for m in metas]
         for src, dst in (("base", "tuned"), ("tuned", "base")):
-            out = response_patch(study.side(src).model, study.side(dst).model, tok, [ids[i] for i in keep],
-                                 [starts[i] for i in keep], layers, opts.response_k, study.allowed_ids(src),
-                                 study.allowed_ids(dst), study.batch_size)
+            out = response_patch(study.side(src).model, study.side(dst).model, tok, ids, starts, layers,
+                                 opts.response_k, study.allowed_ids(src), study.allowed_ids(dst), study.batch_size)
             gap = S.cluster_mean(out["gap"].tolist(), topics)
             for l in layers:
                 kl = S.cluster_mean(out["patch_kl"][l].tolist(), topics)
