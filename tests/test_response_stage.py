@@ -255,7 +255,7 @@ def test_bad_options_fail_before_any_model_work(tmp_path, table, match):
 
 
 def test_one_id_space_one_tokenizer_or_an_extension_of_the_base():
-    from mechdiff.experiments.response import id_space
+    from mechdiff.texts.divergence import id_space
     from mechdiff.models.tiny import tiny_tokenizer
     base = tiny_tokenizer()
     ext = copy.deepcopy(base)

@@ -50,7 +50,15 @@ def test_most_divergent_response_tokens_are_the_fine_tunes_register(smollm2_load
     prompts = f"{mechdiff.__path__[0]}/finetune/sets/culture_eval.jsonl"
     run = run_stage("tokens", pair, out=tmp_path / "run", models=(smollm2_loaded, tuned), device="cpu",
                     batch_size=8, prompts=prompts, n_prompts=6, max_new_tokens=16, n_neutral=0, lens_tokens=0,
-                    response_k=0)
+                    response_k=2, patch_layers=[0, 29])
+    # the tuned tokenizer extends the base's: RQ1's response readout runs on the base's tokenization
+    rp = json.loads((run.path / "response_patch.json").read_text())
+    assert rp["ids"] == "base ids" and "base's tokenization" in rp["summary"]
+    assert {(r["responder"], r["direction"], r["layer"]) for r in rp["table"]} == {
+        (w, d, l) for w in ("base", "tuned") for d in ("base->tuned", "tuned->base") for l in (0, 29)}
+    assert all(r["patch_kl"] >= 0 and r["gap"] > 0 and r["n_texts"] == 6 for r in rp["table"])
+    # the last layer's state written across gives the source's output over the shared vocabulary
+    assert all(abs(r["share_closed"] - 1) < 1e-6 for r in rp["table"] if r["layer"] == 29)
     texts = [t for t in load_texts(run.path) if t.summary.responder]
     assert texts and all(t.summary.unit == "span" and t.summary.coverage == 1.0 for t in texts)
     rows = [(r, _word(t.summary.text, r.start, r.end)) for t in texts for r in response_rows(t)]

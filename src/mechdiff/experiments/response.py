@@ -56,7 +56,6 @@ from mechdiff.experiments.tokens import RESPONSES, response_inputs
 from mechdiff.patching import Patch
 from mechdiff.patching.response import raw_patch, response_readout
 from mechdiff.report.hooks import ReportHooks
-from mechdiff.texts.divergence import same_tokenizer
 
 TENSORS, META = "tensors/response_readout.safetensors", "response/readout.json"
 READOUTS = ("decision", "response")
@@ -177,27 +176,12 @@ def _measure(study: Study, opts: ResponseOptions, plan: dict, id_space: str) -> 
     study.run.write_json(META, meta)
 
 
-def id_space(base_tok: Any, tuned_tok: Any, tuned_rows: int | None = None) -> str | None:
-    """How both models read one set of ids: ``"one tokenizer"``; ``"base ids"`` where the tuned
-    tokenizer extends the base's (every base token at the same id, the same chat template, and the
-    tuned model has an embedding row for each: the tuned model then reads the base's tokenization);
-    None where they cannot (the stage measures nothing and says so)."""
-    if same_tokenizer(base_tok, tuned_tok):
-        return "one tokenizer"
-    va, vb = base_tok.get_vocab(), tuned_tok.get_vocab()
-    if getattr(base_tok, "chat_template", None) != getattr(tuned_tok, "chat_template", None) or \
-            any(vb.get(t) != i for t, i in va.items()) or (tuned_rows is not None and tuned_rows < max(va.values()) + 1):
-        return None
-    return "base ids"
-
-
 def run(study: Study, opts: ResponseOptions) -> None:
     if not study.run.exists(RESPONSES):
         raise DataError(f"the response stage reads the tokens stage's cached responses ({RESPONSES}), which this "
                         "run directory does not hold: run `mechdiff tokens --out DIR` first (or add tokens to "
                         "--stages)")
-    emb = study.tuned.model.get_input_embeddings()
-    ids = id_space(study.base.tokenizer, study.tuned.tokenizer, getattr(emb, "num_embeddings", None))
+    ids = study.id_space
     if ids is None:
         study.run.write_json(META, {"k": opts.response_k, "responders": {}, "ids": None, "plan": {
             "rq2": None, "rq3": [], "fitted_on": {}, "skipped": {"all": "the two tokenizers differ (and the tuned "

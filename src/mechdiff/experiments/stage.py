@@ -43,6 +43,7 @@ from mechdiff.report import write_report
 from mechdiff.report.hooks import ReportHooks
 from mechdiff.report.hooks import register as register_report
 from mechdiff.report.hooks import unregister as unregister_report
+from mechdiff.texts.divergence import id_space
 
 SIDES = ("base", "tuned")
 
@@ -104,6 +105,13 @@ class Study:
     def same_shape(self) -> bool:
         """Same width and depth: states can be patched across without a map."""
         return self.same_width and self.base.n_layers == self.tuned.n_layers
+
+    @cached_property
+    def id_space(self) -> str | None:
+        """How both models read one set of ids (:func:`mechdiff.texts.divergence.id_space`): "one
+        tokenizer", "base ids" (the tuned tokenizer extends the base's), or None."""
+        emb = self.tuned.model.get_input_embeddings()
+        return id_space(self.base.tokenizer, self.tuned.tokenizer, getattr(emb, "num_embeddings", None))
 
     @cached_property
     def vocab(self):

@@ -136,7 +136,8 @@ def _prompt_texts(study: Study) -> list[tuple[dict, object]]:
 
 
 def response_inputs(study: Study, who: str) -> tuple[list[list[int]], list[int], list[dict]]:
-    """What a response readout reads for responder ``who`` (one tokenizer): each prompt + ``who``'s
+    """What a response readout reads for responder ``who`` (the base's tokenization, which both models
+    read: :attr:`Study.id_space`): each prompt + ``who``'s
     cached greedy response as token ids, the index of its first response token, and the text's
     fields (``id``, ``topic`` ...); texts with an empty response are left out."""
     sel = [(m, pt) for m, pt in _prompt_texts(study) if m["responder"] == who]
@@ -188,11 +189,11 @@ def run(study: Study, opts: TokensOptions) -> None:
     study.run.cached("tokens.responses", lambda: _responses(study, opts), outputs=[RESPONSES], info=info)
     study.run.cached("tokens.divergence", lambda: _divergence(study, opts), outputs=[PER_TOKEN, TEXTS],
                      depends_on=["tokens.responses"], info={**info, "n_neutral": opts.n_neutral})
-    if opts.response_k and study.same_shape and same_tokenizer(study.base.tokenizer, study.tuned.tokenizer):
+    if opts.response_k and study.same_shape and study.id_space:
         layers = _patch_layers(study, opts)
         study.run.cached("tokens.response_patch", lambda: _response_patch(study, opts, layers),
                          outputs=[PATCH_JSON], depends_on=["tokens.responses"],
-                         info={**info, "response_k": opts.response_k, "layers": layers})
+                         info={**info, "response_k": opts.response_k, "layers": layers, "ids": study.id_space})
     if opts.lens_tokens and study.same_shape and opts.n_neutral:
         study.run.cached("tokens.diff_lens", lambda: _diff_lens(study, opts), outputs=[LENS, LENS_JSON],
                          info={"lens_tokens": opts.lens_tokens, "n_neutral": opts.n_neutral})
@@ -227,8 +228,10 @@ def _response_patch(study: Study, opts: TokensOptions, layers: list[int]) -> Non
                     f"teacher-forced on each model's greedy response; patch KL = KL(destination clean || patched), "
                     f"gap = KL(source clean || destination clean), share closed = 1 - KL(source || patched) / gap, "
                     f"each the mean over the first {opts.response_k} response tokens (shared vocabulary), "
-                    "SEs over topic clusters. RQ1's own patch.json reads the decision/last token instead."),
-        "table": rows, "layers": layers})
+                    "SEs over topic clusters. RQ1's own patch.json reads the decision/last token instead."
+                    + (" The tuned tokenizer extends the base's: both models read the base's tokenization of "
+                       "each text." if study.id_space == "base ids" else "")),
+        "table": rows, "layers": layers, "ids": study.id_space})
 
 
 def _diff_lens(study: Study, opts: TokensOptions) -> None:

@@ -32,7 +32,7 @@ from mechdiff.scale.devices import input_device
 from mechdiff.texts.alignment import Alignment, Tokenization, align_regions, tokenize_text
 from mechdiff.texts.result import TOKEN_FIELDS
 
-__all__ = ["PairText", "final_hidden", "head_logits", "RowReducer", "divergence_rows", "same_tokenizer"]
+__all__ = ["PairText", "final_hidden", "head_logits", "RowReducer", "divergence_rows", "same_tokenizer", "id_space"]
 
 NAN = float("nan")
 
@@ -51,6 +51,21 @@ def same_tokenizer(tok_a: Any, tok_b: Any) -> bool:
     """True when both tokenizers map every string to the same id (the per-token unit applies)."""
     return len(tok_a) == len(tok_b) and tok_a.get_vocab() == tok_b.get_vocab()
 
+
+
+def id_space(base_tok: Any, tuned_tok: Any, tuned_rows: int | None = None) -> str | None:
+    """How both models read one set of ids: ``"one tokenizer"``; ``"base ids"`` where the tuned
+    tokenizer extends the base's (every base token at the same id, the same chat template, and the
+    tuned model has an embedding row for each: the tuned model then reads the base's tokenization);
+    None where they cannot (a response readout then measures nothing and says so). tuned_rows: the
+    tuned model's embedding rows (None: not checked)."""
+    if same_tokenizer(base_tok, tuned_tok):
+        return "one tokenizer"
+    va, vb = base_tok.get_vocab(), tuned_tok.get_vocab()
+    if getattr(base_tok, "chat_template", None) != getattr(tuned_tok, "chat_template", None) or \
+            any(vb.get(t) != i for t, i in va.items()) or (tuned_rows is not None and tuned_rows < max(va.values()) + 1):
+        return None
+    return "base ids"
 
 def _device(model: Any) -> torch.device:
     return input_device(model)
