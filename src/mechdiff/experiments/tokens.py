@@ -54,7 +54,8 @@ class TokensOptions:
     top_n: int = opt(20, "most divergent tokens listed with their context")
     curve_len: int = opt(64, "response positions shown in the divergence curve")
     response_k: int = opt(8, "response readout of layer patching: mean KL over the first K response tokens, "
-                             "patched at every position of prompt + response (0: off; one tokenizer only)")
+                             "patched at every position of prompt + response (0: off; needs one set of ids: one "
+                             "tokenizer, or a tuned tokenizer extending the base's)")
     patch_layers: list[int] | None = opt(None, "layers patched for the response readout (default: RQ1's choice "
                                                "in this run directory and its control)")
     lens_tokens: int = opt(5, "activation-difference lens: first content tokens of each neutral text averaged "
