@@ -17,8 +17,8 @@ teacher-forced, each edit applied at every position of prompt + response
 
 For each responder (the tuned model's response and, separately, the base's). Shares and drops carry
 cluster-bootstrap intervals over topic groups (:mod:`mechdiff.analyses.intervals`). Texts whose prompt
-the map or handle was fitted on are left out of its numbers (all are used, and the row says
-"in-sample", where fewer than two would remain).
+the map or handle was fitted on, or its winner / k / alpha chosen on (dev), are left out of its
+numbers (all are used, and the row says "in-sample", where fewer than two would remain).
 
 ``requires = ("tokens", "mapped-patch", "steer")``. The tokens stage is needed (its cached responses
 are what is read): without them the stage stops with a DataError naming the command. A part whose
@@ -115,9 +115,10 @@ def _plan(study: Study) -> dict:
         handles.append({"name": f"rq3.{h.mode}.L{h.layer}.k{h.k}", "prefix": prefix, "mode": h.mode, "layer": h.layer,
                         "site": h.site, "k": h.k, "alpha": h.alpha, "side": SIDE_OF[h.mode],
                         "kind": h.provenance.get("kind"), "decision_share": h.provenance.get("test_share")})
-    held = {"rq2": _ids(run, "rq2_prompts.json", ("train",)) if winner else [],
-            "rq3": _ids(run, "rq3_prompts.json", ("fit", "neutral_fit")) if handles else []}
-    return {"rq2": winner, "rq3": handles, "skipped": skipped, "fitted_on": held}
+    # prompts a map or handle was fitted on, or its winner / k / alpha chosen on (dev): not held out
+    held = {"rq2": _ids(run, "rq2_prompts.json", ("train", "dev")) if winner else [],
+            "rq3": _ids(run, "rq3_prompts.json", ("fit", "neutral_fit", "dev")) if handles else []}
+    return {"rq2": winner, "rq3": handles, "skipped": skipped, "not_held_out": held}
 
 
 def _ids(run, name: str, keys) -> list[str]:
@@ -184,7 +185,7 @@ def run(study: Study, opts: ResponseOptions) -> None:
     ids = study.id_space
     if ids is None:
         study.run.write_json(META, {"k": opts.response_k, "responders": {}, "ids": None, "plan": {
-            "rq2": None, "rq3": [], "fitted_on": {}, "skipped": {"all": "the two tokenizers differ (and the tuned "
+            "rq2": None, "rq3": [], "not_held_out": {}, "skipped": {"all": "the two tokenizers differ (and the tuned "
                                                                  "one does not extend the base's): a response cannot "
                                                                  "be read on one set of ids"}}})
         return

@@ -100,7 +100,8 @@ def _drop(kl_mapped: torch.Tensor, kl_raw: torch.Tensor, groups) -> dict:
 
 
 def _held_out(ids: list[str], fitted: list[str]) -> tuple[list[int], bool]:
-    """Rows whose prompt was not fitted on; all of them (in-sample) where fewer than two would remain."""
+    """Rows whose prompt is held out (not fitted on, nothing chosen on it); all of them (in-sample)
+    where fewer than two would remain."""
     fit = set(fitted)
     keep = [i for i, p in enumerate(ids) if p not in fit]
     return (keep, False) if len(keep) >= 2 else (list(range(len(ids))), bool(fit & set(ids)))
@@ -116,7 +117,7 @@ def _rows(meta: dict, t: dict) -> tuple[list[ResponseMapped], list[ResponseHandl
         gaps[who] = _mean(gap_t)
         w = plan.get("rq2")
         if w:
-            keep, ins = _held_out(r["ids"], plan["fitted_on"].get("rq2") or [])
+            keep, ins = _held_out(r["ids"], plan["not_held_out"].get("rq2") or [])
             ix, g = torch.tensor(keep, dtype=torch.long), groups[keep].tolist()
             pk = lambda n: t[f"{who}/tuned/{n}/patch_kl"][ix]  # noqa: E731
             to = lambda n: t[f"{who}/tuned/{n}/to_ref"][ix]    # noqa: E731
@@ -132,7 +133,7 @@ def _rows(meta: dict, t: dict) -> tuple[list[ResponseMapped], list[ResponseHandl
                 decision_drop_pct=w.get("drop_pct"),
                 note=f"{readout_name(k, who)}; patched at every position"))
         for h in plan.get("rq3") or []:
-            keep, ins = _held_out(r["ids"], plan["fitted_on"].get("rq3") or [])
+            keep, ins = _held_out(r["ids"], plan["not_held_out"].get("rq3") or [])
             ix, g = torch.tensor(keep, dtype=torch.long), groups[keep].tolist()
             gap_h, kl = t[f"{who}/{h['side']}/gap"][ix], t[f"{who}/{h['side']}/{h['name']}/to_ref"][ix]
             rq3_rows.append(ResponseHandle(
@@ -157,7 +158,8 @@ def summarise_run(run: RunDir, readout: str) -> dict:
                        "= 100 (1 - KL_mapped / KL_raw). RQ3: share of the gap each saved handle closes (steer/add/"
                        "map in the base towards the tuned model, ablate in the tuned model towards the base). "
                        "Intervals: 95% cluster bootstrap over topic groups. Texts whose prompt the map or handle "
-                       "was fitted on are left out (in_sample where fewer than two remain)."),
+                       "was fitted on, or its winner / k / alpha chosen on (dev), are left out (in_sample where "
+                       "fewer than two remain)."),
            "headline": _headline(k, readout, gaps, rq2_rows, rq3_rows, meta["plan"].get("skipped") or {}),
            "k": k, "readout": readout, "readout_name": readout_name(k), "gap": gaps, "ids": meta.get("ids"),
            "skipped": dict(meta["plan"].get("skipped") or {}),
