@@ -6,7 +6,7 @@ import torch
 
 from mechdiff.errors import ConfigError
 from mechdiff.patching.plumbing import _accepts, _attn_backends
-from mechdiff.patching.variants import _apply, _prepare
+from mechdiff.patching.variants import _prepare, site_edits
 from mechdiff.sites.hooks import hooked
 
 
@@ -35,26 +35,7 @@ def run_naive(eng, variants, positions: str = "decision", reduce=None) -> torch.
     ref = forward({})[None] if wants_ref and prepared else None
     outs = []
     for var in prepared:
-        edits: dict[str, list] = {}
-        for name, layer, p, value, basis, centre in var:
-            edits.setdefault(f"{name}.{layer}", []).append((p, value, basis, centre))
-
-        def make(entries):
-            def f(t):
-                out = t.clone()
-                flat = out.view(*out.shape[:2], -1)
-                for p, value, basis, centre in entries:
-                    if positions == "all":
-                        v = value[:, None] if value is not None and value.dim() == 2 else value
-                        c = centre[:, None] if centre is not None and centre.dim() == 2 else centre
-                        flat[:] = _apply(flat, p, v, basis, c)
-                    else:
-                        r, d = ar.to(flat.device), dec.to(flat.device)
-                        flat[r, d] = _apply(flat[r, d], p, value, basis, centre)
-                return out
-            return f
-
-        lg = forward({k: make(v) for k, v in edits.items()})
+        lg = forward(site_edits(var, None if positions == "all" else (ar, dec)))
         if reduce is not None:
             lg = (reduce(lg[None], ar, ref=ref) if wants_ref else reduce(lg[None], ar))[0]
         outs.append(lg)

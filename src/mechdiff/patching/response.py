@@ -30,7 +30,7 @@ import torch
 
 from mechdiff.data.prompts import Encoded, collate, pad_id_of
 from mechdiff.errors import DataError
-from mechdiff.patching.variants import Patch, _apply, _prepare
+from mechdiff.patching.variants import Patch, _prepare, site_edits
 from mechdiff.sites.hooks import hooked
 from mechdiff.sites.names import resolve, site_str
 from mechdiff.texts.divergence import final_hidden, head_logits
@@ -90,26 +90,6 @@ def _kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor, p_ids, q_ids) -> to
     return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1).clamp_min(0)
 
 
-def _all_positions(prepared: list, B: int, device) -> dict:
-    """Site edits ``{"name.layer": f}`` applying one variant's prepared patches at every position
-    (values ``[B, T, w]`` as they are, ``[B, w]`` broadcast over positions), in the order given."""
-    by_site: dict[str, list] = {}
-    for name, layer, p, value, basis, centre in prepared:
-        by_site.setdefault(f"{name}.{layer}", []).append((p, value, basis, centre))
-
-    def make(entries):
-        def f(t):
-            out = t.clone()
-            flat = out.view(*out.shape[:2], -1)
-            for p, value, basis, centre in entries:
-                v = value[:, None] if value is not None and value.dim() == 2 else value
-                c = centre[:, None] if centre is not None and centre.dim() == 2 else centre
-                flat[:] = _apply(flat, p, v, basis, c)
-            return out
-        return f
-    return {k: make(v) for k, v in by_site.items()}
-
-
 @torch.no_grad()
 def response_readout(dst: Any, ref: Any, tokenizer: Any, ids: Sequence[Sequence[int]], response_start: Sequence[int],
                      k: int, variants: Mapping[Any, Build], dst_ids: torch.Tensor, ref_ids: torch.Tensor,
@@ -149,7 +129,7 @@ def response_readout(dst: Any, ref: Any, tokenizer: Any, ids: Sequence[Sequence[
             patches = variants[name](states)
             dev = next(dst.parameters()).device
             prepared = _prepare(sm, patches, len(chunk), dev, positions="all")[0]
-            out = _logits_at(dst, b, idx, _all_positions(prepared, len(chunk), dev))
+            out = _logits_at(dst, b, idx, site_edits(prepared))
             to_ref[name].append((_kl_rows(ref_logits, out, ref_ids, dst_ids).cpu() * valid).sum(-1) / n)
             patched[name].append((_kl_rows(clean, out, dst_ids, dst_ids).cpu() * valid).sum(-1) / n)
     g = torch.cat(gap).double() if gap else torch.zeros(0, dtype=torch.float64)

@@ -95,6 +95,31 @@ def _apply(h: torch.Tensor, p: Patch, value: torch.Tensor | None, basis: torch.T
     return (out.float() + (a * (value.float() @ u)) @ u.T).to(h.dtype)
 
 
+def site_edits(prepared: list, at: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+    """Hook edits ``{"name.layer": f}`` applying one prepared variant (``_prepare``'s entries for it)
+    in the order given. ``at`` None: every position (values ``[B, T, w]`` as they are, ``[B, w]``
+    broadcast over positions); ``(rows, cols)``: only those positions, one per row (values ``[B, w]``)."""
+    by_site: dict[str, list] = {}
+    for name, layer, p, value, basis, centre in prepared:
+        by_site.setdefault(f"{name}.{layer}", []).append((p, value, basis, centre))
+
+    def make(entries):
+        def f(t):
+            out = t.clone()
+            flat = out.view(*out.shape[:2], -1)
+            for p, value, basis, centre in entries:
+                if at is None:
+                    v = value[:, None] if value is not None and value.dim() == 2 else value
+                    c = centre[:, None] if centre is not None and centre.dim() == 2 else centre
+                    flat[:] = _apply(flat, p, v, basis, c)
+                else:
+                    r, d = at[0].to(flat.device), at[1].to(flat.device)
+                    flat[r, d] = _apply(flat[r, d], p, value, basis, centre)
+            return out
+        return f
+    return {k: make(v) for k, v in by_site.items()}
+
+
 def _width(sm, name: str) -> int:
     return sm.n_heads * sm.head_dim if name == "head_z" else sm.d_model
 
