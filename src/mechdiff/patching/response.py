@@ -30,6 +30,7 @@ import torch
 
 from mechdiff.data.prompts import Encoded, collate, pad_id_of
 from mechdiff.errors import DataError
+from mechdiff.patching.kl import kl_shared
 from mechdiff.patching.variants import Patch, _prepare, site_edits
 from mechdiff.sites.hooks import hooked
 from mechdiff.sites.names import resolve, site_str
@@ -83,11 +84,9 @@ def _states(model: Any, batch, site: str) -> torch.Tensor:
 
 
 def _kl_rows(p_logits: torch.Tensor, q_logits: torch.Tensor, p_ids, q_ids) -> torch.Tensor:
-    """``[B, k]`` KL(p || q) per row over the shared vocabulary (``p_ids`` / ``q_ids`` in each model's ids)."""
-    lp = torch.log_softmax(p_logits.index_select(-1, p_ids.to(p_logits.device)), -1)
-    lq = torch.log_softmax(q_logits.index_select(-1, q_ids.to(q_logits.device)).to(lp.device), -1)
-    p = lp.exp()
-    return torch.where(p > 0, p * (lp - lq), torch.zeros_like(p)).sum(-1).clamp_min(0)
+    """``[B, k]`` KL(p || q) per row over the shared vocabulary (:func:`mechdiff.patching.kl.kl_shared`;
+    ``q`` moved to ``p``'s device: two models may sit on two GPUs)."""
+    return kl_shared(p_logits, q_logits.to(p_logits.device), p_ids, q_ids)
 
 
 @torch.no_grad()
@@ -108,7 +107,7 @@ def response_readout(dst: Any, ref: Any, tokenizer: Any, ids: Sequence[Sequence[
         raise DataError("give one response start per text")
     names = list(variants)
     gap, to_ref, patched = [], {n: [] for n in names}, {n: [] for n in names}
-    pad, sm = pad_id_of(tokenizer), resolve(dst)
+    pad, sm, dev = pad_id_of(tokenizer), resolve(dst), next(dst.parameters()).device
     for i in range(0, len(ids), batch_size):
         chunk = [list(x) for x in ids[i:i + batch_size]]
         rs = list(response_start[i:i + batch_size])
@@ -127,7 +126,6 @@ def response_readout(dst: Any, ref: Any, tokenizer: Any, ids: Sequence[Sequence[
             return cache[key]
         for name in names:
             patches = variants[name](states)
-            dev = next(dst.parameters()).device
             prepared = _prepare(sm, patches, len(chunk), dev, positions="all")[0]
             out = _logits_at(dst, b, idx, site_edits(prepared))
             to_ref[name].append((_kl_rows(ref_logits, out, ref_ids, dst_ids).cpu() * valid).sum(-1) / n)
